@@ -1,1 +1,22 @@
-//! placeholder
+//! The Konnectivity proxy-server.
+//!
+//! kube-apiserver (the *frontend*) opens a `/ProxyService/Proxy` stream per connection it wants in the cluster
+//! network; agents there hold `/AgentService/Connect` streams to us. The server pairs the two: it forwards the
+//! dial to an agent, records the connection under (agent stream, connect ID), and relays bytes both ways.
+//!
+//! Use [`start`] (or [`run`]) with a [`ServerConfig`] and a cancellation token; `proxy-server` is a thin
+//! binary over this.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+mod backend;
+pub mod config;
+pub mod flags;
+mod frontend;
+pub mod metrics;
+mod server;
+mod state;
+
+pub use backend::AgentIdentifiers;
+pub use config::{FrontendListen, ServerConfig};
+pub use server::{AgentInfo, FrontendAddr, RunningServer, ServerError, ServerHandle, run, start};

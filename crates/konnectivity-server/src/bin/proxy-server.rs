@@ -1,1 +1,41 @@
-fn main() {}
+//! `proxy-server`: parses the reference's flags and runs [`konnectivity_server::run`].
+use anyhow::Context;
+use clap::Parser;
+use konnectivity_server::flags::ServerFlags;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let flags = ServerFlags::parse_from(konnectivity_transport::flags::normalize_args(std::env::args()));
+    konnectivity_transport::logging::init(flags.klog.v);
+    let config = match flags.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("proxy-server: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("proxy-server: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result: anyhow::Result<()> = runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        konnectivity_transport::signals::spawn_signal_handler(shutdown.clone())
+            .context("installing signal handlers")?;
+        tracing::info!(server_id = %config.server_id, "starting proxy-server");
+        konnectivity_server::run(config, shutdown).await?;
+        tracing::info!("proxy-server stopped");
+        Ok(())
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("proxy-server: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! Agent streams (`/AgentService/Connect`): one [`Backend`] per stream, the manager that picks one for a dial,
+//! and the loop that reads an agent's packets.
+//!
+//! The loop never writes to a frontend socket itself: it queues packets on the frontend's own queue, so one
+//! slow frontend costs the others on this agent at most [`crate::state::FRONTEND_STALL_LIMIT`], once.
+
+use crate::metrics::{DialFailureReason, Segment};
+use crate::state::{Delivery, Frontend, Tunnels};
+use futures_util::{Stream, StreamExt};
+use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
+use konnectivity_proto::{Packet, PacketKind, agent::AgentService};
+use parking_lot::Mutex;
+use rand::Rng;
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+/// Packets queued towards one agent stream.
+pub const AGENT_QUEUE_PACKETS: usize = 256;
+
+/// What an agent advertised in its `agentidentifiers` header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentIdentifiers {
+    /// `host` values.
+    pub hosts: Vec<String>,
+    /// `ipv4` values.
+    pub ipv4: Vec<String>,
+    /// `ipv6` values.
+    pub ipv6: Vec<String>,
+    /// `cidr` values.
+    pub cidrs: Vec<String>,
+    /// `default-route` (only the first value counts, as in the reference).
+    pub default_route: bool,
+}
+
+impl AgentIdentifiers {
+    /// Parses the URL-query form. Unknown keys are ignored, as the reference server does.
+    pub fn parse(query: &str) -> Self {
+        let mut ids = Self::default();
+        let mut saw_default_route = false;
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+            match k.as_ref() {
+                "host" => ids.hosts.push(v.into_owned()),
+                "ipv4" => ids.ipv4.push(v.into_owned()),
+                "ipv6" => ids.ipv6.push(v.into_owned()),
+                "cidr" => ids.cidrs.push(v.into_owned()),
+                "default-route" if !saw_default_route => {
+                    saw_default_route = true;
+                    ids.default_route = v.parse().unwrap_or(false);
+                }
+                _ => {}
+            }
+        }
+        ids
+    }
+}
+
+/// A connection as the server tracks it on an agent stream.
+pub(crate) enum ConnState {
+    /// Established and owned by a live frontend.
+    Open(Arc<Frontend>),
+    /// Its frontend is gone; CLOSE_REQ was sent and the agent's CLOSE_RSP is awaited. DATA is dropped.
+    Closing,
+}
+
+/// One agent stream.
+pub struct Backend {
+    pub(crate) serial: u64,
+    pub(crate) agent_id: String,
+    pub(crate) identifiers: AgentIdentifiers,
+    pub(crate) peer: String,
+    pub(crate) connected_at: Instant,
+    to_agent: mpsc::Sender<Packet>,
+    draining: AtomicBool,
+    pub(crate) conns: Mutex<HashMap<i64, ConnState>>,
+    pub(crate) pending: Mutex<HashSet<i64>>,
+    /// Cancelled when the stream has ended (or the server stops).
+    pub(crate) closed: CancellationToken,
+}
+
+impl Backend {
+    /// Sends a packet to the agent, waiting for room; fails if the stream has ended.
+    pub(crate) async fn send(&self, packet: Packet, tunnels: &Tunnels) -> Result<(), Status> {
+        let packet_type = packet.type_name();
+        tokio::select! {
+            r = self.to_agent.send(packet) => r.map_err(|_| Status::unavailable("agent stream closed"))?,
+            _ = self.closed.cancelled() => return Err(Status::unavailable("agent stream closed")),
+        }
+        tunnels.metrics.packet(Segment::ToAgent, packet_type);
+        Ok(())
+    }
+
+    /// Sends a control packet from a context that must not wait (the agent's own reader): if the queue is
+    /// full, the send moves to a task of its own.
+    pub(crate) fn send_control(&self, packet: Packet, tunnels: &Tunnels) {
+        tunnels.metrics.packet(Segment::ToAgent, packet.type_name());
+        if let Err(mpsc::error::TrySendError::Full(packet)) = self.to_agent.try_send(packet) {
+            let tx = self.to_agent.clone();
+            let closed = self.closed.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = tx.send(packet) => {}
+                    _ = closed.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    /// Whether the agent said it is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Marks the connection `connect_id` closing and asks the agent to close it.
+    pub(crate) fn close_conn(&self, connect_id: i64, tunnels: &Tunnels) {
+        if let Some(state) = self.conns.lock().get_mut(&connect_id) {
+            *state = ConnState::Closing;
+        }
+        self.send_control(Packet::close_request(connect_id), tunnels);
+    }
+}
+
+/// The `default` strategy's agent set: agents by ID, picked at random, preferring non-draining ones.
+pub struct BackendManager {
+    inner: Mutex<ManagerInner>,
+    metrics: crate::metrics::ServerMetrics,
+}
+
+#[derive(Default)]
+struct ManagerInner {
+    /// Streams by agent ID; the first one is used, as in the reference.
+    by_agent: HashMap<String, Vec<Arc<Backend>>>,
+    /// Agent IDs, for random choice.
+    ids: Vec<String>,
+}
+
+impl BackendManager {
+    pub(crate) fn new(metrics: crate::metrics::ServerMetrics) -> Self {
+        metrics.set_ready_backends("default", 0);
+        Self { inner: Mutex::new(ManagerInner::default()), metrics }
+    }
+
+    fn add(&self, backend: Arc<Backend>) {
+        let mut inner = self.inner.lock();
+        let streams = inner.by_agent.entry(backend.agent_id.clone()).or_default();
+        streams.push(backend.clone());
+        if streams.len() == 1 {
+            inner.ids.push(backend.agent_id.clone());
+        }
+        self.metrics.set_ready_backends("default", inner.ids.len());
+    }
+
+    fn remove(&self, backend: &Backend) {
+        let mut inner = self.inner.lock();
+        let Some(streams) = inner.by_agent.get_mut(&backend.agent_id) else { return };
+        streams.retain(|b| b.serial != backend.serial);
+        if streams.is_empty() {
+            inner.by_agent.remove(&backend.agent_id);
+            inner.ids.retain(|id| id != &backend.agent_id);
+        }
+        self.metrics.set_ready_backends("default", inner.ids.len());
+    }
+
+    /// Picks an agent for a dial: random, not draining if any is not, else the first draining one seen.
+    pub(crate) fn pick(&self) -> Option<Arc<Backend>> {
+        let inner = self.inner.lock();
+        let n = inner.ids.len();
+        if n == 0 {
+            return None;
+        }
+        let start = rand::rng().random_range(0..n);
+        let mut fallback = None;
+        for i in 0..n {
+            let id = &inner.ids[(start + i) % n];
+            let Some(first) = inner.by_agent.get(id).and_then(|s| s.first()) else { continue };
+            if !first.is_draining() {
+                return Some(first.clone());
+            }
+            fallback.get_or_insert_with(|| first.clone());
+        }
+        fallback
+    }
+
+    /// Number of distinct agents connected.
+    pub fn agent_count(&self) -> usize {
+        self.inner.lock().ids.len()
+    }
+
+    /// Every connected agent stream.
+    pub(crate) fn all(&self) -> Vec<Arc<Backend>> {
+        self.inner.lock().by_agent.values().flatten().cloned().collect()
+    }
+}
+
+/// The `/AgentService/Connect` service.
+pub(crate) struct AgentEndpoint {
+    pub(crate) tunnels: Arc<Tunnels>,
+    pub(crate) server_id: String,
+    pub(crate) server_count: u32,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+
+fn one_value<'a>(md: &'a tonic::metadata::MetadataMap, key: &str) -> Result<Option<&'a str>, usize> {
+    let values: Vec<_> = md.get_all(key).iter().collect();
+    match values.as_slice() {
+        [] => Ok(None),
+        [v] => Ok(v.to_str().ok()),
+        more => Err(more.len()),
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentEndpoint {
+    type ConnectStream = PacketStream;
+
+    async fn connect(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::ConnectStream>, Status> {
+        let md = request.metadata();
+        let agent_id = match one_value(md, AGENT_ID) {
+            Ok(Some(id)) if !id.is_empty() => id.to_string(),
+            Ok(_) => return Err(Status::invalid_argument("expected one agent ID in the context, got 0")),
+            Err(n) => return Err(Status::invalid_argument(format!("expected one agent ID in the context, got {n}"))),
+        };
+        let identifiers = match one_value(md, AGENT_IDENTIFIERS) {
+            Ok(v) => AgentIdentifiers::parse(v.unwrap_or("")),
+            Err(n) => {
+                return Err(Status::invalid_argument(format!(
+                    "expected at most one set of agent identifiers, got {n}"
+                )));
+            }
+        };
+        let peer = request
+            .extensions()
+            .get::<konnectivity_transport::listen::TlsConnectInfo>()
+            .map(|i| i.remote_addr.to_string())
+            .unwrap_or_else(|| "unknown".into());
+
+        let (to_agent, rx) = mpsc::channel(AGENT_QUEUE_PACKETS);
+        let closed = self.shutdown.child_token();
+        let backend = Arc::new(Backend {
+            serial: self.tunnels.next_serial(),
+            agent_id: agent_id.clone(),
+            identifiers,
+            peer: peer.clone(),
+            connected_at: Instant::now(),
+            to_agent,
+            draining: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashSet::new()),
+            closed: closed.clone(),
+        });
+        self.tunnels.backends.add(backend.clone());
+        self.tunnels.metrics.grpc_connections("Connect", 1.0);
+        tracing::info!(%agent_id, %peer, "agent connected");
+
+        let inbound = request.into_inner();
+        let tunnels = self.tunnels.clone();
+        let span = tracing::info_span!("agent", agent_id = %agent_id, peer = %peer);
+        self.tracker.spawn(serve_agent(backend, inbound, tunnels).instrument(span));
+
+        let outbound = ReceiverStream::new(rx).map(Ok).take_until(closed.cancelled_owned());
+        let mut response = Response::new(Box::pin(outbound) as PacketStream);
+        // Go agents block on these headers before anything else; tonic sends them as soon as we return.
+        response.metadata_mut().insert(
+            SERVER_ID,
+            self.server_id.parse().map_err(|_| Status::internal("server ID is not a valid header value"))?,
+        );
+        response.metadata_mut().insert(SERVER_COUNT, self.server_count.into());
+        Ok(response)
+    }
+}
+
+async fn serve_agent(backend: Arc<Backend>, mut inbound: Streaming<Packet>, tunnels: Arc<Tunnels>) {
+    loop {
+        let msg = tokio::select! {
+            m = inbound.message() => m,
+            _ = backend.closed.cancelled() => break,
+        };
+        match msg {
+            Ok(Some(packet)) => handle_agent_packet(&backend, packet, &tunnels).await,
+            Ok(None) => {
+                tracing::info!("agent stream ended");
+                break;
+            }
+            Err(status) => {
+                tunnels.metrics.stream_error(Segment::FromAgent, status.code(), "Unknown");
+                tracing::info!("agent stream failed: {}", status.message());
+                break;
+            }
+        }
+    }
+    agent_gone(&backend, &tunnels);
+}
+
+async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &Tunnels) {
+    let packet_type = packet.type_name();
+    tunnels.metrics.packet(Segment::FromAgent, packet_type);
+    let kind = match packet.kind() {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("dropping malformed packet from agent: {e}");
+            return;
+        }
+    };
+    match kind {
+        PacketKind::DialResponse(rsp) => {
+            let random = rsp.random;
+            let Some(dial) = tunnels.take_pending(random, |d| d.backend.serial == backend.serial) else {
+                tunnels.metrics.dial_failure(DialFailureReason::UnrecognizedResponse);
+                tracing::debug!(random, connect_id = rsp.connect_id, "DIAL_RSP matches no pending dial");
+                if rsp.connect_id != 0 {
+                    backend.send_control(Packet::close_request(rsp.connect_id), tunnels);
+                }
+                return;
+            };
+            tunnels.metrics.observe_dial(dial.started.elapsed().as_secs_f64());
+            if !rsp.error.is_empty() || rsp.connect_id == 0 {
+                let error =
+                    if rsp.error.is_empty() { "agent answered the dial without a connection ID" } else { &rsp.error };
+                tunnels.fail_dial(random, &dial, DialFailureReason::ErrorResponse, error);
+                return;
+            }
+            let connect_id = rsp.connect_id;
+            if dial.frontend.closed.is_cancelled() {
+                tunnels.metrics.dial_failure(DialFailureReason::SendResponse);
+                backend.send_control(Packet::close_request(connect_id), tunnels);
+                return;
+            }
+            {
+                let mut conns = backend.conns.lock();
+                if conns.contains_key(&connect_id) {
+                    drop(conns);
+                    tracing::warn!(connect_id, "agent reused a live connection ID; refusing the dial");
+                    tunnels.fail_dial(random, &dial, DialFailureReason::ErrorResponse, "agent reused a connection ID");
+                    return;
+                }
+                conns.insert(connect_id, ConnState::Open(dial.frontend.clone()));
+            }
+            tunnels.metrics.established(1.0);
+            dial.frontend.established.lock().push((backend.clone(), connect_id));
+            tracing::debug!(random, connect_id, address = %dial.address, "connection established");
+            if dial.frontend.deliver(Packet::dial_response(random, connect_id, ""), &tunnels.metrics).await
+                != Delivery::Queued
+            {
+                tunnels.metrics.dial_failure(DialFailureReason::SendResponse);
+                backend.close_conn(connect_id, tunnels);
+            }
+        }
+        PacketKind::Data(data) => {
+            let connect_id = data.connect_id;
+            let frontend = match backend.conns.lock().get(&connect_id) {
+                Some(ConnState::Open(f)) => Some(f.clone()),
+                Some(ConnState::Closing) => return,
+                None => None,
+            };
+            let Some(frontend) = frontend else {
+                tracing::debug!(connect_id, "DATA for unknown connection; asking the agent to close it");
+                backend.send_control(Packet::close_request(connect_id), tunnels);
+                return;
+            };
+            match frontend.deliver(Packet::data(connect_id, data.data), &tunnels.metrics).await {
+                Delivery::Queued => {}
+                Delivery::Gone => backend.close_conn(connect_id, tunnels),
+                Delivery::Stalled => {
+                    tracing::warn!(connect_id, "frontend stopped reading; closing its connection");
+                    backend.close_conn(connect_id, tunnels);
+                    frontend.send_control(
+                        Packet::close_response(connect_id, "frontend stopped reading; connection closed"),
+                        &tunnels.metrics,
+                    );
+                }
+            }
+        }
+        PacketKind::CloseResponse(rsp) => {
+            let removed = backend.conns.lock().remove(&rsp.connect_id);
+            match removed {
+                Some(state) => {
+                    tunnels.metrics.established(-1.0);
+                    if let ConnState::Open(frontend) = state {
+                        frontend.forget(backend.serial, rsp.connect_id);
+                        frontend.send_control(Packet::close_response(rsp.connect_id, rsp.error), &tunnels.metrics);
+                    }
+                }
+                None => tracing::debug!(connect_id = rsp.connect_id, "CLOSE_RSP for unknown connection"),
+            }
+        }
+        PacketKind::CloseDial(cls) => {
+            if let Some(dial) = tunnels.take_pending(cls.random, |d| d.backend.serial == backend.serial) {
+                dial.frontend.send_control(Packet::close_dial(cls.random), &tunnels.metrics);
+            }
+        }
+        PacketKind::Drain => {
+            tracing::info!("agent is draining");
+            backend.draining.store(true, Ordering::Relaxed);
+        }
+        PacketKind::DialRequest(_) | PacketKind::CloseRequest(_) => {
+            tracing::warn!("unexpected {packet_type} from agent; ignored");
+        }
+    }
+}
+
+/// Cleans up after an agent stream: every connection on it is closed towards its frontend, and every dial
+/// pending on it fails now (the reference leaves those to time out).
+fn agent_gone(backend: &Arc<Backend>, tunnels: &Tunnels) {
+    tunnels.backends.remove(backend);
+    backend.closed.cancel();
+    tunnels.metrics.grpc_connections("Connect", -1.0);
+    let conns: Vec<_> = backend.conns.lock().drain().collect();
+    tunnels.metrics.established(-(conns.len() as f64));
+    for (connect_id, state) in conns {
+        if let ConnState::Open(frontend) = state {
+            frontend.forget(backend.serial, connect_id);
+            let error = format!("agent {} disconnected", backend.agent_id);
+            frontend.send_control(Packet::close_response(connect_id, error), &tunnels.metrics);
+        }
+    }
+    let randoms: Vec<i64> = backend.pending.lock().iter().copied().collect();
+    for random in randoms {
+        if let Some(dial) = tunnels.take_pending(random, |d| d.backend.serial == backend.serial) {
+            let error = format!("agent {} disconnected before answering the dial", backend.agent_id);
+            tunnels.fail_dial(random, &dial, DialFailureReason::BackendClose, &error);
+        }
+    }
+    tracing::info!(agent_id = %backend.agent_id, "agent disconnected; its connections and dials are closed");
+}

@@ -1,0 +1,84 @@
+//! The server's configuration, as the library takes it (the binary builds it from reference-compatible flags).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where the frontend (kube-apiserver side) listens.
+#[derive(Debug, Clone)]
+pub enum FrontendListen {
+    /// A Unix socket, no TLS (the usual kube-apiserver set-up).
+    Uds {
+        /// Socket path.
+        path: PathBuf,
+        /// Remove an existing file at `path` first.
+        delete_existing: bool,
+    },
+    /// TCP with mutual TLS: clients must present a certificate signed by `ca`.
+    Tcp {
+        /// Bind address; empty means all interfaces.
+        bind: String,
+        /// Port; 0 picks a free one.
+        port: u16,
+        /// Server certificate (PEM).
+        cert: PathBuf,
+        /// Server key (PEM).
+        key: PathBuf,
+        /// CA that client certificates must chain to.
+        ca: PathBuf,
+    },
+}
+
+/// Everything `proxy-server` needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The frontend listener.
+    pub frontend: FrontendListen,
+    /// Agent listener bind address; empty means all interfaces.
+    pub agent_bind: String,
+    /// Agent port; 0 picks a free one.
+    pub agent_port: u16,
+    /// Agent-port certificate and key.
+    pub cluster_cert: PathBuf,
+    /// Agent-port key.
+    pub cluster_key: PathBuf,
+    /// If set, agents must present a client certificate signed by this CA.
+    pub cluster_ca: Option<PathBuf>,
+    /// This server's ID, sent to agents.
+    pub server_id: String,
+    /// How many servers agents should connect to.
+    pub server_count: u32,
+    /// gRPC keepalive ping interval on agent connections.
+    pub keepalive_time: Duration,
+    /// gRPC keepalive ping interval on frontend connections.
+    pub frontend_keepalive_time: Duration,
+    /// Fail a dial the agent has not answered (or could not be sent) within this time; `None` waits forever.
+    pub backend_dial_timeout: Option<Duration>,
+    /// Health port bind address and port (`/healthz`, `/readyz`, `/metrics`); `None` disables it.
+    pub health: Option<(String, u16)>,
+    /// Admin port bind address and port (`/metrics`); `None` disables it.
+    pub admin: Option<(String, u16)>,
+    /// How long a stop may take before connections are cut.
+    pub graceful_shutdown_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A configuration with the reference's defaults for everything but the listeners and certificates.
+    pub fn new(frontend: FrontendListen, cluster_cert: PathBuf, cluster_key: PathBuf) -> Self {
+        Self {
+            frontend,
+            agent_bind: String::new(),
+            agent_port: 8091,
+            cluster_cert,
+            cluster_key,
+            cluster_ca: None,
+            server_id: uuid::Uuid::new_v4().to_string(),
+            server_count: 1,
+            keepalive_time: Duration::from_secs(3600),
+            frontend_keepalive_time: Duration::from_secs(3600),
+            backend_dial_timeout: None,
+            health: Some((String::new(), 8092)),
+            admin: Some(("127.0.0.1".into(), 8095)),
+            graceful_shutdown_timeout: Duration::ZERO,
+        }
+    }
+}

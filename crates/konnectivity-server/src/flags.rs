@@ -1,0 +1,341 @@
+//! `proxy-server` command-line flags: the reference's names, defaults and Go syntax, validated into a
+//! [`ServerConfig`]. Flags whose feature is not built yet are accepted by the parser and refused at start
+//! with "not supported yet", never silently ignored.
+
+use crate::config::{FrontendListen, ServerConfig};
+use clap::{ArgAction, Parser};
+use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Konnectivity proxy-server (konnectivity-rs): accepts cluster-bound connections from kube-apiserver and
+/// carries them over tunnels that proxy-agents in the cluster network open to it.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "proxy-server", version, about, long_about = None)]
+pub struct ServerFlags {
+    /// Frontend protocol: 'grpc' or 'http-connect'.
+    #[arg(long, default_value = "grpc")]
+    pub mode: String,
+    /// Serve the frontend on this unix socket instead of TCP (then --server-port must be 0).
+    #[arg(long, default_value = "")]
+    pub uds_name: String,
+    /// Delete an existing file at --uds-name before listening.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true")]
+    pub delete_existing_uds_file: bool,
+    /// Frontend TCP port (mTLS). Must be 0 with --uds-name.
+    #[arg(long, default_value_t = 8090)]
+    pub server_port: u16,
+    /// Frontend bind address; empty binds all interfaces.
+    #[arg(long, default_value = "")]
+    pub server_bind_address: String,
+    /// Frontend TLS certificate (TCP mode).
+    #[arg(long, default_value = "")]
+    pub server_cert: String,
+    /// Frontend TLS key (TCP mode).
+    #[arg(long, default_value = "")]
+    pub server_key: String,
+    /// CA that frontend client certificates must chain to (required in TCP mode: mTLS).
+    #[arg(long, default_value = "")]
+    pub server_ca_cert: String,
+    /// gRPC keepalive ping interval on frontend connections.
+    #[arg(long, value_parser = go_duration, default_value = "1h0m0s")]
+    pub frontend_keepalive_time: Duration,
+    /// Port agents connect to (always TLS).
+    #[arg(long, default_value_t = 8091)]
+    pub agent_port: u16,
+    /// Agent listener bind address; empty binds all interfaces.
+    #[arg(long, default_value = "")]
+    pub agent_bind_address: String,
+    /// Agent-port TLS certificate.
+    #[arg(long, default_value = "")]
+    pub cluster_cert: String,
+    /// Agent-port TLS key.
+    #[arg(long, default_value = "")]
+    pub cluster_key: String,
+    /// If set, agents must present a client certificate signed by this CA (mTLS).
+    #[arg(long, default_value = "")]
+    pub cluster_ca_cert: String,
+    /// gRPC keepalive ping interval on agent connections.
+    #[arg(long, value_parser = go_duration, default_value = "1h0m0s")]
+    pub keepalive_time: Duration,
+    /// Size of the per-stream receive queues (packets). Must be > 0.
+    #[arg(long, default_value_t = 10)]
+    pub xfr_channel_size: i64,
+    /// Fail a dial the agent did not take or answer within this time; 0 waits forever.
+    #[arg(long, value_parser = go_duration, default_value = "0s")]
+    pub backend_dial_timeout: Duration,
+    /// Ordered, comma-separated agent-selection strategies: default, destHost, defaultRoute.
+    #[arg(long, default_value = "default")]
+    pub proxy_strategies: String,
+    /// This server's unique ID (default: $PROXY_SERVER_ID, else a random UUID).
+    #[arg(long, env = "PROXY_SERVER_ID")]
+    pub server_id: Option<String>,
+    /// Number of proxy-server instances agents should connect to (1 unless HA).
+    #[arg(long, default_value_t = 1)]
+    pub server_count: u32,
+    /// Expected agent namespace for ServiceAccount token authentication.
+    #[arg(long, default_value = "")]
+    pub agent_namespace: String,
+    /// Expected agent service account for token authentication.
+    #[arg(long, default_value = "")]
+    pub agent_service_account: String,
+    /// Expected token audience for agent authentication.
+    #[arg(long, default_value = "")]
+    pub authentication_audience: String,
+    /// kubeconfig for the TokenReview and Lease clients (empty: in-cluster).
+    #[arg(long, default_value = "")]
+    pub kubeconfig: String,
+    /// Maximum QPS of the Kubernetes client.
+    #[arg(long, default_value_t = 0.0)]
+    pub kubeconfig_qps: f32,
+    /// Maximum burst of the Kubernetes client.
+    #[arg(long, default_value_t = 0)]
+    pub kubeconfig_burst: i32,
+    /// Content type of requests to kube-apiserver.
+    #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
+    pub kube_api_content_type: String,
+    /// Comma-separated allowed TLS 1.2 cipher suites (Go names); empty allows the defaults.
+    #[arg(long, default_value = "", value_name = "strings")]
+    pub cipher_suites: String,
+    /// Minimum TLS version: VersionTLS12 or VersionTLS13 (empty: TLS 1.2).
+    #[arg(long, default_value = "")]
+    pub tls_min_version: String,
+    /// Health port (/healthz, /readyz, /ready, /metrics).
+    #[arg(long, default_value_t = 8092)]
+    pub health_port: u16,
+    /// Health bind address; empty binds all interfaces.
+    #[arg(long, default_value = "")]
+    pub health_bind_address: String,
+    /// Admin port (/metrics).
+    #[arg(long, default_value_t = 8095)]
+    pub admin_port: u16,
+    /// Admin bind address.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub admin_bind_address: String,
+    /// Serve profiling endpoints on the admin port.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pub enable_profiling: bool,
+    /// Contention profiling (requires --enable-profiling).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pub enable_contention_profiling: bool,
+    /// Publish and garbage-collect proxy-server Leases.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pub enable_lease_controller: bool,
+    /// Namespace of the Lease objects.
+    #[arg(long, default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// Labels of the Lease objects (k=v,k=v).
+    #[arg(long, default_value = "k8s-app=konnectivity-server")]
+    pub lease_label: String,
+    /// How long a stop may wait for open connections before cutting them (0: a short default).
+    #[arg(long, value_parser = go_duration, default_value = "0s")]
+    pub graceful_shutdown_timeout: Duration,
+    /// Deprecated and without effect, as in the reference.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", hide = true)]
+    pub warn_on_channel_limit: bool,
+    /// klog flags.
+    #[command(flatten)]
+    pub klog: KlogFlags,
+}
+
+/// Why the flags do not form a valid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagError {
+    /// A flag's value is invalid, or flags conflict.
+    #[error("{0}")]
+    Invalid(String),
+    /// A reference flag whose feature is not built yet.
+    #[error(transparent)]
+    NotSupported(#[from] NotSupported),
+}
+
+fn invalid(msg: impl Into<String>) -> FlagError {
+    FlagError::Invalid(msg.into())
+}
+
+fn path(s: &str) -> Option<PathBuf> {
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+impl ServerFlags {
+    /// Validates the flags as the reference does and builds the configuration.
+    pub fn into_config(self) -> Result<ServerConfig, FlagError> {
+        self.klog.check()?;
+        match self.mode.as_str() {
+            "grpc" => {}
+            "http-connect" => return Err(NotSupported::value("mode", "http-connect").into()),
+            other => return Err(invalid(format!("--mode must be 'grpc' or 'http-connect', got {other:?}"))),
+        }
+        if self.xfr_channel_size <= 0 {
+            return Err(invalid(format!("--xfr-channel-size must be greater than 0, got {}", self.xfr_channel_size)));
+        }
+        let strategies: Vec<&str> = self.proxy_strategies.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        if strategies.is_empty() {
+            return Err(invalid("--proxy-strategies must not be empty"));
+        }
+        for s in &strategies {
+            match *s {
+                "default" => {}
+                "destHost" | "defaultRoute" => return Err(NotSupported::value("proxy-strategies", s).into()),
+                other => {
+                    return Err(invalid(format!(
+                        "unknown proxy strategy {other:?} (want default, destHost or defaultRoute)"
+                    )));
+                }
+            }
+        }
+        if !self.agent_namespace.is_empty()
+            || !self.agent_service_account.is_empty()
+            || !self.authentication_audience.is_empty()
+        {
+            return Err(NotSupported::flag(
+                "agent-namespace / --agent-service-account / --authentication-audience (token auth)",
+            )
+            .into());
+        }
+        if !self.kubeconfig.is_empty() {
+            return Err(NotSupported::flag("kubeconfig").into());
+        }
+        if self.enable_lease_controller {
+            return Err(NotSupported::flag("enable-lease-controller").into());
+        }
+        if self.lease_label.trim().is_empty() {
+            return Err(invalid("--lease-label must not be empty"));
+        }
+        if !self.cipher_suites.is_empty() {
+            return Err(NotSupported::flag("cipher-suites").into());
+        }
+        match self.tls_min_version.as_str() {
+            "" | "VersionTLS12" => {}
+            "VersionTLS13" => return Err(NotSupported::value("tls-min-version", "VersionTLS13").into()),
+            "VersionTLS10" | "VersionTLS11" => {
+                return Err(invalid(format!(
+                    "--tls-min-version={}: TLS below 1.2 is not offered by this server",
+                    self.tls_min_version
+                )));
+            }
+            other => return Err(invalid(format!("--tls-min-version: unknown version {other:?}"))),
+        }
+        if self.enable_profiling || self.enable_contention_profiling {
+            if self.enable_contention_profiling && !self.enable_profiling {
+                return Err(invalid("--enable-contention-profiling requires --enable-profiling"));
+            }
+            return Err(NotSupported::flag("enable-profiling").into());
+        }
+
+        let frontend = if !self.uds_name.is_empty() {
+            if self.server_port != 0 {
+                return Err(invalid(format!("--server-port must be 0 with --uds-name, got {}", self.server_port)));
+            }
+            if !self.server_cert.is_empty() || !self.server_key.is_empty() || !self.server_ca_cert.is_empty() {
+                return Err(invalid("--server-cert, --server-key and --server-ca-cert must be empty with --uds-name"));
+            }
+            FrontendListen::Uds { path: PathBuf::from(&self.uds_name), delete_existing: self.delete_existing_uds_file }
+        } else {
+            let (Some(cert), Some(key)) = (path(&self.server_cert), path(&self.server_key)) else {
+                return Err(invalid("the TCP frontend needs --server-cert and --server-key (or use --uds-name)"));
+            };
+            let Some(ca) = path(&self.server_ca_cert) else {
+                return Err(invalid("the TCP frontend requires --server-ca-cert: clients must authenticate with mTLS"));
+            };
+            FrontendListen::Tcp { bind: self.server_bind_address.clone(), port: self.server_port, cert, key, ca }
+        };
+        let (Some(cluster_cert), Some(cluster_key)) = (path(&self.cluster_cert), path(&self.cluster_key)) else {
+            return Err(invalid("--cluster-cert and --cluster-key are required: the agent port always uses TLS"));
+        };
+        if self.agent_port == self.health_port && self.agent_port != 0
+            || self.agent_port == self.admin_port && self.agent_port != 0
+        {
+            return Err(invalid("--agent-port must differ from --health-port and --admin-port"));
+        }
+        let server_id = match self.server_id {
+            Some(id) if !id.is_empty() => id,
+            _ => uuid::Uuid::new_v4().to_string(),
+        };
+        let mut config = ServerConfig::new(frontend, cluster_cert, cluster_key);
+        config.agent_bind = self.agent_bind_address;
+        config.agent_port = self.agent_port;
+        config.cluster_ca = path(&self.cluster_ca_cert);
+        config.server_id = server_id;
+        config.server_count = self.server_count;
+        config.keepalive_time = self.keepalive_time;
+        config.frontend_keepalive_time = self.frontend_keepalive_time;
+        config.backend_dial_timeout = (!self.backend_dial_timeout.is_zero()).then_some(self.backend_dial_timeout);
+        config.health = Some((self.health_bind_address, self.health_port));
+        config.admin = Some((self.admin_bind_address, self.admin_port));
+        config.graceful_shutdown_timeout = self.graceful_shutdown_timeout;
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ServerConfig, String> {
+        let mut all = vec!["proxy-server".to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let all = konnectivity_transport::flags::normalize_args(all);
+        ServerFlags::try_parse_from(all).map_err(|e| e.to_string())?.into_config().map_err(|e| e.to_string())
+    }
+
+    const BASE: [&str; 4] = ["--cluster-cert=/c", "--cluster-key=/k", "--uds-name=/tmp/s", "--server-port=0"];
+
+    #[test]
+    fn reference_command_line_parses() {
+        let mut args = BASE.to_vec();
+        args.extend([
+            "--delete-existing-uds-file=false",
+            "--keepalive-time=1h0m0s",
+            "--frontend-keepalive-time=30s",
+            "--backend-dial-timeout=5s",
+            "--server-id=s1",
+            "--server-count=3",
+            "--v=5",
+            "--logtostderr=true",
+            "--warn-on-channel-limit",
+            "--log_file_max_size=1800",
+            "--cluster-ca-cert=/ca",
+        ]);
+        let c = parse(&args).expect("parses");
+        assert_eq!(c.server_id, "s1");
+        assert_eq!(c.server_count, 3);
+        assert_eq!(c.backend_dial_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(c.frontend_keepalive_time, Duration::from_secs(30));
+        assert!(matches!(c.frontend, FrontendListen::Uds { delete_existing: false, .. }));
+    }
+
+    #[test]
+    fn unimplemented_flags_are_refused_by_name() {
+        for (flag, needle) in [
+            ("--mode=http-connect", "not supported yet: --mode=http-connect"),
+            ("--proxy-strategies=destHost", "not supported yet: --proxy-strategies=destHost"),
+            ("--enable-lease-controller", "not supported yet: --enable-lease-controller"),
+            ("--agent-namespace=kube-system", "not supported yet: --agent-namespace"),
+            ("--enable-profiling", "not supported yet: --enable-profiling"),
+            ("--log-file=/x", "not supported yet: --log-file"),
+        ] {
+            let mut args = BASE.to_vec();
+            args.push(flag);
+            let err = parse(&args).expect_err(flag);
+            assert!(err.contains(needle), "{flag}: {err}");
+        }
+    }
+
+    #[test]
+    fn invalid_combinations_are_explained() {
+        let err = parse(&["--cluster-cert=/c", "--cluster-key=/k", "--uds-name=/s"]).expect_err("port");
+        assert!(err.contains("--server-port must be 0"), "{err}");
+        let err =
+            parse(&["--cluster-cert=/c", "--cluster-key=/k", "--server-cert=/a", "--server-key=/b"]).expect_err("ca");
+        assert!(err.contains("requires --server-ca-cert"), "{err}");
+        let err = parse(&["--uds-name=/s", "--server-port=0"]).expect_err("cluster cert");
+        assert!(err.contains("--cluster-cert"), "{err}");
+        let mut args = BASE.to_vec();
+        args.push("--xfr-channel-size=0");
+        assert!(parse(&args).expect_err("xfr").contains("greater than 0"));
+        let mut args = BASE.to_vec();
+        args.push("--keepalive-time=soon");
+        assert!(parse(&args).expect_err("duration").contains("invalid duration"));
+    }
+}

@@ -1,0 +1,264 @@
+//! The gRPC frontend (`/ProxyService/Proxy`): one task per stream, driving the dial and relaying DATA to the
+//! agent. Packets from the agent reach the stream through its own queue (see [`crate::state::Frontend`]).
+
+use crate::backend::Backend;
+use crate::metrics::{DialFailureReason, Segment};
+use crate::state::{FRONTEND_QUEUE_PACKETS, Frontend, PendingDial, Tunnels};
+use futures_util::{Stream, StreamExt};
+use konnectivity_proto::names::{
+    BACKEND_DIAL_TIMEOUT, BACKEND_NOT_INITIALIZED, BACKEND_UNINITIALIZED, MISMATCHED_CONNECTION_IDS, NO_AGENT_AVAILABLE,
+};
+use konnectivity_proto::{Packet, PacketKind, proxy::ProxyService};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+/// The `/ProxyService/Proxy` service.
+pub(crate) struct ProxyEndpoint {
+    pub(crate) tunnels: Arc<Tunnels>,
+    pub(crate) backend_dial_timeout: Option<Duration>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ProxyService for ProxyEndpoint {
+    type ProxyStream = PacketStream;
+
+    async fn proxy(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::ProxyStream>, Status> {
+        let user_agent = request.metadata().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let (tx, rx) = mpsc::channel(FRONTEND_QUEUE_PACKETS);
+        let frontend = Frontend::new(self.tunnels.next_serial(), tx);
+        let stream_end = frontend.closed.clone();
+        let session = FrontendSession {
+            frontend,
+            tunnels: self.tunnels.clone(),
+            backend_dial_timeout: self.backend_dial_timeout,
+            backend: None,
+            dials: Vec::new(),
+            connect_id: 0,
+            stopped: false,
+        };
+        let span = tracing::debug_span!("frontend", serial = session.frontend.serial, %user_agent);
+        let shutdown = self.shutdown.clone();
+        self.tracker.spawn(session.run(request.into_inner(), shutdown).instrument(span));
+        let outbound = ReceiverStream::new(rx).take_until(stream_end.cancelled_owned());
+        Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+struct FrontendSession {
+    frontend: Arc<Frontend>,
+    tunnels: Arc<Tunnels>,
+    backend_dial_timeout: Option<Duration>,
+    /// The agent stream this frontend dialed through.
+    backend: Option<Arc<Backend>>,
+    /// Dial IDs this stream sent, with when each must be answered by.
+    dials: Vec<(i64, Option<Instant>)>,
+    /// The connect ID of this stream's DATA, fixed by the first DATA packet.
+    connect_id: i64,
+    /// After a close or a protocol error the stream's packets are read and dropped until it ends.
+    stopped: bool,
+}
+
+impl FrontendSession {
+    async fn run(mut self, mut inbound: Streaming<Packet>, shutdown: CancellationToken) {
+        self.tunnels.metrics.grpc_connections("Proxy", 1.0);
+        loop {
+            let deadline = self.dials.iter().filter_map(|(_, d)| *d).min();
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = timer => self.expire_dials(),
+                msg = inbound.message() => match msg {
+                    Ok(Some(packet)) => self.handle(packet).await,
+                    Ok(None) => break,
+                    Err(status) => {
+                        self.tunnels.metrics.stream_error(Segment::FromClient, status.code(), "Unknown");
+                        tracing::debug!("frontend stream ended: {}", status.message());
+                        break;
+                    }
+                },
+            }
+        }
+        self.cleanup();
+    }
+
+    fn reply(&self, packet: Packet) {
+        self.frontend.send_control(packet, &self.tunnels.metrics);
+    }
+
+    async fn handle(&mut self, packet: Packet) {
+        let packet_type = packet.type_name();
+        self.tunnels.metrics.packet(Segment::FromClient, packet_type);
+        let kind = match packet.kind() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("dropping malformed packet from frontend: {e}");
+                return;
+            }
+        };
+        if self.stopped {
+            tracing::trace!("dropping {packet_type} on a stopped stream");
+            return;
+        }
+        match kind {
+            PacketKind::DialRequest(req) => self.dial(req).await,
+            PacketKind::Data(data) => {
+                let Some(backend) = self.backend.clone() else {
+                    self.reply(Packet::close_response(data.connect_id, BACKEND_NOT_INITIALIZED));
+                    self.stopped = true;
+                    return;
+                };
+                if data.connect_id == 0 {
+                    tracing::debug!("dropping DATA without a connection ID");
+                    return;
+                }
+                if self.connect_id == 0 && self.frontend.owns(backend.serial, data.connect_id) {
+                    self.connect_id = data.connect_id;
+                }
+                if data.connect_id != self.connect_id {
+                    // Either a second ID on one stream or an ID this stream never dialed: close ours, and
+                    // never touch a connection that belongs to another frontend.
+                    tracing::warn!(first = self.connect_id, got = data.connect_id, "mismatched connection IDs");
+                    for id in [self.connect_id, data.connect_id].into_iter().filter(|id| *id != 0) {
+                        if self.frontend.owns(backend.serial, id) {
+                            backend.close_conn(id, &self.tunnels);
+                        }
+                        self.reply(Packet::close_response(id, MISMATCHED_CONNECTION_IDS));
+                    }
+                    self.stopped = true;
+                    return;
+                }
+                if backend.send(Packet::data(data.connect_id, data.data), &self.tunnels).await.is_err() {
+                    // The agent stream ended; its cleanup tells this frontend with CLOSE_RSP.
+                    self.stopped = true;
+                }
+            }
+            PacketKind::CloseRequest(req) => {
+                let Some(backend) = self.backend.clone() else {
+                    self.reply(Packet::close_response(req.connect_id, BACKEND_UNINITIALIZED));
+                    return;
+                };
+                if self.frontend.owns(backend.serial, req.connect_id) {
+                    // The entry stays until the agent's CLOSE_RSP, which is relayed to this frontend.
+                    let _ = backend.send(Packet::close_request(req.connect_id), &self.tunnels).await;
+                    self.stopped = true;
+                } else {
+                    self.reply(Packet::close_response(req.connect_id, "Unknown connectID"));
+                }
+            }
+            PacketKind::CloseDial(cls) => {
+                if self.dials.iter().any(|(r, _)| *r == cls.random) {
+                    let me = self.frontend.serial;
+                    if let Some(dial) = self.tunnels.take_pending(cls.random, |d| d.frontend.serial == me) {
+                        self.tunnels.metrics.dial_failure(DialFailureReason::FrontendClose);
+                        // The reference does not tell the agent; we do, so an agent that understands DIAL_CLS
+                        // can stop the dial (a Go agent ignores it; its late DIAL_RSP gets a CLOSE_REQ).
+                        dial.backend.send_control(Packet::close_dial(cls.random), &self.tunnels);
+                    }
+                    self.dials.retain(|(r, _)| *r != cls.random);
+                }
+            }
+            PacketKind::DialResponse(_) | PacketKind::CloseResponse(_) | PacketKind::Drain => {
+                tracing::warn!("unexpected {packet_type} from frontend; ignored");
+            }
+        }
+    }
+
+    async fn dial(&mut self, req: konnectivity_proto::DialRequest) {
+        let random = req.random;
+        let Some(backend) = self.tunnels.backends.pick() else {
+            self.tunnels.metrics.dial_failure(DialFailureReason::NoAgent);
+            tracing::info!(address = %req.address, "dial failed: {NO_AGENT_AVAILABLE}");
+            self.reply(Packet::dial_response(random, 0, NO_AGENT_AVAILABLE));
+            self.stopped = true;
+            return;
+        };
+        let pending = PendingDial {
+            frontend: self.frontend.clone(),
+            backend: backend.clone(),
+            started: Instant::now(),
+            address: req.address.clone(),
+        };
+        if !self.tunnels.add_pending(random, pending) {
+            self.reply(Packet::dial_response(random, 0, "dial ID already in use"));
+            return;
+        }
+        tracing::debug!(random, address = %req.address, agent_id = %backend.agent_id, "dialing");
+        let deadline = self.backend_dial_timeout.map(|t| Instant::now() + t);
+        self.dials.push((random, deadline));
+        self.backend = Some(backend.clone());
+        let send = backend.send(Packet::dial_request(req.address, random), &self.tunnels);
+        let sent = match self.backend_dial_timeout {
+            Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ()).and_then(|r| r.map_err(|_| ())),
+            None => send.await.map_err(|_| ()),
+        };
+        if sent.is_err() {
+            let me = self.frontend.serial;
+            if let Some(dial) = self.tunnels.take_pending(random, |d| d.frontend.serial == me) {
+                let (reason, error) = if self.backend_dial_timeout.is_some() && !backend.closed.is_cancelled() {
+                    (DialFailureReason::BackendDialTimeout, BACKEND_DIAL_TIMEOUT.to_string())
+                } else {
+                    (DialFailureReason::BackendClose, format!("agent {} disconnected", backend.agent_id))
+                };
+                self.tunnels.fail_dial(random, &dial, reason, &error);
+            }
+            self.dials.retain(|(r, _)| *r != random);
+        }
+    }
+
+    /// Fails dials whose `--backend-dial-timeout` passed.
+    fn expire_dials(&mut self) {
+        let now = Instant::now();
+        let me = self.frontend.serial;
+        let expired: Vec<i64> =
+            self.dials.iter().filter(|(_, d)| d.is_some_and(|d| d <= now)).map(|(r, _)| *r).collect();
+        for random in expired {
+            if let Some(dial) = self.tunnels.take_pending(random, |d| d.frontend.serial == me) {
+                self.tunnels.fail_dial(random, &dial, DialFailureReason::BackendDialTimeout, BACKEND_DIAL_TIMEOUT);
+                dial.backend.send_control(Packet::close_dial(random), &self.tunnels);
+            }
+            // Answered or not, its deadline no longer applies.
+            if let Some(d) = self.dials.iter_mut().find(|(r, _)| *r == random) {
+                d.1 = None;
+            }
+        }
+    }
+
+    /// The stream ended: abandon its pending dials and close its connections on the agent.
+    fn cleanup(self) {
+        self.frontend.closed.cancel();
+        let me = self.frontend.serial;
+        for (random, _) in &self.dials {
+            if let Some(dial) = self.tunnels.take_pending(*random, |d| d.frontend.serial == me) {
+                self.tunnels.metrics.dial_failure(DialFailureReason::FrontendClose);
+                dial.backend.send_control(Packet::close_dial(*random), &self.tunnels);
+            }
+        }
+        let established: Vec<_> = self.frontend.established.lock().drain(..).collect();
+        for (backend, connect_id) in established {
+            let still_ours = matches!(
+                backend.conns.lock().get(&connect_id),
+                Some(crate::backend::ConnState::Open(f)) if f.serial == me
+            );
+            if still_ours {
+                backend.close_conn(connect_id, &self.tunnels);
+            }
+        }
+        self.tunnels.metrics.grpc_connections("Proxy", -1.0);
+    }
+}

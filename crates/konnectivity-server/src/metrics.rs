@@ -1,0 +1,214 @@
+//! The server's Prometheus metrics: names, types, labels, buckets and HELP text as the reference has them
+//! (`pkg/server/metrics`), in a registry of their own so several servers can run in one process (tests).
+
+use konnectivity_proto::names::METRICS_NAMESPACE;
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+
+const SUBSYSTEM: &str = "server";
+const LATENCY_BUCKETS: [f64; 9] = [0.000001, 0.00001, 0.0001, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5];
+
+/// `dial_failure_count` reasons.
+#[derive(Debug, Clone, Copy)]
+pub enum DialFailureReason {
+    /// No agent could take the dial.
+    NoAgent,
+    /// The agent answered with an error.
+    ErrorResponse,
+    /// A DIAL_RSP matched no pending dial.
+    UnrecognizedResponse,
+    /// The DIAL_RSP could not be forwarded to the frontend.
+    SendResponse,
+    /// The agent's stream ended while the dial was pending.
+    BackendClose,
+    /// `--backend-dial-timeout` expired.
+    BackendDialTimeout,
+    /// The frontend gave up (DIAL_CLS or stream end) before the answer.
+    FrontendClose,
+}
+
+impl DialFailureReason {
+    fn label(self) -> &'static str {
+        match self {
+            Self::NoAgent => "no_agent",
+            Self::ErrorResponse => "error_response",
+            Self::UnrecognizedResponse => "unrecognized_response",
+            Self::SendResponse => "send_rsp",
+            Self::BackendClose => "backend_close",
+            Self::BackendDialTimeout => "backend_dial_timeout",
+            Self::FrontendClose => "frontend_close",
+        }
+    }
+}
+
+/// Where a packet was seen, the `segment` label.
+#[derive(Debug, Clone, Copy)]
+pub enum Segment {
+    /// Received from a frontend.
+    FromClient,
+    /// Sent to a frontend.
+    ToClient,
+    /// Received from an agent.
+    FromAgent,
+    /// Sent to an agent.
+    ToAgent,
+}
+
+impl Segment {
+    fn label(self) -> &'static str {
+        match self {
+            Self::FromClient => "from_client",
+            Self::ToClient => "to_client",
+            Self::FromAgent => "from_agent",
+            Self::ToAgent => "to_agent",
+        }
+    }
+}
+
+/// The server's metrics.
+#[derive(Clone)]
+pub struct ServerMetrics {
+    registry: Registry,
+    dial_duration: Histogram,
+    grpc_connections: GaugeVec,
+    ready_backend_connections: Gauge,
+    ready_backends: GaugeVec,
+    pending_dials: Gauge,
+    established: Gauge,
+    full_receive_channels: GaugeVec,
+    dial_failures: IntCounterVec,
+    stream_packets: IntCounterVec,
+    stream_errors: IntCounterVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(METRICS_NAMESPACE).subsystem(SUBSYSTEM)
+}
+
+impl ServerMetrics {
+    /// Creates the metrics in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let dial_duration = Histogram::with_opts(
+            HistogramOpts::from(opts("dial_duration_seconds", "Latency of dial to the remote endpoint in seconds"))
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let grpc_connections = GaugeVec::new(
+            opts("grpc_connections", "Number of current grpc connections, partitioned by service method."),
+            &["service_method"],
+        )?;
+        let ready_backend_connections = Gauge::with_opts(opts(
+            "ready_backend_connections",
+            "Number of konnectivity agent connected to the proxy server. DEPRECATED, please use ready_backends",
+        ))?;
+        let ready_backends = GaugeVec::new(
+            opts("ready_backends", "Number of konnectivity agent connected to the proxy server"),
+            &["proxy_strategy"],
+        )?;
+        let pending_dials =
+            Gauge::with_opts(opts("pending_backend_dials", "Current number of pending backend dial requests"))?;
+        let established = Gauge::with_opts(opts(
+            "established_connections",
+            "Current number of established end-to-end connections (post-dial).",
+        ))?;
+        let full_receive_channels = GaugeVec::new(
+            opts(
+                "full_receive_channels",
+                "Number of current connections blocked by a full receive channel, partitioned by service method.",
+            ),
+            &["service_method"],
+        )?;
+        let dial_failures = IntCounterVec::new(
+            opts(
+                "dial_failure_count",
+                "Number of dial failures observed. Multiple failures can occur for a single dial request.",
+            ),
+            &["reason"],
+        )?;
+        let stream_packets = IntCounterVec::new(
+            opts(
+                "stream_packets_total",
+                "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
+            ),
+            &["segment", "packet_type"],
+        )?;
+        let stream_errors = IntCounterVec::new(
+            opts(
+                "stream_errors_total",
+                "Count of gRPC stream errors, by segment, grpc Code, packet type. (example: from_agent, Code.Unavailable, DIAL_RSP)",
+            ),
+            &["segment", "code", "packet_type"],
+        )?;
+        registry.register(Box::new(dial_duration.clone()))?;
+        registry.register(Box::new(grpc_connections.clone()))?;
+        registry.register(Box::new(ready_backend_connections.clone()))?;
+        registry.register(Box::new(ready_backends.clone()))?;
+        registry.register(Box::new(pending_dials.clone()))?;
+        registry.register(Box::new(established.clone()))?;
+        registry.register(Box::new(full_receive_channels.clone()))?;
+        registry.register(Box::new(dial_failures.clone()))?;
+        registry.register(Box::new(stream_packets.clone()))?;
+        registry.register(Box::new(stream_errors.clone()))?;
+        Ok(Self {
+            registry,
+            dial_duration,
+            grpc_connections,
+            ready_backend_connections,
+            ready_backends,
+            pending_dials,
+            established,
+            full_receive_channels,
+            dial_failures,
+            stream_packets,
+            stream_errors,
+        })
+    }
+
+    /// The registry to expose on `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub(crate) fn observe_dial(&self, seconds: f64) {
+        self.dial_duration.observe(seconds);
+    }
+    pub(crate) fn grpc_connections(&self, method: &str, delta: f64) {
+        self.grpc_connections.with_label_values(&[method]).add(delta);
+    }
+    pub(crate) fn set_ready_backends(&self, strategy: &str, n: usize) {
+        self.ready_backends.with_label_values(&[strategy]).set(n as f64);
+        self.ready_backend_connections.set(n as f64);
+    }
+    pub(crate) fn set_pending_dials(&self, n: usize) {
+        self.pending_dials.set(n as f64);
+    }
+    pub(crate) fn established(&self, delta: f64) {
+        self.established.add(delta);
+    }
+    pub(crate) fn full_receive_channel(&self, method: &str, delta: f64) {
+        self.full_receive_channels.with_label_values(&[method]).add(delta);
+    }
+    pub(crate) fn dial_failure(&self, reason: DialFailureReason) {
+        self.dial_failures.with_label_values(&[reason.label()]).inc();
+    }
+    pub(crate) fn packet(&self, segment: Segment, packet_type: &str) {
+        self.stream_packets.with_label_values(&[segment.label(), packet_type]).inc();
+    }
+    pub(crate) fn stream_error(&self, segment: Segment, code: tonic::Code, packet_type: &str) {
+        self.stream_errors
+            .with_label_values(&[segment.label(), konnectivity_proto::names::grpc_code_name(code), packet_type])
+            .inc();
+    }
+
+    /// Current `established_connections`, for tests and the debug view.
+    pub fn established_connections(&self) -> f64 {
+        self.established.get()
+    }
+    /// Current `pending_backend_dials`.
+    pub fn pending_backend_dials(&self) -> f64 {
+        self.pending_dials.get()
+    }
+    /// `dial_failure_count` for a reason.
+    pub fn dial_failures(&self, reason: DialFailureReason) -> u64 {
+        self.dial_failures.with_label_values(&[reason.label()]).get()
+    }
+}

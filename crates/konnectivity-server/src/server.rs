@@ -1,0 +1,289 @@
+//! Starting and stopping a proxy-server: listeners, the two gRPC services, health and admin ports.
+
+use crate::backend::{AgentEndpoint, BackendManager};
+use crate::config::{FrontendListen, ServerConfig};
+use crate::frontend::ProxyEndpoint;
+use crate::metrics::ServerMetrics;
+use crate::state::Tunnels;
+use http::StatusCode;
+use konnectivity_proto::agent::AgentServiceServer;
+use konnectivity_proto::proxy::ProxyServiceServer;
+use konnectivity_transport::http_endpoints::{self, Handler};
+use konnectivity_transport::listen::{self, ListenError};
+use konnectivity_transport::tls::{self, ALPN_H2, ClientAuth, TlsError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listener could not be set up.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The metrics registry refused a metric (a programming error).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// A gRPC server failed.
+    #[error("{what} gRPC server: {source}")]
+    Grpc {
+        /// Which one.
+        what: &'static str,
+        /// The error.
+        source: tonic::transport::Error,
+    },
+}
+
+/// Where a running server's frontend listens.
+#[derive(Debug, Clone)]
+pub enum FrontendAddr {
+    /// The Unix socket path.
+    Uds(PathBuf),
+    /// The TCP address.
+    Tcp(SocketAddr),
+}
+
+/// A started server. Dropping it does not stop it: cancel the token given to [`start`] and await [`wait`].
+///
+/// [`wait`]: RunningServer::wait
+pub struct RunningServer {
+    /// Where the frontend listens.
+    pub frontend_addr: FrontendAddr,
+    /// Where agents connect.
+    pub agent_addr: SocketAddr,
+    /// The health port, if enabled.
+    pub health_addr: Option<SocketAddr>,
+    /// The admin port, if enabled.
+    pub admin_addr: Option<SocketAddr>,
+    /// The server's ID.
+    pub server_id: String,
+    handle: ServerHandle,
+    tracker: TaskTracker,
+    grace: Duration,
+    shutdown: CancellationToken,
+}
+
+/// A cheap view of a running server's state, for readiness, tests and debugging.
+#[derive(Clone)]
+pub struct ServerHandle {
+    tunnels: Arc<Tunnels>,
+}
+
+impl ServerHandle {
+    /// Number of distinct agents connected.
+    pub fn agent_count(&self) -> usize {
+        self.tunnels.backends.agent_count()
+    }
+    /// Dials sent to agents and not yet answered.
+    pub fn pending_dials(&self) -> usize {
+        self.tunnels.pending_count()
+    }
+    /// Connections established through agents (including ones whose close is in progress).
+    pub fn established_connections(&self) -> usize {
+        self.tunnels.backends.all().iter().map(|b| b.conns.lock().len()).sum()
+    }
+    /// The agent streams connected now.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        self.tunnels
+            .backends
+            .all()
+            .iter()
+            .map(|b| AgentInfo {
+                agent_id: b.agent_id.clone(),
+                identifiers: b.identifiers.clone(),
+                peer: b.peer.clone(),
+                connected_for: b.connected_at.elapsed(),
+                draining: b.is_draining(),
+                connections: b.conns.lock().len(),
+            })
+            .collect()
+    }
+    /// The server's metrics.
+    pub fn metrics(&self) -> &ServerMetrics {
+        &self.tunnels.metrics
+    }
+    /// Whether the server can serve dials (an agent is connected).
+    pub fn ready(&self) -> bool {
+        self.agent_count() > 0
+    }
+}
+
+/// One connected agent stream, as [`ServerHandle::agents`] reports it.
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    /// The agent's ID.
+    pub agent_id: String,
+    /// What it advertised.
+    pub identifiers: crate::AgentIdentifiers,
+    /// Its address.
+    pub peer: String,
+    /// How long the stream has been up.
+    pub connected_for: Duration,
+    /// Whether it sent DRAIN.
+    pub draining: bool,
+    /// Connections open on it.
+    pub connections: usize,
+}
+
+impl RunningServer {
+    /// A view of the server's state.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Waits until the server has stopped (after the shutdown token is cancelled), cutting whatever is left
+    /// once the graceful-shutdown timeout has passed.
+    pub async fn wait(self) {
+        self.shutdown.cancelled().await;
+        self.tracker.close();
+        let grace = if self.grace.is_zero() { Duration::from_secs(5) } else { self.grace };
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!("some connections did not finish within {grace:?}; stopping anyway");
+        }
+        if let FrontendAddr::Uds(path) = &self.frontend_addr {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Starts a server: binds every listener, then serves until `shutdown` is cancelled.
+pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
+    let metrics = ServerMetrics::new()?;
+    let tunnels = Arc::new(Tunnels::new(BackendManager::new(metrics.clone()), metrics.clone()));
+    let tracker = TaskTracker::new();
+
+    // Agent port: always TLS; mTLS when a cluster CA is configured.
+    let client_auth = config.cluster_ca.clone().map(ClientAuth::Require).unwrap_or(ClientAuth::None);
+    let agent_tls = tls::server_config(&config.cluster_cert, &config.cluster_key, &client_auth, &[ALPN_H2])?;
+    let agent_listener = listen::bind_tcp(&config.agent_bind, config.agent_port).await?;
+    let agent_addr = agent_listener.local_addr().map_err(|source| ListenError::Tcp { addr: "agent".into(), source })?;
+    let agent_incoming = listen::tls_incoming(agent_listener, agent_tls, shutdown.clone(), tracker.clone(), "agent");
+    let agent_service = AgentServiceServer::new(AgentEndpoint {
+        tunnels: tunnels.clone(),
+        server_id: config.server_id.clone(),
+        server_count: config.server_count,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    });
+    let agent_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_time))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .add_service(agent_service);
+    let token = shutdown.clone();
+    tracker.spawn(async move {
+        if let Err(e) = agent_server.serve_with_incoming_shutdown(agent_incoming, token.cancelled_owned()).await {
+            tracing::error!("agent gRPC server: {e}");
+        }
+    });
+    tracing::info!(%agent_addr, mtls = config.cluster_ca.is_some(), "listening for agents");
+
+    // Frontend: UDS or mTLS TCP.
+    let proxy_service = ProxyServiceServer::new(ProxyEndpoint {
+        tunnels: tunnels.clone(),
+        backend_dial_timeout: config.backend_dial_timeout,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+    });
+    let frontend_builder = || {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(config.frontend_keepalive_time))
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(8 << 20))
+    };
+    let frontend_addr = match &config.frontend {
+        FrontendListen::Uds { path, delete_existing } => {
+            let listener = listen::bind_uds(path, *delete_existing)?;
+            let router = frontend_builder().add_service(proxy_service);
+            let token = shutdown.clone();
+            tracker.spawn(async move {
+                let incoming = UnixListenerStream::new(listener);
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()).await {
+                    tracing::error!("frontend gRPC server: {e}");
+                }
+            });
+            tracing::info!(path = %path.display(), "listening for frontends on unix socket");
+            FrontendAddr::Uds(path.clone())
+        }
+        FrontendListen::Tcp { bind, port, cert, key, ca } => {
+            let tls = tls::server_config(cert, key, &ClientAuth::Require(ca.clone()), &[ALPN_H2])?;
+            let listener = listen::bind_tcp(bind, *port).await?;
+            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "frontend".into(), source })?;
+            let incoming = listen::tls_incoming(listener, tls, shutdown.clone(), tracker.clone(), "frontend");
+            let router = frontend_builder().add_service(proxy_service);
+            let token = shutdown.clone();
+            tracker.spawn(async move {
+                if let Err(e) = router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()).await {
+                    tracing::error!("frontend gRPC server: {e}");
+                }
+            });
+            tracing::info!(%addr, "listening for frontends on TCP with mTLS");
+            FrontendAddr::Tcp(addr)
+        }
+    };
+
+    let handle = ServerHandle { tunnels: tunnels.clone() };
+    let health_addr = match &config.health {
+        Some((bind, port)) => {
+            let listener = listen::bind_tcp(bind, *port).await?;
+            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "health".into(), source })?;
+            let h = handle.clone();
+            let handler: Handler = Arc::new(move |req| match req.uri().path() {
+                "/healthz" => http_endpoints::text(StatusCode::OK, "ok"),
+                "/readyz" | "/ready" => {
+                    if h.ready() {
+                        http_endpoints::text(StatusCode::OK, "ok")
+                    } else {
+                        http_endpoints::text(StatusCode::INTERNAL_SERVER_ERROR, "no connection to any proxy agent")
+                    }
+                }
+                "/metrics" => http_endpoints::metrics(h.metrics().registry()),
+                _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
+            });
+            http_endpoints::serve(listener, handler, shutdown.clone(), &tracker);
+            tracing::info!(%addr, "health endpoints listening");
+            Some(addr)
+        }
+        None => None,
+    };
+    let admin_addr = match &config.admin {
+        Some((bind, port)) => {
+            let listener = listen::bind_tcp(bind, *port).await?;
+            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), source })?;
+            let m = metrics.clone();
+            let handler: Handler = Arc::new(move |req| match req.uri().path() {
+                "/metrics" => http_endpoints::metrics(m.registry()),
+                _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
+            });
+            http_endpoints::serve(listener, handler, shutdown.clone(), &tracker);
+            tracing::info!(%addr, "admin endpoints listening");
+            Some(addr)
+        }
+        None => None,
+    };
+
+    Ok(RunningServer {
+        frontend_addr,
+        agent_addr,
+        health_addr,
+        admin_addr,
+        server_id: config.server_id,
+        handle,
+        tracker,
+        grace: config.graceful_shutdown_timeout,
+        shutdown,
+    })
+}
+
+/// Runs a server until `shutdown` is cancelled and it has stopped.
+pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> Result<(), ServerError> {
+    start(config, shutdown).await?.wait().await;
+    Ok(())
+}

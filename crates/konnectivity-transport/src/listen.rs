@@ -1,0 +1,212 @@
+//! Listeners: Unix sockets with the reference's permissions, and TLS over TCP where every handshake runs in its
+//! own task with a timeout, so one slow or hostile client never holds up the accept loop.
+
+use rustls::ServerConfig;
+use rustls_pki_types::CertificateDer;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The Unix socket path exists and may not be deleted.
+    #[error("unix socket {0} already exists (and --delete-existing-uds-file=false)")]
+    SocketExists(PathBuf),
+    /// Removing, binding or chmod-ing the socket failed.
+    #[error("unix socket {path}: {source}")]
+    Unix {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Binding a TCP address failed.
+    #[error("listen on {addr}: {source}")]
+    Tcp {
+        /// The address.
+        addr: String,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Binds a Unix socket as the reference does: an existing file is removed first when `delete_existing` is
+/// set, and the socket is made group-accessible (mode 0770) so kube-apiserver in the same group can use it.
+pub fn bind_uds(path: &Path, delete_existing: bool) -> Result<UnixListener, ListenError> {
+    let unix = |source| ListenError::Unix { path: path.into(), source };
+    if path.exists() || path.symlink_metadata().is_ok() {
+        if !delete_existing {
+            return Err(ListenError::SocketExists(path.into()));
+        }
+        std::fs::remove_file(path).map_err(unix)?;
+    }
+    let listener = UnixListener::bind(path).map_err(unix)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770)).map_err(unix)?;
+    Ok(listener)
+}
+
+/// Binds a TCP listener on `bind:port`; an empty bind address means all interfaces (IPv6 and IPv4).
+pub async fn bind_tcp(bind: &str, port: u16) -> Result<TcpListener, ListenError> {
+    let addr = join_host_port(if bind.is_empty() { "::" } else { bind }, port);
+    match TcpListener::bind(&addr).await {
+        Ok(l) => Ok(l),
+        // A host without IPv6 cannot bind "::"; fall back to IPv4 for the all-interfaces case.
+        Err(_) if bind.is_empty() => {
+            let v4 = join_host_port("0.0.0.0", port);
+            TcpListener::bind(&v4).await.map_err(|source| ListenError::Tcp { addr: v4, source })
+        }
+        Err(source) => Err(ListenError::Tcp { addr, source }),
+    }
+}
+
+/// Joins a host and a port, bracketing IPv6 literals.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}
+
+/// What a TLS connection's peer presented, available to gRPC handlers through the request extensions.
+#[derive(Debug, Clone)]
+pub struct TlsConnectInfo {
+    /// The client's TCP address.
+    pub remote_addr: SocketAddr,
+    /// The client's certificate chain, if it sent one.
+    pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+}
+
+/// An accepted, handshaken TLS connection.
+pub struct TlsConn {
+    inner: TlsStream<TcpStream>,
+    info: TlsConnectInfo,
+}
+
+impl TlsConn {
+    /// What the peer presented.
+    pub fn info(&self) -> &TlsConnectInfo {
+        &self.info
+    }
+
+    /// The ALPN protocol the handshake settled on.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        self.inner.get_ref().1.alpn_protocol()
+    }
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = TlsConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Sets the socket options every tunnel socket wants: no Nagle delay (the tunnel already batches), and TCP
+/// keepalive so a peer that vanished without a FIN is eventually noticed.
+pub fn tune_tcp(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive =
+        socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10));
+    let _ = sock.set_tcp_keepalive(&keepalive);
+}
+
+/// Accepts TCP connections and hands out handshaken TLS connections as a stream (for tonic's
+/// `serve_with_incoming`). Handshakes run in tasks tracked by `tracker`; failures are logged with the peer and
+/// reason and harm nothing else. The stream ends when `shutdown` is cancelled.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    what: &'static str,
+) -> ReceiverStream<io::Result<TlsConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = TlsAcceptor::from(config);
+    let accept_tracker = tracker.clone();
+    tracker.spawn(async move {
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => { backoff = Duration::from_millis(5); a }
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning, and keep serving.
+                        tracing::warn!(listener = what, "accept failed: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                },
+            };
+            tune_tcp(&tcp);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let shutdown = shutdown.clone();
+            accept_tracker.spawn(async move {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                let tls = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = handshake => match r {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::warn!(listener = what, %peer, "TLS handshake failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(listener = what, %peer, "TLS handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+                            return;
+                        }
+                    },
+                };
+                let peer_certs = tls.get_ref().1.peer_certificates().map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
+                let conn = TlsConn { inner: tls, info: TlsConnectInfo { remote_addr: peer, peer_certs } };
+                let _ = tx.send(Ok(conn)).await;
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}

@@ -1,0 +1,20 @@
+//! Logging set-up. The reference logs through klog with a `-v` verbosity (its binaries default to 4); we map
+//! that onto tracing levels, and `RUST_LOG` overrides it for finer control.
+
+use tracing_subscriber::EnvFilter;
+
+/// Maps a klog `-v` level onto a tracing filter: up to 4 is `info`, 5 and 6 `debug`, above that `trace`.
+pub fn filter_for_verbosity(v: u32) -> &'static str {
+    match v {
+        0..=4 => "info",
+        5..=6 => "debug",
+        _ => "trace",
+    }
+}
+
+/// Installs the global subscriber writing to stderr. Safe to call more than once (later calls do nothing).
+pub fn init(v: u32) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(v)));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
