@@ -1,1 +1,18 @@
-//! placeholder
+//! The Konnectivity proxy-agent.
+//!
+//! Runs in the cluster network and dials *out* to the proxy-server, holding one long-lived
+//! `/AgentService/Connect` stream per server. Over it the server asks the agent to open TCP connections
+//! (DIAL_REQ) and carries their bytes (DATA) until either side closes (CLOSE_REQ / CLOSE_RSP).
+//!
+//! Use [`start`] (or [`run`]) with an [`AgentConfig`]; `proxy-agent` is a thin binary over this.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+mod agent;
+pub mod config;
+pub mod flags;
+pub mod metrics;
+mod session;
+
+pub use agent::{AgentError, AgentHandle, RunningAgent, run, start};
+pub use config::AgentConfig;

@@ -1,0 +1,240 @@
+//! `proxy-agent` command-line flags: the reference's names, defaults and Go syntax, validated into an
+//! [`AgentConfig`]. Flags whose feature is not built yet are refused at start with "not supported yet".
+
+use crate::config::{AgentConfig, validate_identifiers};
+use clap::{ArgAction, Parser};
+use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Konnectivity proxy-agent (konnectivity-rs): runs in the cluster network, dials out to the proxy-server and
+/// opens the cluster connections the server asks for.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "proxy-agent", version, about, long_about = None)]
+pub struct AgentFlags {
+    /// Client certificate presented to the proxy-server (mTLS).
+    #[arg(long, default_value = "")]
+    pub agent_cert: String,
+    /// Key of --agent-cert.
+    #[arg(long, default_value = "")]
+    pub agent_key: String,
+    /// CA that the proxy-server's certificate must chain to (required).
+    #[arg(long, default_value = "")]
+    pub ca_cert: String,
+    /// Path of a ServiceAccount token sent as a bearer token (re-read at every connect).
+    #[arg(long, default_value = "")]
+    pub service_account_token_path: String,
+    /// Proxy-server host to dial (also the TLS server name checked).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub proxy_server_host: String,
+    /// Proxy-server agent port.
+    #[arg(long, default_value_t = 8091)]
+    pub proxy_server_port: u16,
+    /// Extra ALPN protocols to offer before h2 (repeatable or comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub alpn_proto: Vec<String>,
+    /// Health port bind host; empty binds all interfaces.
+    #[arg(long, default_value = "")]
+    pub health_server_host: String,
+    /// Health port (/healthz, /readyz, /ready, /metrics).
+    #[arg(long, default_value_t = 8093)]
+    pub health_server_port: u16,
+    /// Admin port (/metrics redirects to the health port).
+    #[arg(long, default_value_t = 8094)]
+    pub admin_server_port: u16,
+    /// Admin bind address.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub admin_bind_address: String,
+    /// Serve profiling endpoints on the admin port.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pub enable_profiling: bool,
+    /// Contention profiling (requires --enable-profiling).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pub enable_contention_profiling: bool,
+    /// This agent's ID (default: $PROXY_AGENT_ID, else a random UUID).
+    #[arg(long, env = "PROXY_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// URL-encoded identifiers for routing: host=, ipv4=, ipv6=, cidr=, default-route=.
+    #[arg(long, default_value = "")]
+    pub agent_identifiers: String,
+    /// Pause between connection rounds, and the first reconnect delay.
+    #[arg(long, value_parser = go_duration, default_value = "1s")]
+    pub sync_interval: Duration,
+    /// Interval of the connection health probe.
+    #[arg(long, value_parser = go_duration, default_value = "1s")]
+    pub probe_interval: Duration,
+    /// Longest reconnect delay (exponential backoff with jitter up to this).
+    #[arg(long, value_parser = go_duration, default_value = "10s")]
+    pub sync_interval_cap: Duration,
+    /// Keep dialing every interval to discover new servers.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pub sync_forever: bool,
+    /// gRPC keepalive ping interval (servers refuse more often than every 30s).
+    #[arg(long, value_parser = go_duration, default_value = "1h0m0s")]
+    pub keepalive_time: Duration,
+    /// Packets queued towards one endpoint connection. Must be > 0.
+    #[arg(long, default_value_t = 150)]
+    pub xfr_channel_size: i64,
+    /// Deprecated; no effect.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", hide = true)]
+    pub warn_on_channel_limit: bool,
+    /// Count proxy-servers from their Leases.
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false")]
+    pub count_server_leases: bool,
+    /// Namespace of the server Leases.
+    #[arg(long, default_value = "kube-system")]
+    pub lease_namespace: String,
+    /// Label selector of the server Leases.
+    #[arg(long, default_value = "k8s-app=konnectivity-server")]
+    pub lease_label: String,
+    /// Label selector of the server Leases (newer spelling of --lease-label).
+    #[arg(long)]
+    pub lease_label_selector: Option<String>,
+    /// How to combine server counts: default or max.
+    #[arg(long, default_value = "default")]
+    pub server_count_source: String,
+    /// kubeconfig for the Lease client (empty: in-cluster).
+    #[arg(long, default_value = "")]
+    pub kubeconfig: String,
+    /// Content type of requests to kube-apiserver.
+    #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
+    pub kube_api_content_type: String,
+    /// klog flags.
+    #[command(flatten)]
+    pub klog: KlogFlags,
+}
+
+/// Why the flags do not form a valid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagError {
+    /// A flag's value is invalid, or flags conflict.
+    #[error("{0}")]
+    Invalid(String),
+    /// A reference flag whose feature is not built yet.
+    #[error(transparent)]
+    NotSupported(#[from] NotSupported),
+}
+
+impl AgentFlags {
+    /// Validates the flags as the reference does and builds the configuration.
+    pub fn into_config(self) -> Result<AgentConfig, FlagError> {
+        let invalid = |m: String| FlagError::Invalid(m);
+        self.klog.check()?;
+        if self.ca_cert.is_empty() {
+            return Err(invalid("--ca-cert is required: the CA that signed the proxy-server's certificate".into()));
+        }
+        if self.agent_cert.is_empty() != self.agent_key.is_empty() {
+            return Err(invalid("--agent-cert and --agent-key go together".into()));
+        }
+        if self.proxy_server_port == 0 {
+            return Err(invalid("--proxy-server-port must be greater than 0".into()));
+        }
+        if self.sync_interval > self.sync_interval_cap {
+            return Err(invalid(format!(
+                "--sync-interval ({:?}) must not exceed --sync-interval-cap ({:?})",
+                self.sync_interval, self.sync_interval_cap
+            )));
+        }
+        if self.sync_interval.is_zero() {
+            return Err(invalid("--sync-interval must be greater than 0".into()));
+        }
+        if self.xfr_channel_size <= 0 {
+            return Err(invalid(format!("--xfr-channel-size must be greater than 0, got {}", self.xfr_channel_size)));
+        }
+        validate_identifiers(&self.agent_identifiers).map_err(|e| invalid(format!("--agent-identifiers: {e}")))?;
+        if !self.service_account_token_path.is_empty() {
+            return Err(NotSupported::flag("service-account-token-path").into());
+        }
+        if self.count_server_leases {
+            return Err(NotSupported::flag("count-server-leases").into());
+        }
+        match self.server_count_source.as_str() {
+            "" | "default" => {}
+            "max" => return Err(NotSupported::value("server-count-source", "max").into()),
+            other => return Err(invalid(format!("--server-count-source must be 'default' or 'max', got {other:?}"))),
+        }
+        if !self.kubeconfig.is_empty() {
+            return Err(NotSupported::flag("kubeconfig").into());
+        }
+        if self.enable_profiling || self.enable_contention_profiling {
+            return Err(NotSupported::flag("enable-profiling").into());
+        }
+        if self.keepalive_time < Duration::from_secs(30) {
+            tracing::warn!(
+                "--keepalive-time below 30s: Go proxy-servers answer such pings with GOAWAY (too_many_pings)"
+            );
+        }
+        let mut config = AgentConfig::new(self.proxy_server_host, self.proxy_server_port, PathBuf::from(self.ca_cert));
+        if !self.agent_cert.is_empty() {
+            config.agent_cert = Some((PathBuf::from(self.agent_cert), PathBuf::from(self.agent_key)));
+        }
+        config.alpn_protos = self.alpn_proto.into_iter().filter(|p| !p.is_empty()).collect();
+        if let Some(id) = self.agent_id.filter(|id| !id.is_empty()) {
+            config.agent_id = id;
+        }
+        config.agent_identifiers = self.agent_identifiers;
+        config.sync_interval = self.sync_interval;
+        config.sync_interval_cap = self.sync_interval_cap;
+        config.sync_forever = self.sync_forever;
+        config.keepalive_time = self.keepalive_time;
+        config.xfr_channel_size = usize::try_from(self.xfr_channel_size).unwrap_or(150);
+        config.health = Some((self.health_server_host, self.health_server_port));
+        config.admin = Some((self.admin_bind_address, self.admin_server_port));
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<AgentConfig, String> {
+        let mut all = vec!["proxy-agent".to_string()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let all = konnectivity_transport::flags::normalize_args(all);
+        AgentFlags::try_parse_from(all).map_err(|e| e.to_string())?.into_config().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn reference_command_line_parses() {
+        let c = parse(&[
+            "--ca-cert=/ca",
+            "--agent-cert=/c",
+            "--agent-key=/k",
+            "--proxy-server-host=konnectivity.example",
+            "--proxy-server-port=8132",
+            "--agent-id=a1",
+            "--agent-identifiers=host=node1&ipv4=10.1.2.3",
+            "--sync-interval=2s",
+            "--sync-interval-cap=1m0s",
+            "--sync-forever=true",
+            "--alpn-proto=konnectivity",
+            "--v=4",
+        ])
+        .expect("parses");
+        assert_eq!(c.agent_id, "a1");
+        assert_eq!(c.server_port, 8132);
+        assert_eq!(c.sync_interval_cap, Duration::from_secs(60));
+        assert!(c.sync_forever);
+        assert_eq!(c.alpn_protos, ["konnectivity"]);
+    }
+
+    #[test]
+    fn bad_flags_are_explained() {
+        assert!(parse(&[]).unwrap_err().contains("--ca-cert is required"));
+        assert!(
+            parse(&["--ca-cert=/ca", "--agent-identifiers=zone=a"])
+                .unwrap_err()
+                .contains("unknown agent identifier key")
+        );
+        assert!(parse(&["--ca-cert=/ca", "--sync-interval=20s"]).unwrap_err().contains("must not exceed"));
+        assert!(
+            parse(&["--ca-cert=/ca", "--count-server-leases"])
+                .unwrap_err()
+                .contains("not supported yet: --count-server-leases")
+        );
+        assert!(
+            parse(&["--ca-cert=/ca", "--service-account-token-path=/t"]).unwrap_err().contains("not supported yet")
+        );
+    }
+}

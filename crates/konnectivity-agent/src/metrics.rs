@@ -1,0 +1,113 @@
+//! The agent's Prometheus metrics, spelled as the reference's `pkg/agent/metrics`, in a registry of their own.
+
+use konnectivity_proto::names::METRICS_NAMESPACE;
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+
+const SUBSYSTEM: &str = "agent";
+const LATENCY_BUCKETS: [f64; 7] = [0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0];
+
+/// The agent's metrics.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    registry: Registry,
+    pub(crate) dial_duration: Histogram,
+    pub(crate) server_connection_failures: IntCounterVec,
+    pub(crate) endpoint_dial_failures: IntCounterVec,
+    pub(crate) open_server_connections: Gauge,
+    pub(crate) known_server_count: Gauge,
+    pub(crate) open_endpoint_connections: Gauge,
+    pub(crate) stream_packets: IntCounterVec,
+    pub(crate) stream_errors: IntCounterVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(METRICS_NAMESPACE).subsystem(SUBSYSTEM)
+}
+
+impl AgentMetrics {
+    /// Creates the metrics in a fresh registry.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let m = Self {
+            dial_duration: Histogram::with_opts(
+                HistogramOpts::from(opts("dial_duration_seconds", "Latency of dial to the remote endpoint in seconds"))
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+            server_connection_failures: IntCounterVec::new(
+                opts(
+                    "server_connection_failure_count",
+                    "Count of failures to send to or receive from the proxy server, labeled by the direction (from_server or to_server). DEPRECATED, please use stream_events_error_total",
+                ),
+                &["direction"],
+            )?,
+            endpoint_dial_failures: IntCounterVec::new(
+                opts(
+                    "endpoint_dial_failure_total",
+                    "Number of failures dialing the remote endpoint, by reason (example: timeout).",
+                ),
+                &["reason"],
+            )?,
+            open_server_connections: Gauge::with_opts(opts(
+                "open_server_connections",
+                "Current number of open server connections.",
+            ))?,
+            known_server_count: Gauge::with_opts(opts(
+                "known_server_count",
+                "Current number of servers agent is trying to connect to.",
+            ))?,
+            open_endpoint_connections: Gauge::with_opts(opts(
+                "open_endpoint_connections",
+                "Current number of open endpoint connections.",
+            ))?,
+            stream_packets: IntCounterVec::new(
+                opts(
+                    "stream_packets_total",
+                    "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
+                ),
+                &["segment", "packet_type"],
+            )?,
+            stream_errors: IntCounterVec::new(
+                opts(
+                    "stream_errors_total",
+                    "Count of gRPC stream errors, by segment, grpc Code, packet type. (example: from_agent, Code.Unavailable, DIAL_RSP)",
+                ),
+                &["segment", "code", "packet_type"],
+            )?,
+            registry,
+        };
+        m.registry.register(Box::new(m.dial_duration.clone()))?;
+        m.registry.register(Box::new(m.server_connection_failures.clone()))?;
+        m.registry.register(Box::new(m.endpoint_dial_failures.clone()))?;
+        m.registry.register(Box::new(m.open_server_connections.clone()))?;
+        m.registry.register(Box::new(m.known_server_count.clone()))?;
+        m.registry.register(Box::new(m.open_endpoint_connections.clone()))?;
+        m.registry.register(Box::new(m.stream_packets.clone()))?;
+        m.registry.register(Box::new(m.stream_errors.clone()))?;
+        Ok(m)
+    }
+
+    /// The registry to expose on `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub(crate) fn sent(&self, packet_type: &str) {
+        self.stream_packets.with_label_values(&["from_agent", packet_type]).inc();
+    }
+    pub(crate) fn received(&self, packet_type: &str) {
+        self.stream_packets.with_label_values(&["to_agent", packet_type]).inc();
+    }
+
+    /// Current `open_endpoint_connections`.
+    pub fn open_endpoint_connections(&self) -> f64 {
+        self.open_endpoint_connections.get()
+    }
+    /// Current `open_server_connections`.
+    pub fn open_server_connections(&self) -> f64 {
+        self.open_server_connections.get()
+    }
+    /// `endpoint_dial_failure_total` for a reason (`timeout`, `unknown`).
+    pub fn endpoint_dial_failures(&self, reason: &str) -> u64 {
+        self.endpoint_dial_failures.with_label_values(&[reason]).get()
+    }
+}

@@ -1,0 +1,422 @@
+//! One agent-to-server stream: the receive loop and the endpoint connections it opened.
+//!
+//! Connect IDs are allocated per stream from 1, as in the reference. Each endpoint connection runs in its own
+//! task with its own bounded queue; the receive loop only queues, so a slow endpoint holds up the others for
+//! at most [`ENDPOINT_STALL_LIMIT`], after which that one connection is closed.
+
+use crate::metrics::AgentMetrics;
+use bytes::{Bytes, BytesMut};
+use konnectivity_proto::names::{UNKNOWN_CONNECT_ID, UNRECOGNIZED_CONNECT_ID};
+use konnectivity_proto::{Packet, PacketKind};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Streaming;
+use tracing::Instrument;
+
+/// How long the receive loop waits for one endpoint whose queue is full before closing that connection.
+pub const ENDPOINT_STALL_LIMIT: Duration = Duration::from_secs(5);
+
+/// Size of the buffer endpoint bytes are read into (the reference reads 4 KiB at a time).
+const READ_BUFFER: usize = 64 * 1024;
+
+/// An endpoint connection as the receive loop sees it.
+struct EndpointConn {
+    /// Bytes for the endpoint. Dropping the sender lets the writer drain what is queued and finish, which
+    /// is how a CLOSE_REQ closes the connection.
+    to_endpoint: mpsc::Sender<Bytes>,
+    /// Stops the connection at once (an endpoint that stopped reading, or a close that could not drain).
+    kill: CancellationToken,
+}
+
+/// One server stream's state.
+pub(crate) struct Session {
+    pub(crate) server_id: String,
+    to_server: mpsc::Sender<Packet>,
+    conns: Mutex<HashMap<i64, EndpointConn>>,
+    /// Dials in flight by dial ID, so a DIAL_CLS can stop them.
+    dials: Mutex<HashMap<i64, CancellationToken>>,
+    next_connect_id: AtomicI64,
+    /// Cancelled when the stream ends: every connection on it stops.
+    pub(crate) closed: CancellationToken,
+    metrics: AgentMetrics,
+    dial_timeout: Duration,
+    xfr_channel_size: usize,
+    tracker: TaskTracker,
+}
+
+impl Session {
+    pub(crate) fn new(
+        server_id: String,
+        to_server: mpsc::Sender<Packet>,
+        closed: CancellationToken,
+        metrics: AgentMetrics,
+        dial_timeout: Duration,
+        xfr_channel_size: usize,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            server_id,
+            to_server,
+            conns: Mutex::new(HashMap::new()),
+            dials: Mutex::new(HashMap::new()),
+            next_connect_id: AtomicI64::new(1),
+            closed,
+            metrics,
+            dial_timeout,
+            xfr_channel_size: xfr_channel_size.max(1),
+            tracker,
+        })
+    }
+
+    /// Endpoint connections open on this stream.
+    pub(crate) fn connection_count(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    /// Sends a packet to the server; false once the stream is gone.
+    async fn send(&self, packet: Packet) -> bool {
+        let packet_type = packet.type_name();
+        let sent = tokio::select! {
+            r = self.to_server.send(packet) => r.is_ok(),
+            _ = self.closed.cancelled() => false,
+        };
+        if sent {
+            self.metrics.sent(packet_type);
+        }
+        sent
+    }
+
+    /// Sends a control packet from the receive loop without waiting there.
+    fn send_control(self: &Arc<Self>, packet: Packet) {
+        self.metrics.sent(packet.type_name());
+        if let Err(TrySendError::Full(packet)) = self.to_server.try_send(packet) {
+            let me = self.clone();
+            self.tracker.spawn(async move {
+                tokio::select! {
+                    _ = me.to_server.send(packet) => {}
+                    _ = me.closed.cancelled() => {}
+                }
+            });
+        }
+    }
+
+    /// Reads the server's packets until the stream ends, then stops every connection on it.
+    pub(crate) async fn serve(self: Arc<Self>, mut inbound: Streaming<Packet>, drain: CancellationToken) {
+        let mut drain_sent = false;
+        loop {
+            let msg = tokio::select! {
+                _ = self.closed.cancelled() => break,
+                _ = drain.cancelled(), if !drain_sent => {
+                    drain_sent = true;
+                    tracing::info!("sending DRAIN to server");
+                    self.send_control(Packet::drain());
+                    continue;
+                }
+                m = inbound.message() => m,
+            };
+            match msg {
+                Ok(Some(packet)) => self.handle(packet).await,
+                Ok(None) => {
+                    tracing::info!("server closed the stream");
+                    break;
+                }
+                Err(status) => {
+                    self.metrics.server_connection_failures.with_label_values(&["from_server"]).inc();
+                    self.metrics
+                        .stream_errors
+                        .with_label_values(&[
+                            "to_agent",
+                            konnectivity_proto::names::grpc_code_name(status.code()),
+                            "Unknown",
+                        ])
+                        .inc();
+                    tracing::info!("server stream failed: {}", status.message());
+                    break;
+                }
+            }
+        }
+        self.closed.cancel();
+        let dropped = {
+            let mut conns = self.conns.lock();
+            let n = conns.len();
+            conns.clear();
+            n
+        };
+        tracing::info!(server_id = %self.server_id, connections = dropped, "stream ended; its connections are closed");
+    }
+
+    async fn handle(self: &Arc<Self>, packet: Packet) {
+        let packet_type = packet.type_name();
+        self.metrics.received(packet_type);
+        let kind = match packet.kind() {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("dropping malformed packet from server: {e}");
+                return;
+            }
+        };
+        match kind {
+            PacketKind::DialRequest(req) => {
+                let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed);
+                let cancel = self.closed.child_token();
+                self.dials.lock().insert(req.random, cancel.clone());
+                let span = tracing::debug_span!("conn", connect_id, dial_id = req.random, address = %req.address);
+                self.tracker.spawn(
+                    self.clone().dial(req.random, req.address, req.protocol, connect_id, cancel).instrument(span),
+                );
+            }
+            PacketKind::Data(data) => {
+                let connect_id = data.connect_id;
+                let tx = self.conns.lock().get(&connect_id).map(|c| c.to_endpoint.clone());
+                let Some(tx) = tx else {
+                    self.send_control(Packet::close_response(connect_id, UNRECOGNIZED_CONNECT_ID));
+                    return;
+                };
+                if data.data.is_empty() {
+                    return;
+                }
+                let queued = match tx.try_send(data.data) {
+                    Ok(()) => true,
+                    Err(TrySendError::Closed(_)) => true, // the connection is closing; its CLOSE_RSP follows
+                    Err(TrySendError::Full(bytes)) => match tx.send_timeout(bytes, ENDPOINT_STALL_LIMIT).await {
+                        Ok(()) | Err(SendTimeoutError::Closed(_)) => true,
+                        Err(SendTimeoutError::Timeout(_)) => false,
+                    },
+                };
+                if !queued {
+                    tracing::warn!(connect_id, "endpoint stopped reading; closing the connection");
+                    if let Some(conn) = self.conns.lock().remove(&connect_id) {
+                        conn.kill.cancel();
+                    }
+                }
+            }
+            PacketKind::CloseRequest(req) => {
+                let Some(conn) = self.conns.lock().remove(&req.connect_id) else {
+                    self.send_control(Packet::close_response(req.connect_id, UNKNOWN_CONNECT_ID));
+                    return;
+                };
+                // Dropping the sender lets the writer deliver what is queued and finish; an endpoint that
+                // does not take it within the stall limit is cut off.
+                let kill = conn.kill;
+                drop(conn.to_endpoint);
+                self.tracker.spawn(async move {
+                    tokio::select! {
+                        _ = tokio::time::sleep(ENDPOINT_STALL_LIMIT) => kill.cancel(),
+                        _ = kill.cancelled() => {}
+                    }
+                });
+            }
+            PacketKind::CloseDial(cls) => {
+                // The reference agent ignores DIAL_CLS; we stop the dial so no socket is opened for nobody.
+                if let Some(cancel) = self.dials.lock().remove(&cls.random) {
+                    cancel.cancel();
+                }
+            }
+            PacketKind::DialResponse(_) | PacketKind::CloseResponse(_) | PacketKind::Drain => {
+                tracing::warn!("unexpected {packet_type} from server; ignored");
+            }
+        }
+    }
+
+    async fn dial(
+        self: Arc<Self>,
+        random: i64,
+        address: String,
+        protocol: String,
+        connect_id: i64,
+        cancel: CancellationToken,
+    ) {
+        let started = Instant::now();
+        let result = if protocol != "tcp" && !protocol.is_empty() {
+            Err(DialFailure::Other(format!("dial {protocol} {address}: unknown network {protocol}")))
+        } else {
+            tokio::select! {
+                r = dial_tcp(&address, self.dial_timeout) => r,
+                _ = cancel.cancelled() => Err(DialFailure::Cancelled),
+            }
+        };
+        self.dials.lock().remove(&random);
+        let stream = match result {
+            Ok(s) => s,
+            Err(DialFailure::Cancelled) => {
+                tracing::debug!("dial cancelled");
+                return;
+            }
+            Err(failure) => {
+                let reason = if matches!(failure, DialFailure::Timeout(_)) { "timeout" } else { "unknown" };
+                self.metrics.endpoint_dial_failures.with_label_values(&[reason]).inc();
+                let text = failure.to_string();
+                tracing::debug!("dial failed: {text}");
+                self.send(Packet::dial_response(random, 0, text)).await;
+                return;
+            }
+        };
+        self.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
+        let (to_endpoint, from_server) = mpsc::channel(self.xfr_channel_size);
+        let kill = self.closed.child_token();
+        self.conns.lock().insert(connect_id, EndpointConn { to_endpoint, kill: kill.clone() });
+        self.metrics.open_endpoint_connections.inc();
+        if !self.send(Packet::dial_response(random, connect_id, "")).await {
+            self.conns.lock().remove(&connect_id);
+            self.metrics.open_endpoint_connections.dec();
+            return;
+        }
+        tracing::debug!("connected");
+        self.pipe(stream, connect_id, from_server, &kill).await;
+        kill.cancel();
+        self.metrics.open_endpoint_connections.dec();
+    }
+
+    /// Moves bytes both ways until the endpoint closes, the server asks to close, or the stream ends.
+    async fn pipe(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        connect_id: i64,
+        mut from_server: mpsc::Receiver<Bytes>,
+        kill: &CancellationToken,
+    ) {
+        let (mut rd, mut wr) = stream.into_split();
+        let writer = async {
+            while let Some(bytes) = from_server.recv().await {
+                wr.write_all(&bytes).await?;
+            }
+            Ok::<_, io::Error>(())
+        };
+        let reader = async {
+            let mut buf = BytesMut::with_capacity(READ_BUFFER);
+            loop {
+                if buf.capacity() < READ_BUFFER / 4 {
+                    buf.reserve(READ_BUFFER);
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {
+                        let chunk = buf.split().freeze();
+                        if !self.send(Packet::data(connect_id, chunk)).await {
+                            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "server stream closed"));
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        let why = tokio::select! {
+            r = reader => match r { Ok(()) => "endpoint closed".to_string(), Err(e) => format!("endpoint read: {e}") },
+            r = writer => match r { Ok(()) => "close requested".to_string(), Err(e) => format!("endpoint write: {e}") },
+            _ = kill.cancelled() => "stopped".to_string(),
+        };
+        self.conns.lock().remove(&connect_id);
+        tracing::debug!("connection closed: {why}");
+        if !self.closed.is_cancelled() {
+            self.send(Packet::close_response(connect_id, "")).await;
+        }
+    }
+}
+
+/// Why a dial to an endpoint failed; the text is what Go's net package would say, because frontends (and
+/// the HTTP CONNECT status mapping) match on it.
+#[derive(Debug, thiserror::Error)]
+enum DialFailure {
+    #[error("dial tcp {0}: i/o timeout")]
+    Timeout(String),
+    #[error("dial tcp: lookup {0}: no such host")]
+    NoSuchHost(String),
+    #[error("dial tcp {addr}: connect: {text}")]
+    Connect { addr: String, text: String },
+    #[error("{0}")]
+    Other(String),
+    #[error("dial cancelled")]
+    Cancelled,
+}
+
+fn go_errno_text(e: &io::Error) -> String {
+    use io::ErrorKind::*;
+    match e.kind() {
+        ConnectionRefused => "connection refused".into(),
+        ConnectionReset => "connection reset by peer".into(),
+        HostUnreachable => "no route to host".into(),
+        NetworkUnreachable => "network is unreachable".into(),
+        NetworkDown => "network is down".into(),
+        AddrNotAvailable => "cannot assign requested address".into(),
+        PermissionDenied => "permission denied".into(),
+        _ => {
+            // Fall back to the OS text without Rust's " (os error N)" suffix, lower-cased as Go prints it.
+            let s = e.to_string();
+            let s = s.split(" (os error").next().unwrap_or(&s);
+            s.to_lowercase()
+        }
+    }
+}
+
+async fn dial_tcp(address: &str, timeout: Duration) -> Result<TcpStream, DialFailure> {
+    let attempt = async {
+        let (host, _) = split_host_port(address)
+            .ok_or_else(|| DialFailure::Other(format!("dial tcp: address {address}: missing port in address")))?;
+        let addrs: Vec<_> = match tokio::net::lookup_host(address).await {
+            Ok(a) => a.collect(),
+            Err(_) => return Err(DialFailure::NoSuchHost(host.to_string())),
+        };
+        if addrs.is_empty() {
+            return Err(DialFailure::NoSuchHost(host.to_string()));
+        }
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    konnectivity_transport::listen::tune_tcp(&s);
+                    return Ok(s);
+                }
+                Err(e) => last = Some(DialFailure::Connect { addr: addr.to_string(), text: go_errno_text(&e) }),
+            }
+        }
+        Err(last.unwrap_or_else(|| DialFailure::Other(format!("dial tcp {address}: no address"))))
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(DialFailure::Timeout(address.to_string())),
+    }
+}
+
+fn split_host_port(address: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = address.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:")?;
+        return Some((host, port));
+    }
+    let (host, port) = address.rsplit_once(':')?;
+    if host.contains(':') {
+        return None; // an IPv6 literal needs brackets
+    }
+    Some((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("a:80"), Some(("a", "80")));
+        assert_eq!(split_host_port("[::1]:443"), Some(("::1", "443")));
+        assert_eq!(split_host_port("::1:443"), None);
+        assert_eq!(split_host_port("nohost"), None);
+    }
+
+    #[tokio::test]
+    async fn refused_dial_reads_like_go() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        drop(l);
+        let err = dial_tcp(&addr.to_string(), Duration::from_secs(5)).await.expect_err("refused");
+        assert_eq!(err.to_string(), format!("dial tcp {addr}: connect: connection refused"));
+    }
+}
