@@ -1,1 +1,19 @@
-//! placeholder
+//! Dial through a Konnectivity proxy-server, as kube-apiserver's konnectivity-client does.
+//!
+//! A [`Tunnel`] is one HTTP/2 connection to the server's frontend, over a Unix socket or TCP with mutual TLS.
+//! Each [`Tunnel::dial`] opens one `/ProxyService/Proxy` stream and asks the server to connect to an address
+//! in the cluster network; the returned [`TunnelConn`] is a tokio `AsyncRead + AsyncWrite` byte stream.
+//!
+//! * [`Tunnel::connect`] gives a reusable tunnel: many dials share the connection (one stream each).
+//! * [`Tunnel::connect_single_use`] mirrors the reference's `CreateSingleUseGrpcTunnel`: one dial, after
+//!   which the tunnel refuses others (reason `tunnelstarted`) and closes when the connection closes.
+//!
+//! Failures carry a [`DialFailureReason`] with the reference's reason names.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+mod conn;
+mod tunnel;
+
+pub use conn::TunnelConn;
+pub use tunnel::{CLOSE_TIMEOUT, DIAL_TIMEOUT, DialError, DialFailureReason, ProxyAddress, Tunnel};

@@ -1,1 +1,153 @@
-fn main() {}
+//! `proxy-test-client`: sends HTTP requests through a proxy-server tunnel and prints the response body, with
+//! the reference test client's flags. Errors go to stderr and make the exit status non-zero.
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{ArgAction, Parser};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use konnectivity_client::{ProxyAddress, Tunnel};
+use konnectivity_transport::flags::KlogFlags;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Sends HTTP requests through a Konnectivity proxy-server and prints the responses (konnectivity-rs).
+#[derive(Debug, Parser)]
+#[command(name = "proxy-test-client", version, about, long_about = None)]
+struct Flags {
+    /// Client certificate for the mTLS TCP frontend.
+    #[arg(long, default_value = "")]
+    client_cert: String,
+    /// Key of --client-cert.
+    #[arg(long, default_value = "")]
+    client_key: String,
+    /// CA of the proxy-server's certificate (TCP frontend).
+    #[arg(long, default_value = "")]
+    ca_cert: String,
+    /// Protocol of the request sent through the tunnel.
+    #[arg(long, default_value = "http")]
+    request_proto: String,
+    /// Path of the request (without the leading slash).
+    #[arg(long, default_value = "success")]
+    request_path: String,
+    /// Host of the request, resolved by the agent in the cluster network.
+    #[arg(long, default_value = "localhost")]
+    request_host: String,
+    /// Port of the request.
+    #[arg(long, default_value_t = 8000)]
+    request_port: u16,
+    /// Proxy-server host (TCP frontend).
+    #[arg(long, default_value = "localhost")]
+    proxy_host: String,
+    /// Proxy-server port (TCP frontend).
+    #[arg(long, default_value_t = 8090)]
+    proxy_port: u16,
+    /// Proxy-server unix socket (instead of TCP).
+    #[arg(long, default_value = "")]
+    proxy_uds: String,
+    /// Frontend protocol: grpc or http-connect.
+    #[arg(long, default_value = "grpc")]
+    mode: String,
+    /// User-Agent of the request.
+    #[arg(long, default_value = "test-client")]
+    user_agent: String,
+    /// How many times to send the request.
+    #[arg(long, default_value_t = 1)]
+    test_requests: u32,
+    /// Seconds between requests.
+    #[arg(long, default_value_t = 0)]
+    test_delay: u64,
+    /// Seconds to wait after the last request.
+    #[arg(long, default_value_t = 0)]
+    after_delay: u64,
+    /// Close idle connections after each request (each request uses its own tunnel here, so always true).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true")]
+    close_idle_conn: bool,
+    /// HTTP/2 health checks of the reference's HTTP client; accepted, no effect (requests use HTTP/1.1).
+    #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true")]
+    enable_http2_healthchecks: bool,
+    /// klog flags.
+    #[command(flatten)]
+    klog: KlogFlags,
+}
+
+fn main() -> std::process::ExitCode {
+    let flags = Flags::parse_from(konnectivity_transport::flags::normalize_args(std::env::args()));
+    konnectivity_transport::logging::init(flags.klog.v.min(3));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("proxy-test-client: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(flags)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxy-test-client: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(flags: Flags) -> anyhow::Result<()> {
+    flags.klog.check()?;
+    match flags.mode.as_str() {
+        "grpc" => {}
+        "http-connect" => bail!("not supported yet: --mode=http-connect"),
+        other => bail!("--mode must be 'grpc' or 'http-connect', got {other:?}"),
+    }
+    if flags.request_proto != "http" {
+        bail!("not supported yet: --request-proto={} (only http)", flags.request_proto);
+    }
+    let proxy = if !flags.proxy_uds.is_empty() {
+        ProxyAddress::Uds(PathBuf::from(&flags.proxy_uds))
+    } else {
+        if flags.ca_cert.is_empty() || flags.client_cert.is_empty() || flags.client_key.is_empty() {
+            bail!("the TCP frontend needs --ca-cert, --client-cert and --client-key (mTLS), or use --proxy-uds");
+        }
+        ProxyAddress::tcp_mtls(
+            &flags.proxy_host,
+            flags.proxy_port,
+            flags.ca_cert.as_ref(),
+            flags.client_cert.as_ref(),
+            flags.client_key.as_ref(),
+        )?
+    };
+    let target = konnectivity_transport::listen::join_host_port(&flags.request_host, flags.request_port);
+    let path = format!("/{}", flags.request_path.trim_start_matches('/'));
+    for i in 0..flags.test_requests {
+        if i > 0 && flags.test_delay > 0 {
+            tokio::time::sleep(Duration::from_secs(flags.test_delay)).await;
+        }
+        let body = request(&proxy, &target, &path, &flags.user_agent)
+            .await
+            .with_context(|| format!("GET http://{target}{path}"))?;
+        std::io::stdout().write_all(&body)?;
+        std::io::stdout().flush()?;
+    }
+    if flags.after_delay > 0 {
+        tokio::time::sleep(Duration::from_secs(flags.after_delay)).await;
+    }
+    Ok(())
+}
+
+async fn request(proxy: &ProxyAddress, target: &str, path: &str, user_agent: &str) -> anyhow::Result<Bytes> {
+    let tunnel = Tunnel::connect_single_use(proxy).await?;
+    let conn = tunnel.dial(target).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
+    let driver = tokio::spawn(connection);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, target)
+        .header(http::header::USER_AGENT, user_agent)
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    drop(sender);
+    driver.abort();
+    if !status.is_success() {
+        bail!("status {status}: {}", String::from_utf8_lossy(&body));
+    }
+    Ok(body)
+}

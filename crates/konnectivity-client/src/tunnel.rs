@@ -1,0 +1,286 @@
+//! Tunnels and dialing.
+
+use crate::conn::{self, TunnelConn};
+use hyper_util::rt::TokioIo;
+use konnectivity_proto::proxy::ProxyServiceClient;
+use konnectivity_proto::{Packet, PacketKind};
+use rand::Rng;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a dial waits for the server's answer (the reference's fixed backstop).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long closing a connection waits for the server to confirm (the reference's `CloseTimeout`).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a dial failed, with the reference client's reason names (its `dial_failure_total` labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialFailureReason {
+    /// Anything else.
+    Unknown,
+    /// No answer within [`DIAL_TIMEOUT`] (or the caller's timeout).
+    Timeout,
+    /// The caller gave up.
+    Context,
+    /// The server or agent answered with an error (refused, unreachable, no agent, …).
+    Endpoint,
+    /// The server closed the dial.
+    DialClosed,
+    /// The tunnel closed while dialing, or was closed before.
+    TunnelClosed,
+    /// A second dial on a single-use tunnel.
+    TunnelStarted,
+    /// The stream could not be opened.
+    StreamSetup,
+}
+
+impl DialFailureReason {
+    /// The reference's label for this reason.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Timeout => "timeout",
+            Self::Context => "context",
+            Self::Endpoint => "endpoint",
+            Self::DialClosed => "dialclosed",
+            Self::TunnelClosed => "tunnelclosed",
+            Self::TunnelStarted => "tunnelstarted",
+            Self::StreamSetup => "streamsetup",
+        }
+    }
+}
+
+/// A failed dial or tunnel set-up.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct DialError {
+    /// Why, as a reason label.
+    pub reason: DialFailureReason,
+    /// What happened, in words (for `Endpoint`, the agent's or server's own text).
+    pub message: String,
+}
+
+impl DialError {
+    fn new(reason: DialFailureReason, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into() }
+    }
+}
+
+/// Where the proxy-server's frontend listens.
+#[derive(Clone)]
+pub enum ProxyAddress {
+    /// A Unix socket path (no TLS), as kube-apiserver uses.
+    Uds(PathBuf),
+    /// TCP with mutual TLS.
+    Tcp {
+        /// Host to dial; also the TLS server name checked unless `server_name` is set.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Client TLS configuration (CA, client certificate, ALPN h2).
+        tls: Arc<rustls::ClientConfig>,
+        /// Server name to verify, if not `host`.
+        server_name: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for ProxyAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Uds(p) => write!(f, "unix:{}", p.display()),
+            Self::Tcp { host, port, .. } => write!(f, "{host}:{port} (mTLS)"),
+        }
+    }
+}
+
+impl ProxyAddress {
+    /// A TCP address with an mTLS client configuration built from PEM files.
+    pub fn tcp_mtls(
+        host: impl Into<String>,
+        port: u16,
+        ca: &std::path::Path,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> Result<Self, DialError> {
+        let tls = konnectivity_transport::tls::client_config(
+            ca,
+            Some((cert, key)),
+            &[konnectivity_transport::tls::ALPN_H2.to_vec()],
+        )
+        .map_err(|e| DialError::new(DialFailureReason::Unknown, e.to_string()))?;
+        Ok(Self::Tcp { host: host.into(), port, tls, server_name: None })
+    }
+}
+
+/// A connection to a proxy-server's frontend.
+#[derive(Clone)]
+pub struct Tunnel {
+    client: ProxyServiceClient<Channel>,
+    single_use: Option<Arc<AtomicBool>>,
+}
+
+impl Tunnel {
+    /// Connects a reusable tunnel: every [`dial`](Self::dial) opens a new stream on one HTTP/2 connection.
+    pub async fn connect(address: &ProxyAddress) -> Result<Self, DialError> {
+        Ok(Self { client: ProxyServiceClient::new(channel(address).await?), single_use: None })
+    }
+
+    /// Connects a single-use tunnel, like the reference's `CreateSingleUseGrpcTunnel`.
+    pub async fn connect_single_use(address: &ProxyAddress) -> Result<Self, DialError> {
+        Ok(Self {
+            client: ProxyServiceClient::new(channel(address).await?),
+            single_use: Some(Arc::new(AtomicBool::new(false))),
+        })
+    }
+
+    /// Asks the server to connect to `address` (`host:port`, resolved in the cluster network) and returns the
+    /// connection. Waits at most [`DIAL_TIMEOUT`]; wrap it in a timeout or drop the future to give up sooner
+    /// (the dial is then abandoned with DIAL_CLS).
+    pub async fn dial(&self, address: &str) -> Result<TunnelConn, DialError> {
+        if let Some(used) = &self.single_use {
+            if used.swap(true, Ordering::SeqCst) {
+                return Err(DialError::new(DialFailureReason::TunnelStarted, "single-use dialer already dialed"));
+            }
+        }
+        let random: i64 = rand::rng().random_range(1..i64::MAX);
+        let (to_server, rx) = mpsc::channel(conn::OUTBOUND_PACKETS);
+        // Queue the DIAL_REQ before awaiting the call: a Go server sends its response headers only with its
+        // first message, so the call cannot complete before the request is out.
+        to_server
+            .try_send(Packet::dial_request(address, random))
+            .map_err(|_| DialError::new(DialFailureReason::Unknown, "dial request could not be queued"))?;
+        // Abandoning the dial (timeout, or the caller dropping this future) sends DIAL_CLS.
+        let mut guard = DialGuard { to_server: Some(to_server.clone()), random };
+        let mut client = self.client.clone();
+        let attempt = async {
+            let response = client.proxy(ReceiverStream::new(rx)).await.map_err(|s| {
+                DialError::new(DialFailureReason::StreamSetup, format!("opening the proxy stream: {}", s.message()))
+            })?;
+            let mut inbound = response.into_inner();
+            loop {
+                let packet = match inbound.message().await {
+                    Ok(Some(p)) => p,
+                    Ok(None) => {
+                        return Err(DialError::new(DialFailureReason::TunnelClosed, "tunnel closed while dialing"));
+                    }
+                    Err(s) => {
+                        return Err(DialError::new(
+                            DialFailureReason::TunnelClosed,
+                            format!("tunnel failed while dialing: {}", s.message()),
+                        ));
+                    }
+                };
+                match packet.kind() {
+                    Ok(PacketKind::DialResponse(rsp)) if rsp.random == random => {
+                        if !rsp.error.is_empty() {
+                            return Err(DialError::new(DialFailureReason::Endpoint, rsp.error));
+                        }
+                        return Ok((rsp.connect_id, inbound));
+                    }
+                    Ok(PacketKind::CloseDial(cls)) if cls.random == random => {
+                        return Err(DialError::new(DialFailureReason::DialClosed, "dial closed"));
+                    }
+                    Ok(other) => tracing::debug!("ignoring {other:?} while dialing"),
+                    Err(e) => tracing::warn!("ignoring malformed packet while dialing: {e}"),
+                }
+            }
+        };
+        let (connect_id, inbound) = match tokio::time::timeout(DIAL_TIMEOUT, attempt).await {
+            Ok(Ok(ok)) => ok,
+            Ok(Err(e)) => {
+                if e.reason != DialFailureReason::Timeout && e.reason != DialFailureReason::Context {
+                    guard.disarm();
+                }
+                return Err(e);
+            }
+            Err(_) => {
+                return Err(DialError::new(DialFailureReason::Timeout, format!("dial timeout after {DIAL_TIMEOUT:?}")));
+            }
+        };
+        guard.disarm();
+        Ok(TunnelConn::start(connect_id, to_server, inbound))
+    }
+}
+
+/// Sends DIAL_CLS when a dial is abandoned before its answer.
+struct DialGuard {
+    to_server: Option<mpsc::Sender<Packet>>,
+    random: i64,
+}
+
+impl DialGuard {
+    fn disarm(&mut self) {
+        self.to_server = None;
+    }
+}
+
+impl Drop for DialGuard {
+    fn drop(&mut self) {
+        if let Some(tx) = self.to_server.take() {
+            let _ = tx.try_send(Packet::close_dial(self.random));
+        }
+    }
+}
+
+async fn channel(address: &ProxyAddress) -> Result<Channel, DialError> {
+    let setup = |e: String| DialError::new(DialFailureReason::Unknown, e);
+    match address {
+        ProxyAddress::Uds(path) => {
+            let path = path.clone();
+            let connector = tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+            });
+            endpoint("http://localhost")?
+                .connect_with_connector(connector)
+                .await
+                .map_err(|e| setup(format!("connecting to proxy-server at {address:?}: {}", source_chain(&e))))
+        }
+        ProxyAddress::Tcp { host, port, tls, server_name } => {
+            let target = konnectivity_transport::listen::join_host_port(host, *port);
+            let name = server_name.clone().unwrap_or_else(|| host.clone());
+            let name = rustls_pki_types::ServerName::try_from(name.clone())
+                .map_err(|e| setup(format!("TLS server name {name:?}: {e}")))?;
+            let connector_tls = tokio_rustls::TlsConnector::from(tls.clone());
+            let dial_target = target.clone();
+            let connector = tower::service_fn(move |_: http::Uri| {
+                let tls = connector_tls.clone();
+                let name = name.clone();
+                let target = dial_target.clone();
+                async move {
+                    let tcp = tokio::net::TcpStream::connect(&target).await?;
+                    let _ = tcp.set_nodelay(true);
+                    Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
+                }
+            });
+            endpoint(&format!("http://{target}"))?
+                .connect_with_connector(connector)
+                .await
+                .map_err(|e| setup(format!("connecting to proxy-server at {address:?}: {}", source_chain(&e))))
+        }
+    }
+}
+
+fn endpoint(uri: &str) -> Result<Endpoint, DialError> {
+    Ok(Endpoint::from_shared(uri.to_string())
+        .map_err(|e| DialError::new(DialFailureReason::Unknown, format!("proxy address {uri}: {e}")))?
+        .connect_timeout(DIAL_TIMEOUT)
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20)))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
