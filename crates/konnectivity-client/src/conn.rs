@@ -31,6 +31,12 @@ pub struct TunnelConn {
     eof: bool,
 }
 
+impl std::fmt::Debug for TunnelConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelConn").field("connect_id", &self.connect_id).field("eof", &self.eof).finish()
+    }
+}
+
 impl TunnelConn {
     pub(crate) fn start(connect_id: i64, to_server: mpsc::Sender<Packet>, inbound: tonic::Streaming<Packet>) -> Self {
         let (tx, rx) = mpsc::channel(INBOUND_CHUNKS);

@@ -1,1 +1,60 @@
-//! placeholder
+//! Test support for konnectivity-rs, shared by the integration tests (`tests/it`) and the demo: a throwaway
+//! PKI, HTTP and TCP targets, and a builder that starts a real server and agent on loopback.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod pki;
+pub mod stack;
+pub mod targets;
+
+/// Waits until a condition holds, polling every 20 ms, for at most `$secs` seconds; panics with the message
+/// (and the condition) if it never does. Use it instead of sleeping.
+#[macro_export]
+macro_rules! eventually {
+    ($secs:expr, $cond:expr, $($msg:tt)+) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64($secs as f64);
+        loop {
+            if $cond {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("condition `{}` not met within {}s: {}", stringify!($cond), $secs, format!($($msg)+));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
+
+/// A temporary directory removed when dropped.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(prefix: &str) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "{prefix}-{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+    /// The directory.
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Number of open file descriptors of this process (Linux).
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}

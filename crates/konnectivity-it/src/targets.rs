@@ -1,0 +1,162 @@
+//! Targets in the "cluster network": an HTTP server with a few routes and a TCP echo server. Both count their
+//! open connections so tests can check that nothing is left behind.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// The deterministic bytes `/bytes/N` serves: a repeating pattern that catches reordering and loss.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Hex SHA-256 of some bytes.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A running target.
+pub struct Target {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Connections open now.
+    pub open: Arc<AtomicUsize>,
+    stop: CancellationToken,
+}
+
+impl Target {
+    /// Open connections.
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct OpenGuard(Arc<AtomicUsize>);
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Starts an HTTP/1.1 target on `bind` (e.g. "127.0.0.1:0" or "[::1]:0"). Routes:
+/// `GET /success` → "success"; `GET /bytes/N` → N pattern bytes, streamed in 64 KiB chunks;
+/// `POST /upload` → "<len> <sha256>" of the body; anything else → 404.
+pub async fn http_target(bind: &str) -> std::io::Result<Target> {
+    let listener = TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let open = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (o, s) = (open.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = s.cancelled() => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            o.fetch_add(1, Ordering::SeqCst);
+            let guard = OpenGuard(o.clone());
+            let s = s.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(route));
+                tokio::select! {
+                    _ = conn => {}
+                    _ = s.cancelled() => {}
+                }
+            });
+        }
+    });
+    Ok(Target { addr, open, stop })
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<BoxBody> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+async fn route(req: Request<Incoming>) -> Result<Response<BoxBody>, std::io::Error> {
+    let path = req.uri().path().to_string();
+    if req.method() == http::Method::POST && path == "/upload" {
+        let mut hasher = Sha256::new();
+        let mut len = 0usize;
+        let mut body = req.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(std::io::Error::other)?;
+            if let Some(data) = frame.data_ref() {
+                len += data.len();
+                hasher.update(data);
+            }
+        }
+        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        return Ok(full(StatusCode::OK, format!("{len} {hex}")));
+    }
+    if path == "/success" {
+        return Ok(full(StatusCode::OK, "success"));
+    }
+    if let Some(n) = path.strip_prefix("/bytes/").and_then(|n| n.parse::<usize>().ok()) {
+        let chunk = 64 * 1024;
+        let stream = futures_util::stream::iter((0..n).step_by(chunk).map(move |start| {
+            let end = (start + chunk).min(n);
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(
+                (start..end).map(|i| (i % 251) as u8).collect::<Vec<u8>>(),
+            )))
+        }));
+        let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        r.headers_mut().insert(http::header::CONTENT_LENGTH, n.into());
+        return Ok(r);
+    }
+    Ok(full(StatusCode::NOT_FOUND, "not found"))
+}
+
+/// Starts a TCP echo target on `bind`.
+pub async fn echo_target(bind: &str) -> std::io::Result<Target> {
+    let listener = TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let open = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (o, s) = (open.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = tokio::select! {
+                _ = s.cancelled() => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            o.fetch_add(1, Ordering::SeqCst);
+            let guard = OpenGuard(o.clone());
+            let s = s.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = tokio::select! {
+                        _ = s.cancelled() => return,
+                        r = tcp.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                    };
+                    if tcp.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(Target { addr, open, stop })
+}

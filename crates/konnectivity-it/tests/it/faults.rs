@@ -1,0 +1,180 @@
+//! Peers that vanish: an agent process killed mid-transfer, a server restarted under a connected agent.
+
+use crate::http;
+use konnectivity_it::stack::{Frontend, Stack, assert_settled, server_and_agent};
+use konnectivity_it::targets::http_target;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A built binary of this workspace (the test command builds them first).
+fn binary(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+    let path = target.join("debug").join(name);
+    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+struct KillOnDrop(Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_agent(stack: &Stack, agent_port: u16, id: &str) -> KillOnDrop {
+    let child = Command::new(binary("proxy-agent"))
+        .args([
+            format!("--ca-cert={}", stack.pki.ca.display()),
+            format!("--agent-cert={}", stack.pki.agent_cert.display()),
+            format!("--agent-key={}", stack.pki.agent_key.display()),
+            "--proxy-server-host=127.0.0.1".into(),
+            format!("--proxy-server-port={agent_port}"),
+            format!("--agent-id={id}"),
+            "--health-server-port=0".into(),
+            "--admin-server-port=0".into(),
+            "--sync-interval=100ms".into(),
+            "--sync-interval-cap=500ms".into(),
+            "--v=1".into(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn proxy-agent");
+    KillOnDrop(child)
+}
+
+#[tokio::test]
+async fn agent_killed_mid_transfer_fails_streams_promptly_and_a_new_agent_serves() {
+    let stack = Stack::new().expect("pki");
+    let server = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
+    let target = http_target("127.0.0.1:0").await.expect("target");
+    let host = target.addr.to_string();
+    let mut agent = spawn_agent(&stack, server.agent_addr.port(), "victim");
+    konnectivity_it::eventually!(15, server.handle.ready(), "agent process did not connect");
+
+    // Three transfers in flight, each read only partly.
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let tunnel = stack.tunnel(&server).await.expect("tunnel");
+        let mut conn = tunnel.dial(&host).await.expect("dial");
+        conn.write_all(format!("GET /bytes/{} HTTP/1.1\r\nHost: {host}\r\n\r\n", 1u64 << 30).as_bytes())
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = conn.read(&mut buf).await.expect("read");
+        assert!(n > 0);
+        conns.push(conn);
+    }
+    agent.0.kill().expect("SIGKILL agent");
+    let killed_at = Instant::now();
+    for mut conn in conns {
+        // Every stream must end with an error, promptly, not hang and not look like a clean EOF.
+        let mut buf = vec![0u8; 256 * 1024];
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await
+        .expect("stream did not end within 10s of the agent's death");
+        let err = outcome.expect_err("the stream ended cleanly, as if the transfer were complete");
+        assert!(err.to_string().contains("disconnected"), "unexpected error: {err}");
+    }
+    assert!(killed_at.elapsed() < Duration::from_secs(10));
+    assert_settled(&server, None).await;
+    konnectivity_it::eventually!(10, !server.handle.ready(), "server still lists the dead agent");
+
+    let _replacement = spawn_agent(&stack, server.agent_addr.port(), "replacement");
+    konnectivity_it::eventually!(15, server.handle.ready(), "replacement agent did not connect");
+    let tunnel = stack.tunnel(&server).await.expect("tunnel");
+    let conn = tunnel.dial(&host).await.expect("dial via replacement");
+    let (status, body) = http::get(conn, &host, "/success").await.expect("get");
+    assert_eq!((status, &body[..]), (200, &b"success"[..]));
+    assert_settled(&server, None).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn agent_reconnects_to_a_restarted_server() {
+    let stack = Stack::new().expect("pki");
+    let (server, agent) = server_and_agent(&stack, Frontend::Uds).await.expect("stack");
+    let target = http_target("127.0.0.1:0").await.expect("target");
+    let host = target.addr.to_string();
+    let port = server.agent_addr.port();
+    server.stop().await;
+    konnectivity_it::eventually!(10, !agent.handle.ready(), "agent did not notice the server stopped");
+
+    let mut config = stack.server_config(Frontend::Uds);
+    config.agent_port = port;
+    let restarted_at = Instant::now();
+    let server = stack.start_server(config).await.expect("restart on the same port");
+    // The agent's backoff is capped at 500 ms here: it must be back well within that plus a handshake.
+    konnectivity_it::eventually!(5, server.handle.ready() && agent.handle.ready(), "agent did not reconnect");
+    let reconnect = restarted_at.elapsed();
+    assert!(reconnect < Duration::from_secs(3), "reconnect took {reconnect:?}");
+
+    let tunnel = stack.tunnel(&server).await.expect("tunnel");
+    let conn = tunnel.dial(&host).await.expect("dial after restart");
+    let (status, _) = http::get(conn, &host, "/success").await.expect("get");
+    assert_eq!(status, 200);
+    assert_settled(&server, Some(&agent)).await;
+    agent.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn binaries_refuse_unimplemented_flags_and_show_help() {
+    let out = Command::new(binary("proxy-server"))
+        .args(["--mode=http-connect", "--uds-name=/tmp/x", "--server-port=0"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet: --mode=http-connect"));
+    let out =
+        Command::new(binary("proxy-agent")).args(["--ca-cert=/x", "--count-server-leases"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet: --count-server-leases"));
+    for bin in ["proxy-server", "proxy-agent", "proxy-test-client"] {
+        let out = Command::new(binary(bin)).arg("--help").output().expect("run");
+        assert!(out.status.success(), "{bin} --help failed");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"), "{bin} --help");
+    }
+}
+
+#[tokio::test]
+async fn proxy_test_client_binary_fetches_through_the_tunnel() {
+    let stack = Stack::new().expect("pki");
+    let (server, agent) = server_and_agent(&stack, Frontend::TcpMtls).await.expect("stack");
+    let target = http_target("127.0.0.1:0").await.expect("target");
+    let konnectivity_server::FrontendAddr::Tcp(frontend) = server.frontend_addr.clone() else { panic!("tcp frontend") };
+    let out = tokio::process::Command::new(binary("proxy-test-client"))
+        .args([
+            format!("--ca-cert={}", stack.pki.ca.display()),
+            format!("--client-cert={}", stack.pki.client_cert.display()),
+            format!("--client-key={}", stack.pki.client_key.display()),
+            "--proxy-host=127.0.0.1".into(),
+            format!("--proxy-port={}", frontend.port()),
+            "--request-host=127.0.0.1".into(),
+            format!("--request-port={}", target.addr.port()),
+            "--request-path=success".into(),
+            "--test-requests=2".into(),
+        ])
+        .output()
+        .await
+        .expect("run proxy-test-client");
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "successsuccess");
+    assert_settled(&server, Some(&agent)).await;
+    agent.stop().await;
+    server.stop().await;
+}

@@ -1,0 +1,6 @@
+//! konnectivity-rs integration tests: one binary, real sockets, real TLS, real server and agent.
+
+mod bad_input;
+mod faults;
+mod http;
+mod tunnel;
