@@ -349,9 +349,8 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
             tunnels.metrics.established(1.0);
             dial.frontend.established.lock().push((backend.clone(), connect_id));
             tracing::debug!(random, connect_id, address = %dial.address, "connection established");
-            if dial.frontend.deliver(Packet::dial_response(random, connect_id, ""), &tunnels.metrics).await
-                != Delivery::Queued
-            {
+            let rsp = Packet::dial_response(random, connect_id, "");
+            if dial.frontend.deliver(rsp, &tunnels.metrics, backend.to_agent.closed()).await != Delivery::Queued {
                 tunnels.metrics.dial_failure(DialFailureReason::SendResponse);
                 backend.close_conn(connect_id, tunnels);
             }
@@ -368,16 +367,16 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                 backend.send_control(Packet::close_request(connect_id), tunnels);
                 return;
             };
-            match frontend.deliver(Packet::data(connect_id, data.data), &tunnels.metrics).await {
+            match frontend.deliver(Packet::data(connect_id, data.data), &tunnels.metrics, backend.to_agent.closed()).await {
                 Delivery::Queued => {}
                 Delivery::Gone => backend.close_conn(connect_id, tunnels),
                 Delivery::Stalled => {
                     tracing::warn!(connect_id, "frontend stopped reading; closing its connection");
                     backend.close_conn(connect_id, tunnels);
-                    frontend.send_control(
-                        Packet::close_response(connect_id, "frontend stopped reading; connection closed"),
-                        &tunnels.metrics,
-                    );
+                    frontend.abort(Status::resource_exhausted(format!(
+                        "frontend did not read for {:?}; connection {connect_id} closed",
+                        crate::state::FRONTEND_STALL_LIMIT
+                    )));
                 }
             }
         }
@@ -388,7 +387,8 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                     tunnels.metrics.established(-1.0);
                     if let ConnState::Open(frontend) = state {
                         frontend.forget(backend.serial, rsp.connect_id);
-                        frontend.send_control(Packet::close_response(rsp.connect_id, rsp.error), &tunnels.metrics);
+                        let fallback = Status::unavailable(format!("connection closed by agent: {}", rsp.error));
+                        frontend.send_or_abort(Packet::close_response(rsp.connect_id, rsp.error), fallback, &tunnels.metrics);
                     }
                 }
                 None => tracing::debug!(connect_id = rsp.connect_id, "CLOSE_RSP for unknown connection"),
@@ -421,7 +421,8 @@ fn agent_gone(backend: &Arc<Backend>, tunnels: &Tunnels) {
         if let ConnState::Open(frontend) = state {
             frontend.forget(backend.serial, connect_id);
             let error = format!("agent {} disconnected", backend.agent_id);
-            frontend.send_control(Packet::close_response(connect_id, error), &tunnels.metrics);
+            let fallback = Status::unavailable(error.clone());
+            frontend.send_or_abort(Packet::close_response(connect_id, error), fallback, &tunnels.metrics);
         }
     }
     let randoms: Vec<i64> = backend.pending.lock().iter().copied().collect();

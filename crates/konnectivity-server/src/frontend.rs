@@ -49,8 +49,12 @@ impl ProxyService for ProxyEndpoint {
         };
         let span = tracing::debug_span!("frontend", serial = session.frontend.serial, %user_agent);
         let shutdown = self.shutdown.clone();
+        let final_frontend = session.frontend.clone();
         self.tracker.spawn(session.run(request.into_inner(), shutdown).instrument(span));
-        let outbound = ReceiverStream::new(rx).take_until(stream_end.cancelled_owned());
+        let outbound = ReceiverStream::new(rx).take_until(stream_end.cancelled_owned()).chain(
+            futures_util::stream::once(async move { final_frontend.take_final_status() })
+                .filter_map(|s| std::future::ready(s.map(Err))),
+        );
         Ok(Response::new(Box::pin(outbound)))
     }
 }
@@ -89,6 +93,8 @@ impl FrontendSession {
                     Err(status) => {
                         self.tunnels.metrics.stream_error(Segment::FromClient, status.code(), "Unknown");
                         tracing::debug!("frontend stream ended: {}", status.message());
+                        // Tell the frontend why, if it is still listening (e.g. its message was too large).
+                        self.frontend.abort(Status::new(status.code(), format!("frontend stream failed: {}", status.message())));
                         break;
                     }
                 },

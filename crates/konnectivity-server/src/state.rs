@@ -29,8 +29,10 @@ pub(crate) struct Frontend {
     /// Connections established for this frontend: (agent stream, connect ID). The agent loop adds them; the
     /// frontend's own task reads them to check DATA and to clean up when the stream ends.
     pub(crate) established: Mutex<Vec<(Arc<Backend>, i64)>>,
-    /// Cancelled when the frontend stream has ended.
+    /// Cancelled when the frontend stream has ended (or is being ended by [`Frontend::abort`]).
     pub(crate) closed: CancellationToken,
+    /// The status the response stream ends with, if it is ended by us with an error.
+    final_status: Mutex<Option<Status>>,
 }
 
 /// What happened to a packet handed to a frontend.
@@ -46,7 +48,36 @@ pub(crate) enum Delivery {
 
 impl Frontend {
     pub(crate) fn new(serial: u64, tx: mpsc::Sender<Result<Packet, Status>>) -> Arc<Self> {
-        Arc::new(Self { serial, tx, established: Mutex::new(Vec::new()), closed: CancellationToken::new() })
+        Arc::new(Self {
+            serial,
+            tx,
+            established: Mutex::new(Vec::new()),
+            closed: CancellationToken::new(),
+            final_status: Mutex::new(None),
+        })
+    }
+
+    /// Ends the frontend's stream now with `status` (what is still queued is dropped). Used when a packet
+    /// that must reach the frontend cannot be queued: ending the stream is the one signal that always arrives.
+    pub(crate) fn abort(&self, status: Status) {
+        self.final_status.lock().get_or_insert(status);
+        self.closed.cancel();
+    }
+
+    /// The status to end the response stream with, once `closed` has fired.
+    pub(crate) fn take_final_status(&self) -> Option<Status> {
+        self.final_status.lock().take()
+    }
+
+    /// Queues a packet that must arrive (a close or an error); if the queue is full, the stream is ended
+    /// with `fallback` instead, so the frontend never waits for a packet that was dropped.
+    pub(crate) fn send_or_abort(&self, packet: Packet, fallback: Status, metrics: &ServerMetrics) {
+        let packet_type = packet.type_name();
+        match self.tx.try_send(Ok(packet)) {
+            Ok(()) => metrics.packet(Segment::ToClient, packet_type),
+            Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Full(_)) => self.abort(fallback),
+        }
     }
 
     /// Queues a packet without waiting; used where waiting is never right (control packets during cleanup):
@@ -65,7 +96,14 @@ impl Frontend {
     }
 
     /// Queues a packet, waiting at most [`FRONTEND_STALL_LIMIT`] when the frontend is behind.
-    pub(crate) async fn deliver(&self, packet: Packet, metrics: &ServerMetrics) -> Delivery {
+    /// `agent_gone` resolves when the agent stream this packet came from has died: waiting ends at once then,
+    /// so the agent's death is noticed (and reported to every frontend) without delay.
+    pub(crate) async fn deliver(
+        &self,
+        packet: Packet,
+        metrics: &ServerMetrics,
+        agent_gone: impl std::future::Future<Output = ()>,
+    ) -> Delivery {
         let packet_type = packet.type_name();
         match self.tx.try_send(Ok(packet)) {
             Ok(()) => {
@@ -78,6 +116,7 @@ impl Frontend {
                 let r = tokio::select! {
                     r = self.tx.send_timeout(packet, FRONTEND_STALL_LIMIT) => r,
                     _ = self.closed.cancelled() => Err(SendTimeoutError::Closed(Ok(Packet::drain()))),
+                    _ = agent_gone => Err(SendTimeoutError::Closed(Ok(Packet::drain()))),
                 };
                 metrics.full_receive_channel("Connect", -1.0);
                 match r {
