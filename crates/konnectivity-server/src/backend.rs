@@ -84,6 +84,8 @@ pub struct Backend {
     pub(crate) pending: Mutex<HashSet<i64>>,
     /// Cancelled when the stream has ended (or the server stops).
     pub(crate) closed: CancellationToken,
+    /// Cancelled when the agent's connection itself has died: noticed even while the reader is busy.
+    transport_closed: CancellationToken,
 }
 
 impl Backend {
@@ -239,11 +241,9 @@ impl AgentService for AgentEndpoint {
                 )));
             }
         };
-        let peer = request
-            .extensions()
-            .get::<konnectivity_transport::listen::TlsConnectInfo>()
-            .map(|i| i.remote_addr.to_string())
-            .unwrap_or_else(|| "unknown".into());
+        let info = request.extensions().get::<konnectivity_transport::listen::TlsConnectInfo>();
+        let peer = info.map(|i| i.remote_addr.to_string()).unwrap_or_else(|| "unknown".into());
+        let transport_closed = info.map(|i| i.transport_closed.clone()).unwrap_or_default();
 
         let (to_agent, rx) = mpsc::channel(AGENT_QUEUE_PACKETS);
         let closed = self.shutdown.child_token();
@@ -258,6 +258,7 @@ impl AgentService for AgentEndpoint {
             conns: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashSet::new()),
             closed: closed.clone(),
+            transport_closed,
         });
         self.tunnels.backends.add(backend.clone());
         self.tunnels.metrics.grpc_connections("Connect", 1.0);
@@ -285,6 +286,10 @@ async fn serve_agent(backend: Arc<Backend>, mut inbound: Streaming<Packet>, tunn
         let msg = tokio::select! {
             m = inbound.message() => m,
             _ = backend.closed.cancelled() => break,
+            _ = backend.transport_closed.cancelled() => {
+                tracing::info!("agent connection lost");
+                break;
+            }
         };
         match msg {
             Ok(Some(packet)) => handle_agent_packet(&backend, packet, &tunnels).await,
@@ -350,7 +355,9 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
             dial.frontend.established.lock().push((backend.clone(), connect_id));
             tracing::debug!(random, connect_id, address = %dial.address, "connection established");
             let rsp = Packet::dial_response(random, connect_id, "");
-            if dial.frontend.deliver(rsp, &tunnels.metrics, backend.to_agent.closed()).await != Delivery::Queued {
+            if dial.frontend.deliver(rsp, &tunnels.metrics, backend.transport_closed.cancelled()).await
+                != Delivery::Queued
+            {
                 tunnels.metrics.dial_failure(DialFailureReason::SendResponse);
                 backend.close_conn(connect_id, tunnels);
             }
@@ -367,7 +374,10 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                 backend.send_control(Packet::close_request(connect_id), tunnels);
                 return;
             };
-            match frontend.deliver(Packet::data(connect_id, data.data), &tunnels.metrics, backend.to_agent.closed()).await {
+            match frontend
+                .deliver(Packet::data(connect_id, data.data), &tunnels.metrics, backend.transport_closed.cancelled())
+                .await
+            {
                 Delivery::Queued => {}
                 Delivery::Gone => backend.close_conn(connect_id, tunnels),
                 Delivery::Stalled => {
@@ -388,7 +398,11 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                     if let ConnState::Open(frontend) = state {
                         frontend.forget(backend.serial, rsp.connect_id);
                         let fallback = Status::unavailable(format!("connection closed by agent: {}", rsp.error));
-                        frontend.send_or_abort(Packet::close_response(rsp.connect_id, rsp.error), fallback, &tunnels.metrics);
+                        frontend.send_or_abort(
+                            Packet::close_response(rsp.connect_id, rsp.error),
+                            fallback,
+                            &tunnels.metrics,
+                        );
                     }
                 }
                 None => tracing::debug!(connect_id = rsp.connect_id, "CLOSE_RSP for unknown connection"),

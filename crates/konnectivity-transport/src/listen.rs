@@ -88,6 +88,9 @@ pub struct TlsConnectInfo {
     pub remote_addr: SocketAddr,
     /// The client's certificate chain, if it sent one.
     pub peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// Cancelled as soon as the connection reads EOF or fails, or is dropped. The HTTP/2 layer does not
+    /// always tell a stream's handler promptly that its connection died; this does.
+    pub transport_closed: CancellationToken,
 }
 
 /// An accepted, handshaken TLS connection.
@@ -117,7 +120,22 @@ impl tonic::transport::server::Connected for TlsConn {
 
 impl AsyncRead for TlsConn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &r {
+            Poll::Ready(Ok(())) if buf.filled().len() == before && buf.remaining() > 0 => {
+                self.info.transport_closed.cancel()
+            }
+            Poll::Ready(Err(_)) => self.info.transport_closed.cancel(),
+            _ => {}
+        }
+        r
+    }
+}
+
+impl Drop for TlsConn {
+    fn drop(&mut self) {
+        self.info.transport_closed.cancel();
     }
 }
 
@@ -203,7 +221,7 @@ pub fn tls_incoming(
                     },
                 };
                 let peer_certs = tls.get_ref().1.peer_certificates().map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-                let conn = TlsConn { inner: tls, info: TlsConnectInfo { remote_addr: peer, peer_certs } };
+                let conn = TlsConn { inner: tls, info: TlsConnectInfo { remote_addr: peer, peer_certs, transport_closed: CancellationToken::new() } };
                 let _ = tx.send(Ok(conn)).await;
             });
         }

@@ -58,35 +58,38 @@ async fn agent_killed_mid_transfer_fails_streams_promptly_and_a_new_agent_serves
     let mut agent = spawn_agent(&stack, server.agent_addr.port(), "victim");
     konnectivity_it::eventually!(15, server.handle.ready(), "agent process did not connect");
 
-    // Three transfers in flight, each read only partly.
-    let mut conns = Vec::new();
-    for _ in 0..3 {
+    // Three transfers in flight, each read continuously by its own task.
+    let progress: Vec<_> = (0..3).map(|_| std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0))).collect();
+    let mut readers = Vec::new();
+    for counter in &progress {
         let tunnel = stack.tunnel(&server).await.expect("tunnel");
         let mut conn = tunnel.dial(&host).await.expect("dial");
-        conn.write_all(format!("GET /bytes/{} HTTP/1.1\r\nHost: {host}\r\n\r\n", 1u64 << 30).as_bytes())
+        conn.write_all(format!("GET /bytes/{} HTTP/1.1\r\nHost: {host}\r\n\r\n", 1u64 << 34).as_bytes())
             .await
             .expect("write");
-        let mut buf = vec![0u8; 64 * 1024];
-        let n = conn.read(&mut buf).await.expect("read");
-        assert!(n > 0);
-        conns.push(conn);
-    }
-    agent.0.kill().expect("SIGKILL agent");
-    let killed_at = Instant::now();
-    for mut conn in conns {
-        // Every stream must end with an error, promptly, not hang and not look like a clean EOF.
-        let mut buf = vec![0u8; 256 * 1024];
-        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        let counter = counter.clone();
+        readers.push(tokio::spawn(async move {
+            let _tunnel = tunnel;
+            let mut buf = vec![0u8; 256 * 1024];
             loop {
                 match conn.read(&mut buf).await {
                     Ok(0) => return Ok(()),
-                    Ok(_) => continue,
+                    Ok(n) => counter.fetch_add(n, std::sync::atomic::Ordering::Relaxed),
                     Err(e) => return Err(e),
-                }
+                };
             }
-        })
-        .await
-        .expect("stream did not end within 10s of the agent's death");
+        }));
+    }
+    let moving = || progress.iter().all(|c| c.load(std::sync::atomic::Ordering::Relaxed) > (1 << 20));
+    konnectivity_it::eventually!(15, moving(), "transfers did not get going");
+    agent.0.kill().expect("SIGKILL agent");
+    let killed_at = Instant::now();
+    for reader in readers {
+        // Every stream must end with an error, promptly, not hang and not look like a clean EOF.
+        let outcome = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("stream did not end within 10s of the agent's death")
+            .expect("reader task");
         let err = outcome.expect_err("the stream ended cleanly, as if the transfer were complete");
         assert!(err.to_string().contains("disconnected"), "unexpected error: {err}");
     }
