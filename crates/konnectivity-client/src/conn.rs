@@ -82,17 +82,17 @@ async fn serve(
         match next {
             Ok(Some(packet)) => match packet.kind() {
                 Ok(PacketKind::Data(d)) if d.connect_id == connect_id => {
-                    if let Some(r) = &reader {
-                        if r.send(Ok(d.data)).await.is_err() {
-                            reader = None;
-                        }
+                    if let Some(r) = &reader
+                        && r.send(Ok(d.data)).await.is_err()
+                    {
+                        reader = None;
                     }
                 }
                 Ok(PacketKind::CloseResponse(c)) if c.connect_id == connect_id => {
-                    if let Some(r) = reader.take() {
-                        if !c.error.is_empty() {
-                            let _ = r.send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, c.error))).await;
-                        }
+                    if let Some(r) = reader.take()
+                        && !c.error.is_empty()
+                    {
+                        let _ = r.send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, c.error))).await;
                     }
                     break;
                 }

@@ -142,10 +142,10 @@ impl Tunnel {
     /// connection. Waits at most [`DIAL_TIMEOUT`]; wrap it in a timeout or drop the future to give up sooner
     /// (the dial is then abandoned with DIAL_CLS).
     pub async fn dial(&self, address: &str) -> Result<TunnelConn, DialError> {
-        if let Some(used) = &self.single_use {
-            if used.swap(true, Ordering::SeqCst) {
-                return Err(DialError::new(DialFailureReason::TunnelStarted, "single-use dialer already dialed"));
-            }
+        if let Some(used) = &self.single_use
+            && used.swap(true, Ordering::SeqCst)
+        {
+            return Err(DialError::new(DialFailureReason::TunnelStarted, "single-use dialer already dialed"));
         }
         let random: i64 = rand::rng().random_range(1..i64::MAX);
         let (to_server, rx) = mpsc::channel(conn::OUTBOUND_PACKETS);

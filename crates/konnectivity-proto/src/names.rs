@@ -38,26 +38,6 @@ pub const IDENTIFIER_KEYS: [&str; 5] = ["host", "ipv4", "ipv6", "cidr", "default
 /// Prefix of every Prometheus metric: `<namespace>_<subsystem>_<name>`.
 pub const METRICS_NAMESPACE: &str = "konnectivity_network_proxy";
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_match_the_generated_services() {
-        let generated = include_str!("gen/konnectivity.rs");
-        assert!(generated.contains(&format!("\"{PROXY_PATH}\"")));
-        assert!(generated.contains(&format!("\"{CONNECT_PATH}\"")));
-    }
-
-    #[test]
-    fn metadata_keys_are_lowercase_ascii() {
-        // gRPC lowercases keys on the wire; tonic panics on uppercase ones.
-        for key in [AGENT_ID, AGENT_IDENTIFIERS, AUTHORIZATION, SERVER_ID, SERVER_COUNT] {
-            assert!(key.bytes().all(|b| b.is_ascii_lowercase()), "{key}");
-        }
-    }
-}
-
 /// A gRPC status code's name as grpc-go prints it (`Canceled`, `Unavailable`, …), for the `code` metric label.
 pub fn grpc_code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
@@ -79,5 +59,25 @@ pub fn grpc_code_name(code: tonic::Code) -> &'static str {
         Unavailable => "Unavailable",
         DataLoss => "DataLoss",
         Unauthenticated => "Unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_match_the_generated_services() {
+        let generated = include_str!("gen/konnectivity.rs");
+        assert!(generated.contains(&format!("\"{PROXY_PATH}\"")));
+        assert!(generated.contains(&format!("\"{CONNECT_PATH}\"")));
+    }
+
+    #[test]
+    fn metadata_keys_are_lowercase_ascii() {
+        // gRPC lowercases keys on the wire; tonic panics on uppercase ones.
+        for key in [AGENT_ID, AGENT_IDENTIFIERS, AUTHORIZATION, SERVER_ID, SERVER_COUNT] {
+            assert!(key.bytes().all(|b| b.is_ascii_lowercase()), "{key}");
+        }
     }
 }

@@ -243,9 +243,7 @@ impl ServerFlags {
         let (Some(cluster_cert), Some(cluster_key)) = (path(&self.cluster_cert), path(&self.cluster_key)) else {
             return Err(invalid("--cluster-cert and --cluster-key are required: the agent port always uses TLS"));
         };
-        if self.agent_port == self.health_port && self.agent_port != 0
-            || self.agent_port == self.admin_port && self.agent_port != 0
-        {
+        if self.agent_port != 0 && (self.agent_port == self.health_port || self.agent_port == self.admin_port) {
             return Err(invalid("--agent-port must differ from --health-port and --admin-port"));
         }
         let server_id = match self.server_id {

@@ -16,8 +16,13 @@ pub struct DurationError {
 pub fn parse_go_duration(input: &str) -> Result<Duration, DurationError> {
     let err = |reason| DurationError { input: input.to_string(), reason };
     let s = input.strip_prefix('+').unwrap_or(input);
-    if s.starts_with('-') {
-        return if s[1..].chars().all(|c| c == '0') && s.len() > 1 { Ok(Duration::ZERO) } else { Err(err("negative")) };
+    if let Some(magnitude) = s.strip_prefix('-') {
+        // "-0" is zero; anything else negative has no meaning for our flags.
+        return if !magnitude.is_empty() && magnitude.chars().all(|c| c == '0') {
+            Ok(Duration::ZERO)
+        } else {
+            Err(err("negative"))
+        };
     }
     if s == "0" {
         return Ok(Duration::ZERO);

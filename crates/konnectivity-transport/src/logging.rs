@@ -14,7 +14,12 @@ pub fn filter_for_verbosity(v: u32) -> &'static str {
 
 /// Installs the global subscriber writing to stderr. Safe to call more than once (later calls do nothing).
 pub fn init(v: u32) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(v)));
+    init_with(filter_for_verbosity(v));
+}
+
+/// Like [`init`] with an explicit default filter (such as `warn`), still overridden by `RUST_LOG`.
+pub fn init_with(default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let _ =
         tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
