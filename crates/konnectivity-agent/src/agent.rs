@@ -7,9 +7,9 @@ use crate::metrics::AgentMetrics;
 use crate::session::Session;
 use http::StatusCode;
 use hyper_util::rt::TokioIo;
-use konnectivity_proto::Packet;
 use konnectivity_proto::agent::AgentServiceClient;
 use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
+use konnectivity_proto::{Packet, flow};
 use konnectivity_transport::http_endpoints::{self, Handler};
 use konnectivity_transport::listen::{self, ListenError};
 use konnectivity_transport::tls::{self, TlsError};
@@ -230,6 +230,7 @@ struct Dialer {
 /// An open stream, before it is known whether its server is new.
 struct Opened {
     server_id: String,
+    flow_control: bool,
     server_count: u32,
     to_server: mpsc::Sender<Packet>,
     inbound: tonic::Streaming<Packet>,
@@ -290,6 +291,7 @@ impl Dialer {
                 .parse()
                 .map_err(|_| AgentError::Config("--agent-identifiers is not a valid header value".into()))?,
         );
+        md.insert(flow::METADATA_KEY, tonic::metadata::MetadataValue::from_static(flow::VERSION));
         let response = match tokio::time::timeout(HEADER_TIMEOUT, client.connect(request)).await {
             Ok(Ok(r)) => r,
             Ok(Err(status)) => return Err(AgentError::Stream { addr, status }),
@@ -305,7 +307,9 @@ impl Dialer {
         let server_id = header(SERVER_ID)?;
         let server_count: u32 =
             header(SERVER_COUNT)?.parse().map_err(|_| bad(format!("{SERVER_COUNT} is not a number")))?;
-        Ok(Opened { server_id, server_count, to_server, inbound: response.into_inner() })
+        let flow_control =
+            response.metadata().get(flow::METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(flow::VERSION);
+        Ok(Opened { server_id, flow_control, server_count, to_server, inbound: response.into_inner() })
     }
 }
 
@@ -341,13 +345,13 @@ async fn sync_loop(
                             opened.to_server,
                             shutdown.child_token(),
                             dialer.metrics.clone(),
-                            config.dial_timeout,
-                            config.xfr_channel_size,
+                            &config,
+                            opened.flow_control,
                             tracker.clone(),
                         );
                         sessions.insert(opened.server_id.clone(), session.clone());
                         dialer.metrics.open_server_connections.set(sessions.len() as f64);
-                        tracing::info!(server_id = %opened.server_id, server_count, "connected to proxy-server");
+                        tracing::info!(server_id = %opened.server_id, server_count, flow_control = opened.flow_control, "connected to proxy-server");
                         let sessions = handle.sessions.clone();
                         let metrics = dialer.metrics.clone();
                         let drain = drain.clone();

@@ -6,8 +6,10 @@
 
 use crate::metrics::AgentMetrics;
 use bytes::{Bytes, BytesMut};
+use konnectivity_proto::flow::{self, CreditMeter};
 use konnectivity_proto::names::{UNKNOWN_CONNECT_ID, UNRECOGNIZED_CONNECT_ID};
 use konnectivity_proto::{Packet, PacketKind};
+use konnectivity_transport::budget::QueueBudget;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
@@ -16,8 +18,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::Streaming;
@@ -33,7 +35,11 @@ const READ_BUFFER: usize = 64 * 1024;
 struct EndpointConn {
     /// Bytes for the endpoint. Dropping the sender lets the writer drain what is queued and finish, which
     /// is how a CLOSE_REQ closes the connection.
-    to_endpoint: mpsc::Sender<Bytes>,
+    to_endpoint: mpsc::UnboundedSender<Bytes>,
+    /// What `to_endpoint` holds, in flow-control cost units.
+    budget: Arc<QueueBudget>,
+    /// Credit for sending this connection's DATA to the server (flow-controlled streams only).
+    send_window: Option<Arc<Semaphore>>,
     /// Stops the connection at once (an endpoint that stopped reading, or a close that could not drain).
     kill: CancellationToken,
 }
@@ -50,7 +56,10 @@ pub(crate) struct Session {
     pub(crate) closed: CancellationToken,
     metrics: AgentMetrics,
     dial_timeout: Duration,
-    xfr_channel_size: usize,
+    /// Cost units queued towards one endpoint before the receive loop waits (servers without flow control).
+    endpoint_queue_limit: usize,
+    /// Both ends negotiated per-connection flow control (the server is konnectivity-rs).
+    flow_control: bool,
     tracker: TaskTracker,
 }
 
@@ -60,8 +69,8 @@ impl Session {
         to_server: mpsc::Sender<Packet>,
         closed: CancellationToken,
         metrics: AgentMetrics,
-        dial_timeout: Duration,
-        xfr_channel_size: usize,
+        config: &crate::AgentConfig,
+        flow_control: bool,
         tracker: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -72,8 +81,11 @@ impl Session {
             next_connect_id: AtomicI64::new(1),
             closed,
             metrics,
-            dial_timeout,
-            xfr_channel_size: xfr_channel_size.max(1),
+            dial_timeout: config.dial_timeout,
+            // The reference queues --xfr-channel-size packets of up to 4 KiB; we count bytes, with room for as many
+            // of our larger reads.
+            endpoint_queue_limit: config.xfr_channel_size.max(1).saturating_mul(READ_BUFFER / 4),
+            flow_control,
             tracker,
         })
     }
@@ -177,24 +189,35 @@ impl Session {
             }
             PacketKind::Data(data) => {
                 let connect_id = data.connect_id;
-                let tx = self.conns.lock().get(&connect_id).map(|c| c.to_endpoint.clone());
-                let Some(tx) = tx else {
+                let conn = self.conns.lock().get(&connect_id).map(|c| (c.to_endpoint.clone(), c.budget.clone()));
+                let Some((tx, budget)) = conn else {
                     self.send_control(Packet::close_response(connect_id, UNRECOGNIZED_CONNECT_ID));
                     return;
                 };
                 if data.data.is_empty() {
                     return;
                 }
-                let queued = match tx.try_send(data.data) {
-                    Ok(()) => true,
-                    Err(TrySendError::Closed(_)) => true, // the connection is closing; its CLOSE_RSP follows
-                    Err(TrySendError::Full(bytes)) => match tx.send_timeout(bytes, ENDPOINT_STALL_LIMIT).await {
-                        Ok(()) | Err(SendTimeoutError::Closed(_)) => true,
-                        Err(SendTimeoutError::Timeout(_)) => false,
-                    },
+                let cost = flow::cost(data.data.len()) as usize;
+                let queued = if self.flow_control {
+                    // The server may not exceed the window; if it does, it is not our peer any more.
+                    budget.queued() + cost <= 2 * flow::WINDOW as usize
+                } else if budget.queued() + cost > self.endpoint_queue_limit {
+                    tokio::select! {
+                        room = budget.wait_below(self.endpoint_queue_limit, ENDPOINT_STALL_LIMIT) => room,
+                        _ = self.closed.cancelled() => return,
+                    }
+                } else {
+                    true
                 };
-                if !queued {
-                    tracing::warn!(connect_id, "endpoint stopped reading; closing the connection");
+                if queued {
+                    budget.add(cost);
+                    // A closed receiver means the connection is closing; its CLOSE_RSP follows.
+                    let _ = tx.send(data.data);
+                } else {
+                    tracing::warn!(
+                        connect_id,
+                        "endpoint stopped reading (or the server overran its window); closing the connection"
+                    );
                     if let Some(conn) = self.conns.lock().remove(&connect_id) {
                         conn.kill.cancel();
                     }
@@ -220,6 +243,11 @@ impl Session {
                 // The reference agent ignores DIAL_CLS; we stop the dial so no socket is opened for nobody.
                 if let Some(cancel) = self.dials.lock().remove(&cls.random) {
                     cancel.cancel();
+                }
+            }
+            PacketKind::WindowUpdate { connect_id, credit } => {
+                if let Some(window) = self.conns.lock().get(&connect_id).and_then(|c| c.send_window.as_ref()) {
+                    window.add_permits(credit as usize);
                 }
             }
             PacketKind::DialResponse(_) | PacketKind::CloseResponse(_) | PacketKind::Drain => {
@@ -262,9 +290,14 @@ impl Session {
             }
         };
         self.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
-        let (to_endpoint, from_server) = mpsc::channel(self.xfr_channel_size);
+        let (to_endpoint, from_server) = mpsc::unbounded_channel();
         let kill = self.closed.child_token();
-        self.conns.lock().insert(connect_id, EndpointConn { to_endpoint, kill: kill.clone() });
+        let budget = Arc::new(QueueBudget::default());
+        let send_window = self.flow_control.then(|| Arc::new(Semaphore::new(flow::WINDOW as usize)));
+        self.conns.lock().insert(
+            connect_id,
+            EndpointConn { to_endpoint, budget: budget.clone(), send_window: send_window.clone(), kill: kill.clone() },
+        );
         self.metrics.open_endpoint_connections.inc();
         if !self.send(Packet::dial_response(random, connect_id, "")).await {
             self.conns.lock().remove(&connect_id);
@@ -272,7 +305,7 @@ impl Session {
             return;
         }
         tracing::debug!("connected");
-        self.pipe(stream, connect_id, from_server, &kill).await;
+        self.pipe(stream, connect_id, from_server, &budget, send_window, &kill).await;
         kill.cancel();
         self.metrics.open_endpoint_connections.dec();
     }
@@ -282,13 +315,23 @@ impl Session {
         self: &Arc<Self>,
         stream: TcpStream,
         connect_id: i64,
-        mut from_server: mpsc::Receiver<Bytes>,
+        mut from_server: mpsc::UnboundedReceiver<Bytes>,
+        budget: &QueueBudget,
+        send_window: Option<Arc<Semaphore>>,
         kill: &CancellationToken,
     ) {
         let (mut rd, mut wr) = stream.into_split();
         let writer = async {
+            let credit = CreditMeter::default();
             while let Some(bytes) = from_server.recv().await {
                 wr.write_all(&bytes).await?;
+                let cost = flow::cost(bytes.len());
+                budget.release(cost as usize);
+                if self.flow_control
+                    && let Some(c) = credit.consumed(cost)
+                {
+                    self.send(Packet::window_update(connect_id, c)).await;
+                }
             }
             Ok::<_, io::Error>(())
         };
@@ -302,6 +345,13 @@ impl Session {
                     Ok(0) => return Ok(()),
                     Ok(_) => {
                         let chunk = buf.split().freeze();
+                        if let Some(window) = &send_window {
+                            // Wait for the server's credit for this connection only.
+                            match window.acquire_many(flow::cost(chunk.len())).await {
+                                Ok(permit) => permit.forget(),
+                                Err(_) => return Ok(()),
+                            }
+                        }
                         if !self.send(Packet::data(connect_id, chunk)).await {
                             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "server stream closed"));
                         }

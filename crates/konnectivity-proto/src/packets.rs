@@ -21,6 +21,13 @@ pub enum PacketKind {
     CloseResponse(CloseResponse),
     /// Bytes of a connection.
     Data(Data),
+    /// Flow-control credit for a connection (konnectivity-rs extension, see [`crate::flow`]).
+    WindowUpdate {
+        /// The connection.
+        connect_id: i64,
+        /// Credit returned, in cost units.
+        credit: u32,
+    },
     /// Abandon a dial that has no response yet.
     CloseDial(CloseDial),
     /// The agent is about to terminate.
@@ -53,7 +60,15 @@ impl Packet {
 
     /// A DATA packet.
     pub fn data(connect_id: i64, data: Bytes) -> Self {
-        Self::with(PacketType::Data, Payload::Data(Data { connect_id, error: String::new(), data }))
+        Self::with(PacketType::Data, Payload::Data(Data { connect_id, error: String::new(), data, window_update: 0 }))
+    }
+
+    /// A flow-control credit (konnectivity-rs extension; only for peers that negotiated it).
+    pub fn window_update(connect_id: i64, credit: u32) -> Self {
+        Self::with(
+            PacketType::Data,
+            Payload::Data(Data { connect_id, error: String::new(), data: Bytes::new(), window_update: credit }),
+        )
     }
 
     /// A DIAL_CLS for the dial `random`.
@@ -82,6 +97,9 @@ impl Packet {
             (PacketType::DialRsp, Payload::DialResponse(p)) => Ok(PacketKind::DialResponse(p)),
             (PacketType::CloseReq, Payload::CloseRequest(p)) => Ok(PacketKind::CloseRequest(p)),
             (PacketType::CloseRsp, Payload::CloseResponse(p)) => Ok(PacketKind::CloseResponse(p)),
+            (PacketType::Data, Payload::Data(p)) if p.window_update > 0 && p.data.is_empty() => {
+                Ok(PacketKind::WindowUpdate { connect_id: p.connect_id, credit: p.window_update })
+            }
             (PacketType::Data, Payload::Data(p)) => Ok(PacketKind::Data(p)),
             (PacketType::DialCls, Payload::CloseDial(p)) => Ok(PacketKind::CloseDial(p)),
             (PacketType::Drain, Payload::Drain(_)) => Ok(PacketKind::Drain),
@@ -130,6 +148,9 @@ pub fn describe(packet: &Packet) -> String {
         }
         Some(Payload::CloseRequest(c)) => format!("CLOSE_REQ connectID={}", c.connect_id),
         Some(Payload::CloseResponse(c)) => format!("CLOSE_RSP connectID={} error={:?}", c.connect_id, c.error),
+        Some(Payload::Data(d)) if d.window_update > 0 => {
+            format!("WINDOW_UPDATE connectID={} credit={}", d.connect_id, d.window_update)
+        }
         Some(Payload::Data(d)) => format!("DATA connectID={} len={}", d.connect_id, d.data.len()),
         Some(Payload::CloseDial(c)) => format!("DIAL_CLS random={}", c.random),
         Some(Payload::Drain(_)) => "DRAIN".to_string(),
@@ -181,11 +202,24 @@ mod tests {
             Packet::data(1, Bytes::from_static(b"payload")),
             Packet::close_dial(1),
             Packet::drain(),
+            Packet::window_update(1, 4096),
         ] {
             let decoded = Packet::decode(p.encode_to_vec().as_slice()).expect("decodes");
             assert_eq!(decoded, p);
             assert!(decoded.kind().is_ok());
         }
+    }
+
+    #[test]
+    fn window_update_is_an_extension_field_go_ignores() {
+        // 08 04 | 22 06 { 08 01 | a0 06 (field 100, varint) 80 20 (4096) }
+        assert_eq!(hex(&Packet::window_update(1, 4096)), "08042206 0801a0068020".replace(' ', ""));
+        assert!(matches!(
+            Packet::window_update(1, 4096).kind(),
+            Ok(PacketKind::WindowUpdate { connect_id: 1, credit: 4096 })
+        ));
+        // Ordinary DATA never carries the field.
+        assert!(!hex(&Packet::data(1, Bytes::from_static(b"x"))).contains("a006"));
     }
 
     #[test]

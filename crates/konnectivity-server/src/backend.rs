@@ -5,8 +5,9 @@
 //! slow frontend costs the others on this agent at most [`crate::state::FRONTEND_STALL_LIMIT`], once.
 
 use crate::metrics::{DialFailureReason, Segment};
-use crate::state::{Delivery, Frontend, Tunnels};
+use crate::state::{Delivery, Frontend, Link, Tunnels};
 use futures_util::{Stream, StreamExt};
+use konnectivity_proto::flow;
 use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
 use konnectivity_proto::{Packet, PacketKind, agent::AgentService};
 use parking_lot::Mutex;
@@ -66,7 +67,12 @@ impl AgentIdentifiers {
 /// A connection as the server tracks it on an agent stream.
 pub(crate) enum ConnState {
     /// Established and owned by a live frontend.
-    Open(Arc<Frontend>),
+    Open {
+        /// The frontend stream it belongs to.
+        frontend: Arc<Frontend>,
+        /// Its flow-control state.
+        link: Arc<Link>,
+    },
     /// Its frontend is gone; CLOSE_REQ was sent and the agent's CLOSE_RSP is awaited. DATA is dropped.
     Closing,
 }
@@ -78,6 +84,8 @@ pub struct Backend {
     pub(crate) identifiers: AgentIdentifiers,
     pub(crate) peer: String,
     pub(crate) connected_at: Instant,
+    /// Both ends negotiated per-connection flow control (the agent is konnectivity-rs).
+    pub(crate) flow_control: bool,
     to_agent: mpsc::Sender<Packet>,
     draining: AtomicBool,
     pub(crate) conns: Mutex<HashMap<i64, ConnState>>,
@@ -245,6 +253,7 @@ impl AgentService for AgentEndpoint {
         let peer = info.map(|i| i.remote_addr.to_string()).unwrap_or_else(|| "unknown".into());
         let transport_closed = info.map(|i| i.transport_closed.clone()).unwrap_or_default();
 
+        let flow_control = md.get(flow::METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(flow::VERSION);
         let (to_agent, rx) = mpsc::channel(AGENT_QUEUE_PACKETS);
         let closed = self.shutdown.child_token();
         let backend = Arc::new(Backend {
@@ -253,6 +262,7 @@ impl AgentService for AgentEndpoint {
             identifiers,
             peer: peer.clone(),
             connected_at: Instant::now(),
+            flow_control,
             to_agent,
             draining: AtomicBool::new(false),
             conns: Mutex::new(HashMap::new()),
@@ -262,7 +272,7 @@ impl AgentService for AgentEndpoint {
         });
         self.tunnels.backends.add(backend.clone());
         self.tunnels.metrics.grpc_connections("Connect", 1.0);
-        tracing::info!(%agent_id, %peer, "agent connected");
+        tracing::info!(%agent_id, %peer, flow_control, "agent connected");
 
         let inbound = request.into_inner();
         let tunnels = self.tunnels.clone();
@@ -277,6 +287,11 @@ impl AgentService for AgentEndpoint {
             self.server_id.parse().map_err(|_| Status::internal("server ID is not a valid header value"))?,
         );
         response.metadata_mut().insert(SERVER_COUNT, self.server_count.into());
+        if flow_control {
+            response
+                .metadata_mut()
+                .insert(flow::METADATA_KEY, tonic::metadata::MetadataValue::from_static(flow::VERSION));
+        }
         Ok(response)
     }
 }
@@ -349,15 +364,15 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                     tunnels.fail_dial(random, &dial, DialFailureReason::ErrorResponse, "agent reused a connection ID");
                     return;
                 }
-                conns.insert(connect_id, ConnState::Open(dial.frontend.clone()));
+                let link = Link::new(backend.clone(), connect_id);
+                dial.frontend.links.lock().push(link.clone());
+                conns.insert(connect_id, ConnState::Open { frontend: dial.frontend.clone(), link });
             }
             tunnels.metrics.established(1.0);
-            dial.frontend.established.lock().push((backend.clone(), connect_id));
             tracing::debug!(random, connect_id, address = %dial.address, "connection established");
-            let rsp = Packet::dial_response(random, connect_id, "");
-            if dial.frontend.deliver(rsp, &tunnels.metrics, backend.transport_closed.cancelled()).await
-                != Delivery::Queued
-            {
+            dial.frontend.send_control(Packet::dial_response(random, connect_id, ""), &tunnels.metrics);
+            if dial.frontend.closed.is_cancelled() {
+                // The frontend ended while we answered; its cleanup may have run before the link existed.
                 tunnels.metrics.dial_failure(DialFailureReason::SendResponse);
                 backend.close_conn(connect_id, tunnels);
             }
@@ -365,7 +380,7 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
         PacketKind::Data(data) => {
             let connect_id = data.connect_id;
             let frontend = match backend.conns.lock().get(&connect_id) {
-                Some(ConnState::Open(f)) => Some(f.clone()),
+                Some(ConnState::Open { frontend, .. }) => Some(frontend.clone()),
                 Some(ConnState::Closing) => return,
                 None => None,
             };
@@ -374,10 +389,9 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                 backend.send_control(Packet::close_request(connect_id), tunnels);
                 return;
             };
-            match frontend
-                .deliver(Packet::data(connect_id, data.data), &tunnels.metrics, backend.transport_closed.cancelled())
-                .await
-            {
+            let packet = Packet::data(connect_id, data.data);
+            let agent_gone = backend.transport_closed.cancelled();
+            match frontend.deliver_data(packet, backend.flow_control, &tunnels.metrics, agent_gone).await {
                 Delivery::Queued => {}
                 Delivery::Gone => backend.close_conn(connect_id, tunnels),
                 Delivery::Stalled => {
@@ -395,17 +409,19 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
             match removed {
                 Some(state) => {
                     tunnels.metrics.established(-1.0);
-                    if let ConnState::Open(frontend) = state {
+                    if let ConnState::Open { frontend, .. } = state {
                         frontend.forget(backend.serial, rsp.connect_id);
-                        let fallback = Status::unavailable(format!("connection closed by agent: {}", rsp.error));
-                        frontend.send_or_abort(
-                            Packet::close_response(rsp.connect_id, rsp.error),
-                            fallback,
-                            &tunnels.metrics,
-                        );
+                        frontend.send_control(Packet::close_response(rsp.connect_id, rsp.error), &tunnels.metrics);
                     }
                 }
                 None => tracing::debug!(connect_id = rsp.connect_id, "CLOSE_RSP for unknown connection"),
+            }
+        }
+        PacketKind::WindowUpdate { connect_id, credit } => {
+            if let Some(ConnState::Open { link, .. }) = backend.conns.lock().get(&connect_id)
+                && let Some(window) = &link.upload_window
+            {
+                window.add_permits(credit as usize);
             }
         }
         PacketKind::CloseDial(cls) => {
@@ -432,11 +448,10 @@ fn agent_gone(backend: &Arc<Backend>, tunnels: &Tunnels) {
     let conns: Vec<_> = backend.conns.lock().drain().collect();
     tunnels.metrics.established(-(conns.len() as f64));
     for (connect_id, state) in conns {
-        if let ConnState::Open(frontend) = state {
+        if let ConnState::Open { frontend, .. } = state {
             frontend.forget(backend.serial, connect_id);
             let error = format!("agent {} disconnected", backend.agent_id);
-            let fallback = Status::unavailable(error.clone());
-            frontend.send_or_abort(Packet::close_response(connect_id, error), fallback, &tunnels.metrics);
+            frontend.send_control(Packet::close_response(connect_id, error), &tunnels.metrics);
         }
     }
     let randoms: Vec<i64> = backend.pending.lock().iter().copied().collect();

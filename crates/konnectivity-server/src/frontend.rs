@@ -3,7 +3,7 @@
 
 use crate::backend::Backend;
 use crate::metrics::{DialFailureReason, Segment};
-use crate::state::{FRONTEND_QUEUE_PACKETS, Frontend, PendingDial, Tunnels};
+use crate::state::{Frontend, PendingDial, Tunnels};
 use futures_util::{Stream, StreamExt};
 use konnectivity_proto::names::{
     BACKEND_DIAL_TIMEOUT, BACKEND_NOT_INITIALIZED, BACKEND_UNINITIALIZED, MISMATCHED_CONNECTION_IDS, NO_AGENT_AVAILABLE,
@@ -12,8 +12,7 @@ use konnectivity_proto::{Packet, PacketKind, proxy::ProxyService};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
@@ -35,8 +34,7 @@ impl ProxyService for ProxyEndpoint {
 
     async fn proxy(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::ProxyStream>, Status> {
         let user_agent = request.metadata().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let (tx, rx) = mpsc::channel(FRONTEND_QUEUE_PACKETS);
-        let frontend = Frontend::new(self.tunnels.next_serial(), tx);
+        let (frontend, rx) = Frontend::new(self.tunnels.next_serial());
         let stream_end = frontend.closed.clone();
         let session = FrontendSession {
             frontend,
@@ -50,11 +48,21 @@ impl ProxyService for ProxyEndpoint {
         let span = tracing::debug_span!("frontend", serial = session.frontend.serial, %user_agent);
         let shutdown = self.shutdown.clone();
         let final_frontend = session.frontend.clone();
+        let session_frontend = session.frontend.clone();
         self.tracker.spawn(session.run(request.into_inner(), shutdown).instrument(span));
-        let outbound = ReceiverStream::new(rx).take_until(stream_end.cancelled_owned()).chain(
-            futures_util::stream::once(async move { final_frontend.take_final_status() })
-                .filter_map(|s| std::future::ready(s.map(Err))),
-        );
+        let (sent_frontend, tunnels) = (session_frontend, self.tunnels.clone());
+        let outbound = UnboundedReceiverStream::new(rx)
+            .inspect(move |item| {
+                // The gRPC layer took this packet: free its budget, return flow-control credit.
+                if let Ok(packet) = item {
+                    sent_frontend.on_sent(packet, &tunnels);
+                }
+            })
+            .take_until(stream_end.cancelled_owned())
+            .chain(
+                futures_util::stream::once(async move { final_frontend.take_final_status() })
+                    .filter_map(|s| std::future::ready(s.map(Err))),
+            );
         Ok(Response::new(Box::pin(outbound)))
     }
 }
@@ -149,6 +157,20 @@ impl FrontendSession {
                     self.stopped = true;
                     return;
                 }
+                if let Some(window) =
+                    self.frontend.link(backend.serial, data.connect_id).and_then(|l| l.upload_window.clone())
+                {
+                    // Flow-controlled agent: wait for credit for this connection only.
+                    let cost = konnectivity_proto::flow::cost(data.data.len());
+                    let permit = tokio::select! {
+                        p = window.acquire_many(cost) => p,
+                        _ = backend.closed.cancelled() => { self.stopped = true; return; }
+                    };
+                    match permit {
+                        Ok(p) => p.forget(),
+                        Err(_) => return,
+                    }
+                }
                 if backend.send(Packet::data(data.connect_id, data.data), &self.tunnels).await.is_err() {
                     // The agent stream ended; its cleanup tells this frontend with CLOSE_RSP.
                     self.stopped = true;
@@ -179,7 +201,10 @@ impl FrontendSession {
                     self.dials.retain(|(r, _)| *r != cls.random);
                 }
             }
-            PacketKind::DialResponse(_) | PacketKind::CloseResponse(_) | PacketKind::Drain => {
+            PacketKind::DialResponse(_)
+            | PacketKind::CloseResponse(_)
+            | PacketKind::Drain
+            | PacketKind::WindowUpdate { .. } => {
                 tracing::warn!("unexpected {packet_type} from frontend; ignored");
             }
         }
@@ -255,14 +280,14 @@ impl FrontendSession {
                 dial.backend.send_control(Packet::close_dial(*random), &self.tunnels);
             }
         }
-        let established: Vec<_> = self.frontend.established.lock().drain(..).collect();
-        for (backend, connect_id) in established {
+        let links: Vec<_> = self.frontend.links.lock().drain(..).collect();
+        for link in links {
             let still_ours = matches!(
-                backend.conns.lock().get(&connect_id),
-                Some(crate::backend::ConnState::Open(f)) if f.serial == me
+                link.backend.conns.lock().get(&link.connect_id),
+                Some(crate::backend::ConnState::Open { frontend, .. }) if frontend.serial == me
             );
             if still_ours {
-                backend.close_conn(connect_id, &self.tunnels);
+                link.backend.close_conn(link.connect_id, &self.tunnels);
             }
         }
         self.tunnels.metrics.grpc_connections("Proxy", -1.0);

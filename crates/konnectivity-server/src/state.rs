@@ -4,31 +4,53 @@
 use crate::backend::{Backend, BackendManager};
 use crate::metrics::{DialFailureReason, Segment, ServerMetrics};
 use konnectivity_proto::Packet;
+use konnectivity_proto::flow::{self, CreditMeter};
+use konnectivity_proto::packet;
+use konnectivity_transport::budget::QueueBudget;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-/// How long an agent stream's reader waits for one frontend whose queue is full before giving that frontend
-/// up (its connection is closed). This bounds how long a frontend that stopped reading can stall the other
-/// connections on the same agent stream, where the agent is a Go peer without per-connection flow control.
+/// How long an agent stream's reader waits for one frontend that is behind before giving that frontend
+/// up (its connection is closed). Only agents without flow control (Go agents) can make it wait: with our
+/// agents each connection's window bounds its queue, and the reader never waits.
 pub const FRONTEND_STALL_LIMIT: Duration = Duration::from_secs(5);
 
-/// Packets queued towards one frontend stream.
-pub const FRONTEND_QUEUE_PACKETS: usize = 64;
+/// Cost units queued towards one frontend before the reader waits (agents without flow control).
+pub const FRONTEND_QUEUE_LIMIT: usize = 4 << 20;
+
+/// One established connection, as its frontend and its agent stream both see it.
+pub(crate) struct Link {
+    pub(crate) backend: Arc<Backend>,
+    pub(crate) connect_id: i64,
+    /// Credit for sending this connection's DATA to the agent (flow-controlled agents only).
+    pub(crate) upload_window: Option<Arc<Semaphore>>,
+    /// Counts what the frontend consumed, to return credit to the agent.
+    download_credit: CreditMeter,
+}
+
+impl Link {
+    pub(crate) fn new(backend: Arc<Backend>, connect_id: i64) -> Arc<Self> {
+        let upload_window = backend.flow_control.then(|| Arc::new(Semaphore::new(flow::WINDOW as usize)));
+        Arc::new(Self { backend, connect_id, upload_window, download_credit: CreditMeter::default() })
+    }
+}
 
 /// One frontend stream (a `/ProxyService/Proxy` call).
 pub(crate) struct Frontend {
     pub(crate) serial: u64,
-    tx: mpsc::Sender<Result<Packet, Status>>,
-    /// Connections established for this frontend: (agent stream, connect ID). The agent loop adds them; the
-    /// frontend's own task reads them to check DATA and to clean up when the stream ends.
-    pub(crate) established: Mutex<Vec<(Arc<Backend>, i64)>>,
+    tx: mpsc::UnboundedSender<Result<Packet, Status>>,
+    /// What `tx` holds, in flow-control cost units. Bounded by the connection's window (flow-controlled
+    /// agents) or by [`FRONTEND_QUEUE_LIMIT`] (others).
+    budget: QueueBudget,
+    /// Connections established for this frontend. The agent loop adds them; the frontend's own task reads them
+    /// to check DATA and to clean up when the stream ends.
+    pub(crate) links: Mutex<Vec<Arc<Link>>>,
     /// Cancelled when the frontend stream has ended (or is being ended by [`Frontend::abort`]).
     pub(crate) closed: CancellationToken,
     /// The status the response stream ends with, if it is ended by us with an error.
@@ -47,18 +69,20 @@ pub(crate) enum Delivery {
 }
 
 impl Frontend {
-    pub(crate) fn new(serial: u64, tx: mpsc::Sender<Result<Packet, Status>>) -> Arc<Self> {
-        Arc::new(Self {
+    pub(crate) fn new(serial: u64) -> (Arc<Self>, mpsc::UnboundedReceiver<Result<Packet, Status>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let frontend = Arc::new(Self {
             serial,
             tx,
-            established: Mutex::new(Vec::new()),
+            budget: QueueBudget::default(),
+            links: Mutex::new(Vec::new()),
             closed: CancellationToken::new(),
             final_status: Mutex::new(None),
-        })
+        });
+        (frontend, rx)
     }
 
-    /// Ends the frontend's stream now with `status` (what is still queued is dropped). Used when a packet
-    /// that must reach the frontend cannot be queued: ending the stream is the one signal that always arrives.
+    /// Ends the frontend's stream now with `status` (what is still queued is dropped).
     pub(crate) fn abort(&self, status: Status) {
         self.final_status.lock().get_or_insert(status);
         self.closed.cancel();
@@ -69,76 +93,81 @@ impl Frontend {
         self.final_status.lock().take()
     }
 
-    /// Queues a packet that must arrive (a close or an error); if the queue is full, the stream is ended
-    /// with `fallback` instead, so the frontend never waits for a packet that was dropped.
-    pub(crate) fn send_or_abort(&self, packet: Packet, fallback: Status, metrics: &ServerMetrics) {
-        let packet_type = packet.type_name();
-        match self.tx.try_send(Ok(packet)) {
-            Ok(()) => metrics.packet(Segment::ToClient, packet_type),
-            Err(TrySendError::Closed(_)) => {}
-            Err(TrySendError::Full(_)) => self.abort(fallback),
-        }
-    }
-
-    /// Queues a packet without waiting; used where waiting is never right (control packets during cleanup):
-    /// if the queue is full the send moves to its own task.
+    /// Queues a control packet (never waits: control packets are small and bounded in number).
     pub(crate) fn send_control(&self, packet: Packet, metrics: &ServerMetrics) {
         metrics.packet(Segment::ToClient, packet.type_name());
-        match self.tx.try_send(Ok(packet)) {
-            Ok(()) | Err(TrySendError::Closed(_)) => {}
-            Err(TrySendError::Full(packet)) => {
-                let tx = self.tx.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send_timeout(packet, FRONTEND_STALL_LIMIT).await;
-                });
-            }
-        }
+        let _ = self.tx.send(Ok(packet));
     }
 
-    /// Queues a packet, waiting at most [`FRONTEND_STALL_LIMIT`] when the frontend is behind.
-    /// `agent_gone` resolves when the agent stream this packet came from has died: waiting ends at once then,
-    /// so the agent's death is noticed (and reported to every frontend) without delay.
-    pub(crate) async fn deliver(
+    /// Queues a DATA packet from the agent. With a flow-controlled agent this never waits (the window bounds
+    /// the queue); otherwise it waits at most [`FRONTEND_STALL_LIMIT`] for the frontend to make room.
+    /// `agent_gone` ends the wait at once when the agent's connection dies.
+    pub(crate) async fn deliver_data(
         &self,
         packet: Packet,
+        flow_controlled: bool,
         metrics: &ServerMetrics,
         agent_gone: impl std::future::Future<Output = ()>,
     ) -> Delivery {
-        let packet_type = packet.type_name();
-        match self.tx.try_send(Ok(packet)) {
-            Ok(()) => {
-                metrics.packet(Segment::ToClient, packet_type);
-                Delivery::Queued
+        let cost = data_cost(&packet);
+        if !flow_controlled && self.budget.queued() + cost > FRONTEND_QUEUE_LIMIT {
+            metrics.full_receive_channel("Connect", 1.0);
+            let room = tokio::select! {
+                r = self.budget.wait_below(FRONTEND_QUEUE_LIMIT, FRONTEND_STALL_LIMIT) => r,
+                _ = self.closed.cancelled() => false,
+                _ = agent_gone => false,
+            };
+            metrics.full_receive_channel("Connect", -1.0);
+            if self.closed.is_cancelled() {
+                return Delivery::Gone;
             }
-            Err(TrySendError::Closed(_)) => Delivery::Gone,
-            Err(TrySendError::Full(packet)) => {
-                metrics.full_receive_channel("Connect", 1.0);
-                let r = tokio::select! {
-                    r = self.tx.send_timeout(packet, FRONTEND_STALL_LIMIT) => r,
-                    _ = self.closed.cancelled() => Err(SendTimeoutError::Closed(Ok(Packet::drain()))),
-                    _ = agent_gone => Err(SendTimeoutError::Closed(Ok(Packet::drain()))),
-                };
-                metrics.full_receive_channel("Connect", -1.0);
-                match r {
-                    Ok(()) => {
-                        metrics.packet(Segment::ToClient, packet_type);
-                        Delivery::Queued
-                    }
-                    Err(SendTimeoutError::Closed(_)) => Delivery::Gone,
-                    Err(SendTimeoutError::Timeout(_)) => Delivery::Stalled,
-                }
+            if !room {
+                return Delivery::Stalled;
             }
+        }
+        self.budget.add(cost);
+        metrics.packet(Segment::ToClient, packet.type_name());
+        match self.tx.send(Ok(packet)) {
+            Ok(()) => Delivery::Queued,
+            Err(_) => Delivery::Gone,
+        }
+    }
+
+    /// Called as the gRPC layer takes a packet off the queue: frees its budget and, for flow-controlled
+    /// agents, returns credit once enough was consumed.
+    pub(crate) fn on_sent(&self, packet: &Packet, tunnels: &Tunnels) {
+        let Some(packet::Payload::Data(data)) = &packet.payload else { return };
+        let cost = flow::cost(data.data.len());
+        self.budget.release(cost as usize);
+        let link = self.links.lock().iter().find(|l| l.connect_id == data.connect_id).cloned();
+        if let Some(link) = link
+            && link.backend.flow_control
+            && let Some(credit) = link.download_credit.consumed(cost)
+        {
+            link.backend.send_control(Packet::window_update(link.connect_id, credit), tunnels);
         }
     }
 
     /// Forgets an established connection (it was closed).
     pub(crate) fn forget(&self, backend_serial: u64, connect_id: i64) {
-        self.established.lock().retain(|(b, id)| !(b.serial == backend_serial && *id == connect_id));
+        self.links.lock().retain(|l| !(l.backend.serial == backend_serial && l.connect_id == connect_id));
+    }
+
+    /// This frontend's link for connection `connect_id` on the agent stream `backend_serial`, if it owns it.
+    pub(crate) fn link(&self, backend_serial: u64, connect_id: i64) -> Option<Arc<Link>> {
+        self.links.lock().iter().find(|l| l.backend.serial == backend_serial && l.connect_id == connect_id).cloned()
     }
 
     /// Whether this frontend owns connection `connect_id` on the agent stream `backend_serial`.
     pub(crate) fn owns(&self, backend_serial: u64, connect_id: i64) -> bool {
-        self.established.lock().iter().any(|(b, id)| b.serial == backend_serial && *id == connect_id)
+        self.link(backend_serial, connect_id).is_some()
+    }
+}
+
+fn data_cost(packet: &Packet) -> usize {
+    match &packet.payload {
+        Some(packet::Payload::Data(d)) => flow::cost(d.data.len()) as usize,
+        _ => 0,
     }
 }
 

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod budget;
 pub mod flags;
 pub mod http_endpoints;
 pub mod listen;

@@ -2,5 +2,6 @@
 
 mod bad_input;
 mod faults;
+mod flow;
 mod http;
 mod tunnel;

@@ -86,6 +86,11 @@ pub struct Data {
     pub error: ::prost::alloc::string::String,
     #[prost(bytes = "bytes", tag = "3")]
     pub data: ::prost::bytes::Bytes,
+    /// konnectivity-rs extension, not in the reference: flow-control credit for `connectID`, in cost units (see
+    /// the `flow` module of konnectivity-proto). Sent, in a DATA packet with no `data`, only to a peer that
+    /// negotiated flow control through the `konnectivity-rs-flow-control` metadata key, so Go peers never see it.
+    #[prost(uint32, tag = "100")]
+    pub window_update: u32,
 }
 /// What a Packet carries. DIAL_REQ is 0, so proto3 leaves `type` off the wire for it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
