@@ -3,10 +3,10 @@
 
 use crate::backend::Backend;
 use crate::metrics::{DialFailureReason, Segment};
-use crate::state::{Frontend, PendingDial, Tunnels};
+use crate::state::{DialStartError, Frontend, Tunnels};
 use futures_util::{Stream, StreamExt};
 use konnectivity_proto::names::{
-    BACKEND_DIAL_TIMEOUT, BACKEND_NOT_INITIALIZED, BACKEND_UNINITIALIZED, MISMATCHED_CONNECTION_IDS, NO_AGENT_AVAILABLE,
+    BACKEND_DIAL_TIMEOUT, BACKEND_NOT_INITIALIZED, BACKEND_UNINITIALIZED, MISMATCHED_CONNECTION_IDS,
 };
 use konnectivity_proto::{Packet, PacketKind, proxy::ProxyService};
 use std::pin::Pin;
@@ -191,13 +191,7 @@ impl FrontendSession {
             }
             PacketKind::CloseDial(cls) => {
                 if self.dials.iter().any(|(r, _)| *r == cls.random) {
-                    let me = self.frontend.serial;
-                    if let Some(dial) = self.tunnels.take_pending(cls.random, |d| d.frontend.serial == me) {
-                        self.tunnels.metrics.dial_failure(DialFailureReason::FrontendClose);
-                        // The reference does not tell the agent; we do, so an agent that understands DIAL_CLS
-                        // can stop the dial (a Go agent ignores it; its late DIAL_RSP gets a CLOSE_REQ).
-                        dial.backend.send_control(Packet::close_dial(cls.random), &self.tunnels);
-                    }
+                    self.tunnels.abandon_dial(&self.frontend, cls.random);
                     self.dials.retain(|(r, _)| *r != cls.random);
                 }
             }
@@ -212,43 +206,17 @@ impl FrontendSession {
 
     async fn dial(&mut self, req: konnectivity_proto::DialRequest) {
         let random = req.random;
-        let Some(backend) = self.tunnels.backends.pick() else {
-            self.tunnels.metrics.dial_failure(DialFailureReason::NoAgent);
-            tracing::info!(address = %req.address, "dial failed: {NO_AGENT_AVAILABLE}");
-            self.reply(Packet::dial_response(random, 0, NO_AGENT_AVAILABLE));
-            self.stopped = true;
-            return;
-        };
-        let pending = PendingDial {
-            frontend: self.frontend.clone(),
-            backend: backend.clone(),
-            started: Instant::now(),
-            address: req.address.clone(),
-        };
-        if !self.tunnels.add_pending(random, pending) {
-            self.reply(Packet::dial_response(random, 0, "dial ID already in use"));
-            return;
-        }
-        tracing::debug!(random, address = %req.address, agent_id = %backend.agent_id, "dialing");
         let deadline = self.backend_dial_timeout.map(|t| Instant::now() + t);
-        self.dials.push((random, deadline));
-        self.backend = Some(backend.clone());
-        let send = backend.send(Packet::dial_request(req.address, random), &self.tunnels);
-        let sent = match self.backend_dial_timeout {
-            Some(t) => tokio::time::timeout(t, send).await.map_err(|_| ()).and_then(|r| r.map_err(|_| ())),
-            None => send.await.map_err(|_| ()),
-        };
-        if sent.is_err() {
-            let me = self.frontend.serial;
-            if let Some(dial) = self.tunnels.take_pending(random, |d| d.frontend.serial == me) {
-                let (reason, error) = if self.backend_dial_timeout.is_some() && !backend.closed.is_cancelled() {
-                    (DialFailureReason::BackendDialTimeout, BACKEND_DIAL_TIMEOUT.to_string())
-                } else {
-                    (DialFailureReason::BackendClose, format!("agent {} disconnected", backend.agent_id))
-                };
-                self.tunnels.fail_dial(random, &dial, reason, &error);
+        match self.tunnels.start_dial(&self.frontend, &req.address, random, self.backend_dial_timeout).await {
+            Ok(backend) => {
+                self.dials.push((random, deadline));
+                self.backend = Some(backend);
             }
-            self.dials.retain(|(r, _)| *r != random);
+            Err(e) => {
+                self.reply(Packet::dial_response(random, 0, e.message()));
+                // As the reference: a stream whose dial found no agent is done.
+                self.stopped = matches!(e, DialStartError::NoAgent);
+            }
         }
     }
 
@@ -272,24 +240,7 @@ impl FrontendSession {
 
     /// The stream ended: abandon its pending dials and close its connections on the agent.
     fn cleanup(self) {
-        self.frontend.closed.cancel();
-        let me = self.frontend.serial;
-        for (random, _) in &self.dials {
-            if let Some(dial) = self.tunnels.take_pending(*random, |d| d.frontend.serial == me) {
-                self.tunnels.metrics.dial_failure(DialFailureReason::FrontendClose);
-                dial.backend.send_control(Packet::close_dial(*random), &self.tunnels);
-            }
-        }
-        let links: Vec<_> = self.frontend.links.lock().drain(..).collect();
-        for link in links {
-            let still_ours = matches!(
-                link.backend.conns.lock().get(&link.connect_id),
-                Some(crate::backend::ConnState::Open { frontend, .. }) if frontend.serial == me
-            );
-            if still_ours {
-                link.backend.close_conn(link.connect_id, &self.tunnels);
-            }
-        }
+        self.tunnels.frontend_ended(&self.frontend, self.dials.iter().map(|(r, _)| *r));
         self.tunnels.metrics.grpc_connections("Proxy", -1.0);
     }
 }

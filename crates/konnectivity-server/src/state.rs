@@ -5,6 +5,7 @@ use crate::backend::{Backend, BackendManager};
 use crate::metrics::{DialFailureReason, Segment, ServerMetrics};
 use konnectivity_proto::Packet;
 use konnectivity_proto::flow::{self, CreditMeter};
+use konnectivity_proto::names::{BACKEND_DIAL_TIMEOUT, NO_AGENT_AVAILABLE};
 use konnectivity_proto::packet;
 use konnectivity_transport::budget::QueueBudget;
 use parking_lot::Mutex;
@@ -171,6 +172,31 @@ fn data_cost(packet: &Packet) -> usize {
     }
 }
 
+/// Why a dial could not be handed to an agent.
+#[derive(Debug)]
+pub(crate) enum DialStartError {
+    /// No agent is connected.
+    NoAgent,
+    /// The frontend reused a dial ID that is still pending.
+    DuplicateId,
+    /// The DIAL_REQ could not be sent within `--backend-dial-timeout`.
+    Timeout,
+    /// The agent's stream ended first.
+    AgentGone(String),
+}
+
+impl DialStartError {
+    /// The text a frontend gets.
+    pub(crate) fn message(&self) -> String {
+        match self {
+            Self::NoAgent => NO_AGENT_AVAILABLE.to_string(),
+            Self::DuplicateId => "dial ID already in use".to_string(),
+            Self::Timeout => BACKEND_DIAL_TIMEOUT.to_string(),
+            Self::AgentGone(m) => m.clone(),
+        }
+    }
+}
+
 /// A dial sent to an agent and not yet answered.
 pub(crate) struct PendingDial {
     pub(crate) frontend: Arc<Frontend>,
@@ -227,6 +253,84 @@ impl Tunnels {
         self.metrics.dial_failure(reason);
         tracing::debug!(random, address = %dial.address, agent_id = %dial.backend.agent_id, "dial failed: {error}");
         dial.frontend.send_control(Packet::dial_response(random, 0, error), &self.metrics);
+    }
+
+    /// Picks an agent for `frontend`'s dial to `address`, records the pending dial and sends the DIAL_REQ
+    /// (within `send_timeout`, if set). On failure the pending dial is gone again and the reason counted.
+    pub(crate) async fn start_dial(
+        &self,
+        frontend: &Arc<Frontend>,
+        address: &str,
+        random: i64,
+        send_timeout: Option<Duration>,
+    ) -> Result<Arc<Backend>, DialStartError> {
+        let Some(backend) = self.backends.pick() else {
+            self.metrics.dial_failure(DialFailureReason::NoAgent);
+            tracing::info!(%address, "dial failed: {NO_AGENT_AVAILABLE}");
+            return Err(DialStartError::NoAgent);
+        };
+        let pending = PendingDial {
+            frontend: frontend.clone(),
+            backend: backend.clone(),
+            started: Instant::now(),
+            address: address.to_string(),
+        };
+        if !self.add_pending(random, pending) {
+            return Err(DialStartError::DuplicateId);
+        }
+        tracing::debug!(random, %address, agent_id = %backend.agent_id, "dialing");
+        let send = backend.send(Packet::dial_request(address, random), self);
+        let sent = match send_timeout {
+            Some(t) => tokio::time::timeout(t, send).await.map_err(|_| true).and_then(|r| r.map_err(|_| false)),
+            None => send.await.map_err(|_| false),
+        };
+        match sent {
+            Ok(()) => Ok(backend),
+            Err(timed_out) => {
+                let me = frontend.serial;
+                self.take_pending(random, |d| d.frontend.serial == me);
+                if timed_out {
+                    self.metrics.dial_failure(DialFailureReason::BackendDialTimeout);
+                    Err(DialStartError::Timeout)
+                } else {
+                    self.metrics.dial_failure(DialFailureReason::BackendClose);
+                    Err(DialStartError::AgentGone(format!("agent {} disconnected", backend.agent_id)))
+                }
+            }
+        }
+    }
+
+    /// Abandons `frontend`'s pending dial `random` (the frontend cancelled or went away). The agent is told
+    /// with DIAL_CLS, which the reference does not do: our agent stops the dial; a Go agent ignores it, and
+    /// its late DIAL_RSP is answered with CLOSE_REQ. Returns whether the dial was still pending.
+    pub(crate) fn abandon_dial(&self, frontend: &Frontend, random: i64) -> bool {
+        let me = frontend.serial;
+        match self.take_pending(random, |d| d.frontend.serial == me) {
+            Some(dial) => {
+                self.metrics.dial_failure(DialFailureReason::FrontendClose);
+                dial.backend.send_control(Packet::close_dial(random), self);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A frontend is gone: its pending dials are abandoned and its connections closed on the agent.
+    pub(crate) fn frontend_ended(&self, frontend: &Frontend, dials: impl IntoIterator<Item = i64>) {
+        frontend.closed.cancel();
+        for random in dials {
+            self.abandon_dial(frontend, random);
+        }
+        let links: Vec<_> = frontend.links.lock().drain(..).collect();
+        for link in links {
+            let still_ours = matches!(
+                link.backend.conns.lock().get(&link.connect_id),
+                Some(crate::backend::ConnState::Open { frontend: f, .. }) if f.serial == frontend.serial
+            );
+            if still_ours {
+                link.backend.close_conn(link.connect_id, self);
+            }
+        }
     }
 
     /// Number of dials waiting for an agent's answer.
