@@ -8,11 +8,14 @@
 //! * [`Tunnel::connect_single_use`] mirrors the reference's `CreateSingleUseGrpcTunnel`: one dial, after
 //!   which the tunnel refuses others (reason `tunnelstarted`) and closes when the connection closes.
 //!
+//! * [`http_connect::dial`] dials through a server in HTTP CONNECT mode instead.
+//!
 //! Failures carry a [`DialFailureReason`] with the reference's reason names.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 mod conn;
+pub mod http_connect;
 mod tunnel;
 
 pub use conn::TunnelConn;

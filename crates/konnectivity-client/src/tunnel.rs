@@ -66,7 +66,7 @@ pub struct DialError {
 }
 
 impl DialError {
-    fn new(reason: DialFailureReason, message: impl Into<String>) -> Self {
+    pub(crate) fn new(reason: DialFailureReason, message: impl Into<String>) -> Self {
         Self { reason, message: message.into() }
     }
 }

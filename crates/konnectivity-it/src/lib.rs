@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod fake_agent;
 pub mod pki;
 pub mod stack;
 pub mod targets;

@@ -14,10 +14,14 @@ use tokio_util::sync::CancellationToken;
 /// Which frontend listener the server gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frontend {
-    /// A Unix socket.
+    /// gRPC on a Unix socket.
     Uds,
-    /// TCP with mTLS on loopback.
+    /// gRPC on TCP with mTLS on loopback.
     TcpMtls,
+    /// HTTP CONNECT on a Unix socket.
+    ConnectUds,
+    /// HTTP CONNECT on TCP with mTLS on loopback.
+    ConnectTcpMtls,
 }
 
 /// A running server.
@@ -92,8 +96,10 @@ impl Stack {
     /// A server configuration on free loopback ports, with an mTLS agent port.
     pub fn server_config(&self, frontend: Frontend) -> ServerConfig {
         let listen = match frontend {
-            Frontend::Uds => FrontendListen::Uds { path: self.uds.clone(), delete_existing: true },
-            Frontend::TcpMtls => FrontendListen::Tcp {
+            Frontend::Uds | Frontend::ConnectUds => {
+                FrontendListen::Uds { path: self.uds.clone(), delete_existing: true }
+            }
+            Frontend::TcpMtls | Frontend::ConnectTcpMtls => FrontendListen::Tcp {
                 bind: "127.0.0.1".into(),
                 port: 0,
                 cert: self.pki.server_cert.clone(),
@@ -102,6 +108,9 @@ impl Stack {
             },
         };
         let mut c = ServerConfig::new(listen, self.pki.server_cert.clone(), self.pki.server_key.clone());
+        if matches!(frontend, Frontend::ConnectUds | Frontend::ConnectTcpMtls) {
+            c.mode = konnectivity_server::FrontendMode::HttpConnect;
+        }
         c.agent_bind = "127.0.0.1".into();
         c.agent_port = 0;
         c.cluster_ca = Some(self.pki.ca.clone());

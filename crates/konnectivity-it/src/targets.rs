@@ -160,3 +160,41 @@ pub async fn echo_target(bind: &str) -> std::io::Result<Target> {
     });
     Ok(Target { addr, open, stop })
 }
+
+/// Starts a target that greets each connection with `banner` before reading anything (a server-first protocol
+/// such as SSH or SMTP), then echoes.
+pub async fn banner_target(bind: &str, banner: &'static [u8]) -> std::io::Result<Target> {
+    let listener = TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let open = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (o, s) = (open.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = tokio::select! {
+                _ = s.cancelled() => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            o.fetch_add(1, Ordering::SeqCst);
+            let guard = OpenGuard(o.clone());
+            let s = s.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                if tcp.write_all(banner).await.is_err() {
+                    return;
+                }
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = tokio::select! {
+                        _ = s.cancelled() => return,
+                        r = tcp.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                    };
+                    if tcp.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok(Target { addr, open, stop })
+}

@@ -28,9 +28,20 @@ pub enum FrontendListen {
     },
 }
 
+/// The frontend protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrontendMode {
+    /// gRPC `/ProxyService/Proxy` streams (kube-apiserver's `GRPC` egress).
+    Grpc,
+    /// HTTP/1.1 CONNECT (kube-apiserver's `HTTPConnect` egress).
+    HttpConnect,
+}
+
 /// Everything `proxy-server` needs to run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The frontend protocol.
+    pub mode: FrontendMode,
     /// The frontend listener.
     pub frontend: FrontendListen,
     /// Agent listener bind address; empty means all interfaces.
@@ -65,6 +76,7 @@ impl ServerConfig {
     /// A configuration with the reference's defaults for everything but the listeners and certificates.
     pub fn new(frontend: FrontendListen, cluster_cert: PathBuf, cluster_key: PathBuf) -> Self {
         Self {
+            mode: FrontendMode::Grpc,
             frontend,
             agent_bind: String::new(),
             agent_port: 8091,

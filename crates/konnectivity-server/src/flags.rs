@@ -2,7 +2,7 @@
 //! [`ServerConfig`]. Flags whose feature is not built yet are accepted by the parser and refused at start
 //! with "not supported yet", never silently ignored.
 
-use crate::config::{FrontendListen, ServerConfig};
+use crate::config::{FrontendListen, FrontendMode, ServerConfig};
 use clap::{ArgAction, Parser};
 use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
 use std::path::PathBuf;
@@ -161,11 +161,11 @@ impl ServerFlags {
     /// Validates the flags as the reference does and builds the configuration.
     pub fn into_config(self) -> Result<ServerConfig, FlagError> {
         self.klog.check()?;
-        match self.mode.as_str() {
-            "grpc" => {}
-            "http-connect" => return Err(NotSupported::value("mode", "http-connect").into()),
+        let mode = match self.mode.as_str() {
+            "grpc" => FrontendMode::Grpc,
+            "http-connect" => FrontendMode::HttpConnect,
             other => return Err(invalid(format!("--mode must be 'grpc' or 'http-connect', got {other:?}"))),
-        }
+        };
         if self.xfr_channel_size <= 0 {
             return Err(invalid(format!("--xfr-channel-size must be greater than 0, got {}", self.xfr_channel_size)));
         }
@@ -251,6 +251,7 @@ impl ServerFlags {
             _ => uuid::Uuid::new_v4().to_string(),
         };
         let mut config = ServerConfig::new(frontend, cluster_cert, cluster_key);
+        config.mode = mode;
         config.agent_bind = self.agent_bind_address;
         config.agent_port = self.agent_port;
         config.cluster_ca = path(&self.cluster_ca_cert);
@@ -306,7 +307,6 @@ mod tests {
     #[test]
     fn unimplemented_flags_are_refused_by_name() {
         for (flag, needle) in [
-            ("--mode=http-connect", "not supported yet: --mode=http-connect"),
             ("--proxy-strategies=destHost", "not supported yet: --proxy-strategies=destHost"),
             ("--enable-lease-controller", "not supported yet: --enable-lease-controller"),
             ("--agent-namespace=kube-system", "not supported yet: --agent-namespace"),

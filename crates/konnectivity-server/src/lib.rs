@@ -11,6 +11,7 @@
 
 mod backend;
 pub mod config;
+mod connect;
 pub mod flags;
 mod frontend;
 pub mod metrics;
@@ -18,5 +19,6 @@ mod server;
 mod state;
 
 pub use backend::AgentIdentifiers;
-pub use config::{FrontendListen, ServerConfig};
+pub use config::{FrontendListen, FrontendMode, ServerConfig};
+pub use connect::{CONNECTION_ESTABLISHED, dial_error_status};
 pub use server::{AgentInfo, FrontendAddr, RunningServer, ServerError, ServerHandle, run, start};

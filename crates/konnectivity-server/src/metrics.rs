@@ -70,6 +70,7 @@ pub struct ServerMetrics {
     registry: Registry,
     dial_duration: Histogram,
     grpc_connections: GaugeVec,
+    http_connections: Gauge,
     ready_backend_connections: Gauge,
     ready_backends: GaugeVec,
     pending_dials: Gauge,
@@ -96,6 +97,8 @@ impl ServerMetrics {
             opts("grpc_connections", "Number of current grpc connections, partitioned by service method."),
             &["service_method"],
         )?;
+        let http_connections =
+            Gauge::with_opts(opts("http_connections", "Number of current HTTP CONNECT connections"))?;
         let ready_backend_connections = Gauge::with_opts(opts(
             "ready_backend_connections",
             "Number of konnectivity agent connected to the proxy server. DEPRECATED, please use ready_backends",
@@ -140,6 +143,7 @@ impl ServerMetrics {
         )?;
         registry.register(Box::new(dial_duration.clone()))?;
         registry.register(Box::new(grpc_connections.clone()))?;
+        registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(ready_backend_connections.clone()))?;
         registry.register(Box::new(ready_backends.clone()))?;
         registry.register(Box::new(pending_dials.clone()))?;
@@ -152,6 +156,7 @@ impl ServerMetrics {
             registry,
             dial_duration,
             grpc_connections,
+            http_connections,
             ready_backend_connections,
             ready_backends,
             pending_dials,
@@ -173,6 +178,9 @@ impl ServerMetrics {
     }
     pub(crate) fn grpc_connections(&self, method: &str, delta: f64) {
         self.grpc_connections.with_label_values(&[method]).add(delta);
+    }
+    pub(crate) fn http_connections(&self, delta: f64) {
+        self.http_connections.add(delta);
     }
     pub(crate) fn set_ready_backends(&self, strategy: &str, n: usize) {
         self.ready_backends.with_label_values(&[strategy]).set(n as f64);

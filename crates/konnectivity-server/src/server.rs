@@ -1,10 +1,12 @@
 //! Starting and stopping a proxy-server: listeners, the two gRPC services, health and admin ports.
 
 use crate::backend::{AgentEndpoint, BackendManager};
-use crate::config::{FrontendListen, ServerConfig};
+use crate::config::{FrontendListen, FrontendMode, ServerConfig};
+use crate::connect::ConnectFrontend;
 use crate::frontend::ProxyEndpoint;
 use crate::metrics::ServerMetrics;
 use crate::state::Tunnels;
+use futures_util::StreamExt;
 use http::StatusCode;
 use konnectivity_proto::agent::AgentServiceServer;
 use konnectivity_proto::proxy::ProxyServiceServer;
@@ -18,6 +20,7 @@ use std::time::Duration;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -185,49 +188,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     });
     tracing::info!(%agent_addr, mtls = config.cluster_ca.is_some(), "listening for agents");
 
-    // Frontend: UDS or mTLS TCP.
-    let proxy_service = ProxyServiceServer::new(ProxyEndpoint {
-        tunnels: tunnels.clone(),
-        backend_dial_timeout: config.backend_dial_timeout,
-        shutdown: shutdown.clone(),
-        tracker: tracker.clone(),
-    });
-    let frontend_builder = || {
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(config.frontend_keepalive_time))
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20))
-    };
-    let frontend_addr = match &config.frontend {
-        FrontendListen::Uds { path, delete_existing } => {
-            let listener = listen::bind_uds(path, *delete_existing)?;
-            let router = frontend_builder().add_service(proxy_service);
-            let token = shutdown.clone();
-            tracker.spawn(async move {
-                let incoming = UnixListenerStream::new(listener);
-                if let Err(e) = router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()).await {
-                    tracing::error!("frontend gRPC server: {e}");
-                }
-            });
-            tracing::info!(path = %path.display(), "listening for frontends on unix socket");
-            FrontendAddr::Uds(path.clone())
-        }
-        FrontendListen::Tcp { bind, port, cert, key, ca } => {
-            let tls = tls::server_config(cert, key, &ClientAuth::Require(ca.clone()), &[ALPN_H2])?;
-            let listener = listen::bind_tcp(bind, *port).await?;
-            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "frontend".into(), source })?;
-            let incoming = listen::tls_incoming(listener, tls, shutdown.clone(), tracker.clone(), "frontend");
-            let router = frontend_builder().add_service(proxy_service);
-            let token = shutdown.clone();
-            tracker.spawn(async move {
-                if let Err(e) = router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()).await {
-                    tracing::error!("frontend gRPC server: {e}");
-                }
-            });
-            tracing::info!(%addr, "listening for frontends on TCP with mTLS");
-            FrontendAddr::Tcp(addr)
-        }
-    };
+    let frontend_addr = start_frontend(&config, &tunnels, &shutdown, &tracker).await?;
 
     let handle = ServerHandle { tunnels: tunnels.clone() };
     let health_addr = match &config.health {
@@ -280,6 +241,121 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
         grace: config.graceful_shutdown_timeout,
         shutdown,
     })
+}
+
+/// Binds the frontend listener (UDS or mTLS TCP) and serves the configured protocol on it.
+async fn start_frontend(
+    config: &ServerConfig,
+    tunnels: &Arc<Tunnels>,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<FrontendAddr, ServerError> {
+    let grpc = || {
+        let service = ProxyServiceServer::new(ProxyEndpoint {
+            tunnels: tunnels.clone(),
+            backend_dial_timeout: config.backend_dial_timeout,
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        });
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(config.frontend_keepalive_time))
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(8 << 20))
+            .add_service(service)
+    };
+    let connect = Arc::new(ConnectFrontend {
+        tunnels: tunnels.clone(),
+        backend_dial_timeout: config.backend_dial_timeout,
+        shutdown: shutdown.clone(),
+    });
+    let token = shutdown.clone();
+    match &config.frontend {
+        FrontendListen::Uds { path, delete_existing } => {
+            let listener = listen::bind_uds(path, *delete_existing)?;
+            let incoming = UnixListenerStream::new(listener);
+            match config.mode {
+                FrontendMode::Grpc => {
+                    let router = grpc();
+                    tracker.spawn(async move {
+                        if let Err(e) = router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()).await {
+                            tracing::error!("frontend gRPC server: {e}");
+                        }
+                    });
+                }
+                FrontendMode::HttpConnect => {
+                    serve_connect(incoming.map(|r| r.map(|s| (s, "unix".to_string()))), connect, token, tracker)
+                }
+            }
+            tracing::info!(path = %path.display(), mode = ?config.mode, "listening for frontends on unix socket");
+            Ok(FrontendAddr::Uds(path.clone()))
+        }
+        FrontendListen::Tcp { bind, port, cert, key, ca } => {
+            // HTTP CONNECT is HTTP/1.1 only, as in the reference (which disables h2 there).
+            let alpn: &[&[u8]] = match config.mode {
+                FrontendMode::Grpc => &[ALPN_H2],
+                FrontendMode::HttpConnect => &[b"http/1.1"],
+            };
+            let tls = tls::server_config(cert, key, &ClientAuth::Require(ca.clone()), alpn)?;
+            let listener = listen::bind_tcp(bind, *port).await?;
+            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "frontend".into(), source })?;
+            let incoming = listen::tls_incoming(listener, tls, shutdown.clone(), tracker.clone(), "frontend");
+            match config.mode {
+                FrontendMode::Grpc => {
+                    let router = grpc();
+                    tracker.spawn(async move {
+                        if let Err(e) = router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()).await {
+                            tracing::error!("frontend gRPC server: {e}");
+                        }
+                    });
+                }
+                FrontendMode::HttpConnect => serve_connect(
+                    incoming.map(|r| {
+                        r.map(|c| {
+                            let peer = c.info().remote_addr.to_string();
+                            (c, peer)
+                        })
+                    }),
+                    connect,
+                    token,
+                    tracker,
+                ),
+            }
+            tracing::info!(%addr, mode = ?config.mode, "listening for frontends on TCP with mTLS");
+            Ok(FrontendAddr::Tcp(addr))
+        }
+    }
+}
+
+/// Runs one CONNECT handler task per accepted connection until `shutdown`.
+fn serve_connect<S, IO>(
+    mut incoming: S,
+    frontend: Arc<ConnectFrontend>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) where
+    S: futures_util::Stream<Item = std::io::Result<(IO, String)>> + Send + Unpin + 'static,
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let handlers = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = incoming.next() => n,
+            };
+            match next {
+                Some(Ok((io, peer))) => {
+                    let span = tracing::debug_span!("connect", %peer);
+                    handlers.spawn(frontend.clone().handle(io, peer).instrument(span));
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("frontend accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                None => return,
+            }
+        }
+    });
 }
 
 /// Runs a server until `shutdown` is cancelled and it has stopped.

@@ -92,11 +92,11 @@ fn main() -> std::process::ExitCode {
 
 async fn run(flags: Flags) -> anyhow::Result<()> {
     flags.klog.check()?;
-    match flags.mode.as_str() {
-        "grpc" => {}
-        "http-connect" => bail!("not supported yet: --mode=http-connect"),
+    let http_connect = match flags.mode.as_str() {
+        "grpc" => false,
+        "http-connect" => true,
         other => bail!("--mode must be 'grpc' or 'http-connect', got {other:?}"),
-    }
+    };
     if flags.request_proto != "http" {
         bail!("not supported yet: --request-proto={} (only http)", flags.request_proto);
     }
@@ -120,7 +120,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
         if i > 0 && flags.test_delay > 0 {
             tokio::time::sleep(Duration::from_secs(flags.test_delay)).await;
         }
-        let body = request(&proxy, &target, &path, &flags.user_agent)
+        let body = request(&proxy, http_connect, &target, &path, &flags.user_agent)
             .await
             .with_context(|| format!("GET http://{target}{path}"))?;
         std::io::stdout().write_all(&body)?;
@@ -132,9 +132,26 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn request(proxy: &ProxyAddress, target: &str, path: &str, user_agent: &str) -> anyhow::Result<Bytes> {
+async fn request(
+    proxy: &ProxyAddress,
+    http_connect: bool,
+    target: &str,
+    path: &str,
+    user_agent: &str,
+) -> anyhow::Result<Bytes> {
+    if http_connect {
+        let conn = konnectivity_client::http_connect::dial(proxy, target, user_agent).await?;
+        return get(conn, target, path, user_agent).await;
+    }
     let tunnel = Tunnel::connect_single_use(proxy).await?;
     let conn = tunnel.dial(target).await?;
+    get(conn, target, path, user_agent).await
+}
+
+async fn get<IO>(conn: IO, target: &str, path: &str, user_agent: &str) -> anyhow::Result<Bytes>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
     let driver = tokio::spawn(connection);
     let req = http::Request::get(path)

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use konnectivity_client::{Tunnel, TunnelConn};
+use konnectivity_client::Tunnel;
 use konnectivity_it::stack::{Frontend, Stack, server_and_agent};
 use konnectivity_it::targets::{http_target, pattern, sha256_hex};
 use std::time::{Duration, Instant};
@@ -23,7 +23,10 @@ struct Args {
     mib: usize,
 }
 
-async fn request(conn: TunnelConn, method: &str, host: &str, path: &str, body: Bytes) -> anyhow::Result<(u16, Bytes)> {
+async fn request<IO>(conn: IO, method: &str, host: &str, path: &str, body: Bytes) -> anyhow::Result<(u16, Bytes)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
     let driver = tokio::spawn(connection);
     let req =
@@ -154,6 +157,35 @@ async fn main() -> anyhow::Result<()> {
         err.reason.as_str(),
         err.message
     );
+
+    // 6. The same through a second server in HTTP CONNECT mode (kube-apiserver's HTTPConnect egress).
+    let connect_stack = Stack::new().context("generating the demo PKI")?;
+    let (connect_server, connect_agent) =
+        server_and_agent(&connect_stack, Frontend::ConnectUds).await.context("starting the HTTP CONNECT server")?;
+    let connect_proxy = connect_stack.proxy_address(&connect_server)?;
+    let t = Instant::now();
+    let conn = konnectivity_client::http_connect::dial(&connect_proxy, &host, "konnectivity-demo").await?;
+    let (status, body) = request(conn, "GET", &host, &format!("/bytes/{size}"), Bytes::new()).await?;
+    let d = t.elapsed();
+    let ok = status == 200 && body.len() == size && sha256_hex(&body) == sha256_hex(&pattern(size));
+    failures += usize::from(!ok);
+    println!(
+        "{} CONNECT {host} over unix:{} then GET /bytes/{size}: status {status}, {} bytes, {:.2} ms, {:.0} MB/s",
+        if ok { "ok  " } else { "FAIL" },
+        connect_stack.uds.display(),
+        body.len(),
+        d.as_secs_f64() * 1e3,
+        mbps(body.len(), d)
+    );
+    let err = konnectivity_client::http_connect::dial(&connect_proxy, &refused.to_string(), "konnectivity-demo")
+        .await
+        .err()
+        .context("CONNECT to a closed port succeeded")?;
+    let ok = err.message.starts_with("502") && err.message.contains("connection refused");
+    failures += usize::from(!ok);
+    println!("{} CONNECT {refused} (closed port): {}", if ok { "ok  " } else { "FAIL" }, err.message);
+    connect_agent.stop().await;
+    connect_server.stop().await;
 
     // Nothing left behind.
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -3,16 +3,12 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use konnectivity_client::TunnelConn;
 
 /// Sends one request over `conn` and returns status and body.
-pub async fn request(
-    conn: TunnelConn,
-    method: &str,
-    host: &str,
-    path: &str,
-    body: Bytes,
-) -> anyhow::Result<(u16, Bytes)> {
+pub async fn request<IO>(conn: IO, method: &str, host: &str, path: &str, body: Bytes) -> anyhow::Result<(u16, Bytes)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
     let driver = tokio::spawn(connection);
     let req =
@@ -26,6 +22,9 @@ pub async fn request(
 }
 
 /// GET `path` over `conn`.
-pub async fn get(conn: TunnelConn, host: &str, path: &str) -> anyhow::Result<(u16, Bytes)> {
+pub async fn get<IO>(conn: IO, host: &str, path: &str) -> anyhow::Result<(u16, Bytes)>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     request(conn, "GET", host, path, Bytes::new()).await
 }

@@ -1,6 +1,7 @@
 //! konnectivity-rs integration tests: one binary, real sockets, real TLS, real server and agent.
 
 mod bad_input;
+mod connect;
 mod faults;
 mod flow;
 mod http;
