@@ -138,11 +138,17 @@ async fn agent_reconnects_to_a_restarted_server() {
 #[tokio::test]
 async fn binaries_refuse_unimplemented_flags_and_show_help() {
     let out = Command::new(binary("proxy-server"))
-        .args(["--mode=http-connect", "--uds-name=/tmp/x", "--server-port=0"])
+        .args([
+            "--enable-lease-controller",
+            "--uds-name=/tmp/x",
+            "--server-port=0",
+            "--cluster-cert=/c",
+            "--cluster-key=/k",
+        ])
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet: --mode=http-connect"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet: --enable-lease-controller"));
     let out =
         Command::new(binary("proxy-agent")).args(["--ca-cert=/x", "--count-server-leases"]).output().expect("run");
     assert_eq!(out.status.code(), Some(2));
