@@ -1,11 +1,21 @@
+// Go side of the konnectivity-rs interop kit (see README.md).
+//
+// Pins: ANP v0.36.0 (reference proxy-server/agent/test-client, built by
+// build.sh straight from this module graph), konnectivity-client v0.36.0
+// (same commit as ANP v0.36.0, whose own go.mod replaces it with
+// ./konnectivity-client) and k8s.io/apiserver v0.36.1, the k8s patch level
+// ANP v0.36.0 itself requires, so the reference binaries get exactly the
+// dependency versions of ANP's go.mod. (No k8s.io/apiserver v0.36.x requires
+// konnectivity-client v0.36.0 - they all say v0.34.0 - so MVS resolves it to
+// our v0.36.0; the egressselector code is the same in v0.36.1..v0.36.6.)
 module konnectivity-rs/interop
 
 go 1.26.2
 
 require (
 	google.golang.org/grpc v1.81.1
-	k8s.io/apimachinery v0.36.6
-	k8s.io/apiserver v0.36.6
+	k8s.io/apimachinery v0.36.1
+	k8s.io/apiserver v0.36.1
 	sigs.k8s.io/apiserver-network-proxy v0.36.0
 	sigs.k8s.io/apiserver-network-proxy/konnectivity-client v0.36.0
 )
@@ -53,11 +63,11 @@ require (
 	go.opentelemetry.io/proto/otlp v1.9.0 // indirect
 	go.yaml.in/yaml/v2 v2.4.4 // indirect
 	go.yaml.in/yaml/v3 v3.0.4 // indirect
-	golang.org/x/net v0.56.0 // indirect
+	golang.org/x/net v0.55.0 // indirect
 	golang.org/x/oauth2 v0.36.0 // indirect
-	golang.org/x/sys v0.46.0 // indirect
-	golang.org/x/term v0.44.0 // indirect
-	golang.org/x/text v0.39.0 // indirect
+	golang.org/x/sys v0.45.0 // indirect
+	golang.org/x/term v0.43.0 // indirect
+	golang.org/x/text v0.37.0 // indirect
 	golang.org/x/time v0.14.0 // indirect
 	google.golang.org/genproto/googleapis/api v0.0.0-20260226221140-a57be14db171 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20260226221140-a57be14db171 // indirect
@@ -65,15 +75,15 @@ require (
 	gopkg.in/evanphx/json-patch.v4 v4.13.0 // indirect
 	gopkg.in/inf.v0 v0.9.1 // indirect
 	gopkg.in/yaml.v3 v3.0.1 // indirect
-	k8s.io/api v0.36.6 // indirect
-	k8s.io/client-go v0.36.6 // indirect
-	k8s.io/component-base v0.36.6 // indirect
+	k8s.io/api v0.36.1 // indirect
+	k8s.io/client-go v0.36.1 // indirect
+	k8s.io/component-base v0.36.1 // indirect
 	k8s.io/component-helpers v0.36.1 // indirect
 	k8s.io/klog/v2 v2.140.0 // indirect
 	k8s.io/kube-openapi v0.0.0-20260317180543-43fb72c5454a // indirect
 	k8s.io/utils v0.0.0-20260507154919-ff6756f316d2 // indirect
 	sigs.k8s.io/json v0.0.0-20250730193827-2d320260d730 // indirect
 	sigs.k8s.io/randfill v1.0.0 // indirect
-	sigs.k8s.io/structured-merge-diff/v6 v6.3.3 // indirect
+	sigs.k8s.io/structured-merge-diff/v6 v6.3.2 // indirect
 	sigs.k8s.io/yaml v1.6.0 // indirect
 )
