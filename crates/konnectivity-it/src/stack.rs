@@ -37,14 +37,15 @@ pub struct ServerRun {
     /// The admin port.
     pub admin_addr: Option<SocketAddr>,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<usize>,
 }
 
 impl ServerRun {
-    /// Stops the server and waits until it has.
+    /// Stops the server, waits until it has, and checks that every one of its tasks ended.
     pub async fn stop(self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        let left = self.task.await.expect("server task");
+        assert_eq!(left, 0, "{left} server tasks were still running after the stop");
     }
 }
 
@@ -59,14 +60,15 @@ pub struct AgentRun {
     /// Asks it to drain.
     pub drain: CancellationToken,
     stop: CancellationToken,
-    task: JoinHandle<()>,
+    task: JoinHandle<usize>,
 }
 
 impl AgentRun {
-    /// Stops the agent and waits until it has.
+    /// Stops the agent, waits until it has, and checks that every one of its tasks ended.
     pub async fn stop(self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        let left = self.task.await.expect("agent task");
+        assert_eq!(left, 0, "{left} agent tasks were still running after the stop");
     }
 }
 

@@ -142,17 +142,24 @@ impl RunningServer {
     }
 
     /// Waits until the server has stopped (after the shutdown token is cancelled), cutting whatever is left
-    /// once the graceful-shutdown timeout has passed.
-    pub async fn wait(self) {
+    /// once the graceful-shutdown timeout has passed. Returns how many of its tasks had not finished by then
+    /// (0 after a clean stop; tests assert it).
+    pub async fn wait(self) -> usize {
         self.shutdown.cancelled().await;
         self.tracker.close();
         let grace = if self.grace.is_zero() { Duration::from_secs(5) } else { self.grace };
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
-            tracing::warn!("some connections did not finish within {grace:?}; stopping anyway");
-        }
+        let left = match tokio::time::timeout(grace, self.tracker.wait()).await {
+            Ok(()) => 0,
+            Err(_) => {
+                let left = self.tracker.len();
+                tracing::warn!("{left} tasks did not finish within {grace:?}; stopping anyway");
+                left
+            }
+        };
         if let FrontendAddr::Uds(path) = &self.frontend_addr {
             let _ = std::fs::remove_file(path);
         }
+        left
     }
 }
 
