@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use http::StatusCode;
 use konnectivity_proto::agent::AgentServiceServer;
 use konnectivity_proto::proxy::ProxyServiceServer;
+use konnectivity_transport::h2_authority::AuthorityFix;
 use konnectivity_transport::http_endpoints::{self, Handler};
 use konnectivity_transport::listen::{self, ListenError};
 use konnectivity_transport::tls::{self, ALPN_H2, ClientAuth, TlsError};
@@ -283,6 +284,8 @@ async fn start_frontend(
             match config.mode {
                 FrontendMode::Grpc => {
                     let router = grpc();
+                    // grpc-go sends the percent-encoded socket path as :authority, which h2 refuses.
+                    let incoming = incoming.map(|r| r.map(AuthorityFix::new));
                     tracker.spawn(async move {
                         if let Err(e) = router.serve_with_incoming_shutdown(incoming, token.cancelled_owned()).await {
                             tracing::error!("frontend gRPC server: {e}");

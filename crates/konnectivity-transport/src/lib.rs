@@ -6,6 +6,7 @@
 
 pub mod budget;
 pub mod flags;
+pub mod h2_authority;
 pub mod http_endpoints;
 pub mod listen;
 pub mod logging;

@@ -5,4 +5,5 @@ mod connect;
 mod faults;
 mod flow;
 mod http;
+mod interop;
 mod tunnel;
