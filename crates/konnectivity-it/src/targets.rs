@@ -198,3 +198,36 @@ pub async fn banner_target(bind: &str, banner: &'static [u8]) -> std::io::Result
     });
     Ok(Target { addr, open, stop })
 }
+
+/// A TCP load balancer on loopback, as an operator would put in front of several proxy-servers: each accepted
+/// connection goes to the next backend in turn and bytes are copied both ways.
+pub async fn tcp_balancer(backends: Vec<SocketAddr>) -> std::io::Result<Target> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let open = Arc::new(AtomicUsize::new(0));
+    let stop = CancellationToken::new();
+    let (o, s) = (open.clone(), stop.clone());
+    tokio::spawn(async move {
+        let mut next = 0usize;
+        loop {
+            let (mut client, _) = tokio::select! {
+                _ = s.cancelled() => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let backend = backends[next % backends.len()];
+            next += 1;
+            o.fetch_add(1, Ordering::SeqCst);
+            let guard = OpenGuard(o.clone());
+            let s = s.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(backend).await else { return };
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+                    _ = s.cancelled() => {}
+                }
+            });
+        }
+    });
+    Ok(Target { addr, open, stop })
+}

@@ -81,8 +81,14 @@ func main() {
 	}
 }
 
+// fail prints the error and, when the library classifies it as a dial failure, its reason label (the same
+// one kube-apiserver's konnectivity_network_proxy_client_dial_failure_total metric uses), so tests can
+// compare how the client sees our server and the reference server.
 func fail(err error) {
 	fmt.Fprintln(os.Stderr, "grpc-client:", err)
+	if ok, reason := client.GetDialFailureReason(err); ok {
+		fmt.Fprintf(os.Stderr, "dial failure reason: %s\n", reason)
+	}
 	os.Exit(1)
 }
 

@@ -106,14 +106,19 @@ struct GoServer {
     proc: Proc,
     agent_port: u16,
     health_port: u16,
+    /// The mTLS TCP frontend port, when the server has one instead of the socket.
+    frontend_port: Option<u16>,
 }
 
 fn go_server(stack: &Stack, mode: &str) -> GoServer {
+    go_server_with(stack, mode, false, 1)
+}
+
+fn go_server_with(stack: &Stack, mode: &str, tcp_frontend: bool, server_count: u32) -> GoServer {
     let (agent_port, health_port) = (free_port(), free_port());
-    let args = vec![
+    let frontend_port = tcp_frontend.then(free_port);
+    let mut args = vec![
         format!("--mode={mode}"),
-        format!("--uds-name={}", stack.uds.display()),
-        "--server-port=0".into(),
         format!("--cluster-cert={}", stack.pki.server_cert.display()),
         format!("--cluster-key={}", stack.pki.server_key.display()),
         format!("--cluster-ca-cert={}", stack.pki.ca.display()),
@@ -124,10 +129,32 @@ fn go_server(stack: &Stack, mode: &str) -> GoServer {
         format!("--admin-port={}", free_port()),
         "--admin-bind-address=127.0.0.1".into(),
         "--server-id=go-server".into(),
+        format!("--server-count={server_count}"),
         "--v=2".into(),
     ];
+    match frontend_port {
+        Some(port) => args.extend([
+            format!("--server-port={port}"),
+            "--server-bind-address=127.0.0.1".into(),
+            format!("--server-cert={}", stack.pki.server_cert.display()),
+            format!("--server-key={}", stack.pki.server_key.display()),
+            format!("--server-ca-cert={}", stack.pki.ca.display()),
+        ]),
+        None => args.extend([format!("--uds-name={}", stack.uds.display()), "--server-port=0".into()]),
+    }
     let proc = Proc::spawn("proxy-server", &args, stack.dir().join("go-server.log"));
-    GoServer { proc, agent_port, health_port }
+    GoServer { proc, agent_port, health_port, frontend_port }
+}
+
+/// A Prometheus sample's value from a loopback `/metrics` page (`name` includes any labels).
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 /// Runs one of our Go client programs and returns its stdout, or panics with its stderr.
@@ -457,4 +484,196 @@ async fn go_client_sees_no_agent_available_from_our_server() {
     assert!(err.contains("No agent available"), "{err}");
     assert_settled(&server, None).await;
     server.stop().await;
+}
+
+#[tokio::test]
+async fn egress_selector_over_tcp_mtls_through_the_go_server_and_our_agent() {
+    let target = http_target("127.0.0.1:0").await.expect("target");
+    let host = target.addr.to_string();
+    let stack = Stack::new().expect("pki");
+    let server = go_server_with(&stack, "http-connect", true, 1);
+    let agent = stack
+        .start_agent(stack.agent_config(format!("127.0.0.1:{}", server.agent_port).parse().expect("addr")))
+        .await
+        .expect("agent");
+    wait_ready(server.health_port, &server.proc).await;
+    let port = server.frontend_port.expect("tcp frontend");
+    let body = format!(
+        "    proxyProtocol: HTTPConnect\n    transport:\n      tcp:\n        url: https://localhost:{port}\n        tlsConfig:\n          caBundle: {}\n          clientCert: {}\n          clientKey: {}",
+        stack.pki.ca.display(),
+        stack.pki.client_cert.display(),
+        stack.pki.client_key.display()
+    );
+    let config = egress_config(&stack, "egress-httpconnect-tcp.yaml", &body);
+    let out =
+        go_client("egress-client", &[format!("--config={}", config.display()), format!("--url=http://{host}/success")])
+            .await;
+    assert_eq!(out, "success");
+    let out = go_client(
+        "egress-client",
+        &[format!("--config={}", config.display()), format!("--url=http://{host}/bytes/{SIZE}"), "--sha256".into()],
+    )
+    .await;
+    assert_eq!(out, want_sha());
+    // And our CONNECT client over the Go server's mTLS TCP frontend.
+    let proxy = ProxyAddress::tcp_mtls("localhost", port, &stack.pki.ca, &stack.pki.client_cert, &stack.pki.client_key)
+        .expect("tls");
+    rust_client_cell(&proxy, true, &host).await;
+    konnectivity_it::eventually!(
+        10,
+        agent.handle.endpoint_connections() == 0,
+        "agent still holds endpoint connections"
+    );
+    agent.stop().await;
+}
+
+/// The reason label the Go client gives a failed dial, from grpc-client's stderr.
+fn reason_of(stderr: &str) -> String {
+    stderr.lines().find_map(|l| l.strip_prefix("dial failure reason: ")).unwrap_or("<none>").to_string()
+}
+
+#[tokio::test]
+async fn the_go_client_sees_the_same_failure_reasons_from_our_server_as_from_the_reference() {
+    use konnectivity_it::fake_agent::FakeAgent;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let refused = closed.local_addr().expect("addr").to_string();
+    drop(closed);
+    let mut seen: Vec<Vec<String>> = Vec::new();
+    for ours in [true, false] {
+        let stack = Stack::new().expect("pki");
+        let uds = format!("--uds={}", stack.uds.display());
+        // Our server, or the Go one; agents connect to `agent_port`.
+        let (rust_server, go, agent_port) = if ours {
+            let s = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
+            let port = s.agent_addr.port();
+            (Some(s), None, port)
+        } else {
+            let g = go_server(&stack, "grpc");
+            wait_ready_healthz(g.health_port, &g.proc).await;
+            let port = g.agent_port;
+            (None, Some(g), port)
+        };
+        let mut reasons = Vec::new();
+        // No agent.
+        let err =
+            go_client_error("grpc-client", &[uds.clone(), "--target=127.0.0.1:9".into(), "--fail-fast".into()]).await;
+        assert!(err.contains("No agent available"), "{err}");
+        reasons.push(reason_of(&err));
+        // A dial the agent never answers, abandoned by the caller's deadline.
+        let silent = FakeAgent::connect(&stack.pki, format!("127.0.0.1:{agent_port}").parse().expect("addr"), "silent")
+            .await
+            .expect("fake agent");
+        let err = go_client_error(
+            "grpc-client",
+            &[uds.clone(), "--target=127.0.0.1:9".into(), "--fail-fast".into(), "--timeout=1s".into()],
+        )
+        .await;
+        reasons.push(reason_of(&err));
+        drop(silent);
+        // A refused port, through a real agent (ours).
+        let agent = stack
+            .start_agent(stack.agent_config(format!("127.0.0.1:{agent_port}").parse().expect("addr")))
+            .await
+            .expect("agent");
+        konnectivity_it::eventually!(15, agent.handle.ready(), "agent did not connect");
+        let err =
+            go_client_error("grpc-client", &[uds.clone(), format!("--target={refused}"), "--fail-fast".into()]).await;
+        assert!(err.contains("connection refused"), "{err}");
+        reasons.push(reason_of(&err));
+        agent.stop().await;
+        if let Some(s) = rust_server {
+            assert_settled(&s, None).await;
+            s.stop().await;
+        }
+        drop(go);
+        seen.push(reasons);
+    }
+    assert_eq!(seen[0], seen[1], "Go client's failure reasons: ours {:?} vs reference {:?}", seen[0], seen[1]);
+    assert_eq!(seen[0], ["endpoint", "context", "endpoint"]);
+}
+
+async fn wait_ready_healthz(port: u16, what: &Proc) {
+    for _ in 0..1500 {
+        if http_status(port, "/healthz").await == Some(200) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no /healthz within 30s; log:\n{}", what.log_tail());
+}
+
+#[tokio::test]
+async fn mixed_ha_pair_behind_a_load_balancer_every_agent_reaches_every_server() {
+    let target = http_target("127.0.0.1:0").await.expect("target");
+    let host = target.addr.to_string();
+    let stack = Stack::new().expect("pki");
+    // Our server on a TCP frontend (the Go one has the socket), both told there are two servers.
+    let mut config = stack.server_config(Frontend::TcpMtls);
+    config.server_id = "rust-server".into();
+    config.server_count = 2;
+    let rust_server = stack.start_server(config).await.expect("our server");
+    let go = go_server_with(&stack, "grpc", false, 2);
+    wait_ready_healthz(go.health_port, &go.proc).await;
+    let lb = konnectivity_it::targets::tcp_balancer(vec![
+        rust_server.agent_addr,
+        format!("127.0.0.1:{}", go.agent_port).parse().expect("addr"),
+    ])
+    .await
+    .expect("balancer");
+
+    let mut agent_config = stack.agent_config(lb.addr);
+    agent_config.agent_id = "rust-agent".into();
+    let rust_agent = stack.start_agent(agent_config).await.expect("our agent");
+    let (go_agent, go_agent_health) = go_agent(&stack, lb.addr.port(), "go-agent", "");
+
+    konnectivity_it::eventually!(
+        30,
+        rust_agent.handle.connected_servers().len() == 2,
+        "our agent reaches {:?}",
+        rust_agent.handle.connected_servers()
+    );
+    konnectivity_it::eventually!(
+        30,
+        rust_server.handle.agent_count() == 2,
+        "our server has {:?}",
+        rust_server.handle.agents().iter().map(|a| a.agent_id.clone()).collect::<Vec<_>>()
+    );
+    for _ in 0..1500 {
+        if metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await == Some(2.0)
+            && metric(go_agent_health, "konnectivity_network_proxy_agent_open_server_connections").await == Some(2.0)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await,
+        Some(2.0),
+        "Go server: {}",
+        go.proc.log_tail()
+    );
+    assert_eq!(
+        metric(go_agent_health, "konnectivity_network_proxy_agent_open_server_connections").await,
+        Some(2.0),
+        "Go agent: {}",
+        go_agent.log_tail()
+    );
+    let mut servers = rust_agent.handle.connected_servers();
+    servers.sort();
+    assert_eq!(servers, ["go-server", "rust-server"]);
+
+    // Both servers serve dials (each may pick either agent).
+    for _ in 0..4 {
+        rust_client_cell(&stack.proxy_address(&rust_server).expect("addr"), false, &host).await;
+        let out = go_client(
+            "grpc-client",
+            &[format!("--uds={}", stack.uds.display()), format!("--target={host}"), "--path=/success".into()],
+        )
+        .await;
+        assert_eq!(out, "success");
+    }
+    assert_settled(&rust_server, None).await;
+    drop(go_agent);
+    rust_agent.stop().await;
+    rust_server.stop().await;
 }
