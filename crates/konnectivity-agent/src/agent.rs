@@ -20,7 +20,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -78,6 +77,8 @@ pub enum AgentError {
 #[derive(Clone)]
 pub struct AgentHandle {
     sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
+    /// Cancelled by [`AgentHandle::finish`]: every server stream is ended cleanly.
+    finish: CancellationToken,
     metrics: AgentMetrics,
 }
 
@@ -94,6 +95,13 @@ impl AgentHandle {
     pub fn ready(&self) -> bool {
         !self.sessions.lock().is_empty()
     }
+    /// Ends every server stream cleanly: what is already queued for a server is still delivered, then the
+    /// stream is half-closed, and the session ends when the server closes its side. No new stream is opened.
+    /// Used at the end of a drain, so that the last bytes of the last connections are not lost on exit.
+    pub fn finish(&self) {
+        self.finish.cancel();
+    }
+
     /// The agent's metrics.
     pub fn metrics(&self) -> &AgentMetrics {
         &self.metrics
@@ -150,7 +158,11 @@ pub async fn start(
 
     let metrics = AgentMetrics::new()?;
     let tracker = TaskTracker::new();
-    let handle = AgentHandle { sessions: Arc::new(Mutex::new(HashMap::new())), metrics: metrics.clone() };
+    let handle = AgentHandle {
+        sessions: Arc::new(Mutex::new(HashMap::new())),
+        finish: CancellationToken::new(),
+        metrics: metrics.clone(),
+    };
 
     let health_addr = match &config.health {
         Some((bind, port)) => {
@@ -247,7 +259,7 @@ impl Dialer {
         listen::join_host_port(&self.config.server_host, self.config.server_port)
     }
 
-    async fn open(&self) -> Result<Opened, AgentError> {
+    async fn open(&self, finish: &CancellationToken) -> Result<Opened, AgentError> {
         let addr = self.addr();
         let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
         let server_name = self.server_name.clone();
@@ -280,7 +292,7 @@ impl Dialer {
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(4 << 20);
 
         let (to_server, rx) = mpsc::channel(SERVER_QUEUE_PACKETS);
-        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let mut request = tonic::Request::new(outbound_until_finished(rx, finish.clone()));
         let bad = |what: String| AgentError::BadHeaders { addr: addr.clone(), what };
         let md = request.metadata_mut();
         md.insert(
@@ -319,6 +331,27 @@ impl Dialer {
     }
 }
 
+/// The packets for one server as a request stream that, once `finish` fires, still yields what is queued and
+/// then ends (a clean half-close), instead of being dropped mid-queue.
+fn outbound_until_finished(
+    rx: mpsc::Receiver<Packet>,
+    finish: CancellationToken,
+) -> impl futures_util::Stream<Item = Packet> + Send + 'static {
+    futures_util::stream::unfold((rx, finish, false), |(mut rx, finish, mut closing)| async move {
+        if !closing {
+            tokio::select! {
+                biased;
+                m = rx.recv() => return m.map(|m| (m, (rx, finish, closing))),
+                _ = finish.cancelled() => {
+                    rx.close();
+                    closing = true;
+                }
+            }
+        }
+        rx.recv().await.map(|m| (m, (rx, finish, closing)))
+    })
+}
+
 fn jitter(d: Duration, factor: f64) -> Duration {
     d.mul_f64(1.0 + rand::rng().random_range(0.0..factor))
 }
@@ -336,9 +369,10 @@ async fn sync_loop(
     loop {
         dialer.metrics.known_server_count.set(f64::from(server_count));
         let connected = handle.sessions.lock().len() as u32;
-        let want_more = !drain.is_cancelled() && (config.sync_forever || connected < server_count);
+        let want_more =
+            !drain.is_cancelled() && !handle.finish.is_cancelled() && (config.sync_forever || connected < server_count);
         let pause = if want_more {
-            match dialer.open().await {
+            match dialer.open(&handle.finish).await {
                 Ok(opened) => {
                     backoff = config.sync_interval;
                     server_count = opened.server_count.max(1);

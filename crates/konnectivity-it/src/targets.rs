@@ -231,3 +231,36 @@ pub async fn tcp_balancer(backends: Vec<SocketAddr>) -> std::io::Result<Target> 
     });
     Ok(Target { addr, open, stop })
 }
+
+/// Incremental SHA-256 over a stream, to check large transfers without holding them in memory.
+#[derive(Default)]
+pub struct StreamHash {
+    hasher: Sha256,
+    /// Bytes hashed so far.
+    pub len: usize,
+}
+
+impl StreamHash {
+    /// Adds bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.len += data.len();
+    }
+    /// The hex digest.
+    pub fn hex(self) -> String {
+        self.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// SHA-256 of `pattern(len)`, computed in chunks.
+pub fn pattern_sha256(len: usize) -> String {
+    let mut h = StreamHash::default();
+    let mut start = 0;
+    while start < len {
+        let end = (start + (1 << 20)).min(len);
+        let chunk: Vec<u8> = (start..end).map(|i| (i % 251) as u8).collect();
+        h.update(&chunk);
+        start = end;
+    }
+    h.hex()
+}

@@ -43,7 +43,14 @@ fn main() -> std::process::ExitCode {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tracing::info!("drained: no connections left; stopping");
+            // Deliver what is still queued for the servers, half-close, and give them a moment to close.
+            tracing::info!("drained: no connections left; closing the server streams");
+            handle.finish();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while !handle.connected_servers().is_empty() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tracing::info!("stopping");
             stopper.cancel();
         });
         agent.wait().await;

@@ -677,3 +677,128 @@ async fn mixed_ha_pair_behind_a_load_balancer_every_agent_reaches_every_server()
     rust_agent.stop().await;
     rust_server.stop().await;
 }
+
+#[tokio::test]
+async fn our_agent_drains_from_the_go_server_on_sigterm() {
+    const BIG: usize = 1 << 30;
+    let target = http_target("127.0.0.1:0").await.expect("target");
+    let host = target.addr.to_string();
+    let stack = Stack::new().expect("pki");
+    let go = go_server(&stack, "grpc");
+    wait_ready_healthz(go.health_port, &go.proc).await;
+
+    // Our agent as a real process, so the signal path is the binary's.
+    let health = free_port();
+    let log = stack.dir().join("rust-agent.log");
+    let mut ours = Command::new(crate::faults::binary("proxy-agent"))
+        .args([
+            format!("--ca-cert={}", stack.pki.ca.display()),
+            format!("--agent-cert={}", stack.pki.agent_cert.display()),
+            format!("--agent-key={}", stack.pki.agent_key.display()),
+            "--proxy-server-host=127.0.0.1".into(),
+            format!("--proxy-server-port={}", go.agent_port),
+            "--agent-id=rust-agent".into(),
+            "--health-server-host=127.0.0.1".into(),
+            format!("--health-server-port={health}"),
+            format!("--admin-server-port={}", free_port()),
+            "--sync-interval=200ms".into(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn our agent");
+    wait_ready(go.health_port, &go.proc).await;
+
+    // An in-flight transfer, necessarily through our agent (the only one yet), read continuously: the Go
+    // server reads an agent's packets in order, so an unread connection would hold up the DRAIN too.
+    let tunnel = Tunnel::connect_single_use(&ProxyAddress::Uds(stack.uds.clone())).await.expect("tunnel");
+    let mut inflight = tunnel.dial(&host).await.expect("dial");
+    inflight
+        .write_all(format!("GET /bytes/{BIG} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = progress.clone();
+    let reader = tokio::spawn(async move {
+        let _tunnel = tunnel;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            inflight.read_exact(&mut byte).await.expect("head");
+            head.push(byte[0]);
+        }
+        let mut hash = konnectivity_it::targets::StreamHash::default();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = inflight.read(&mut buf).await.expect("in-flight read");
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            seen.store(hash.len, std::sync::atomic::Ordering::Relaxed);
+        }
+        (hash.len, hash.hex())
+    });
+    konnectivity_it::eventually!(15, progress.load(std::sync::atomic::Ordering::Relaxed) > 0, "transfer did not start");
+
+    let (go_agent, _) = go_agent(&stack, go.agent_port, "go-agent", "");
+    for _ in 0..1500 {
+        if metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await == Some(2.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await,
+        Some(2.0),
+        "{}",
+        go_agent.log_tail()
+    );
+
+    let dial_count = "konnectivity_network_proxy_agent_dial_duration_seconds_count";
+    let dials_before = metric(health, dial_count).await.expect("our agent's metrics");
+    // SIGTERM: our agent sends DRAIN; the Go server logs that it marked the backend draining.
+    let status = Command::new("kill").args(["-TERM", &ours.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let mut marked = false;
+    for _ in 0..1500 {
+        if std::fs::read_to_string(&go.proc.log).unwrap_or_default().contains("marked backend as draining") {
+            marked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(marked, "the Go server never saw DRAIN; its log:\n{}", go.proc.log_tail());
+
+    // New dials go to the other agent.
+    for _ in 0..10 {
+        let t = Tunnel::connect_single_use(&ProxyAddress::Uds(stack.uds.clone())).await.expect("tunnel");
+        let conn = t.dial(&host).await.expect("dial during drain");
+        assert_eq!(http::get(conn, &host, "/success").await.expect("get").0, 200);
+    }
+    assert_eq!(metric(health, dial_count).await, Some(dials_before), "a new dial went to the draining agent");
+
+    // The in-flight transfer was still running across the drain, and completes through the draining agent.
+    assert!(!reader.is_finished(), "the transfer ended before the drain; the test proves nothing");
+    let (len, sha) =
+        tokio::time::timeout(Duration::from_secs(120), reader).await.expect("transfer finished").expect("reader");
+    assert_eq!(len, BIG, "in-flight transfer cut by the drain");
+    assert_eq!(sha, konnectivity_it::targets::pattern_sha256(BIG), "in-flight transfer damaged by the drain");
+
+    // With nothing left to carry, our agent exits by itself (the reference needs a second signal).
+    let mut exited = None;
+    for _ in 0..500 {
+        if let Some(s) = ours.try_wait().expect("wait") {
+            exited = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = ours.kill();
+    let status = exited.unwrap_or_else(|| {
+        panic!("our agent did not exit after draining; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+    });
+    assert!(status.success(), "agent exit status {status:?}");
+    drop(go_agent);
+}
