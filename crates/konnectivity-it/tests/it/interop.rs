@@ -328,6 +328,18 @@ async fn our_agent_serves_the_go_server_in_both_modes() {
             )
             .await;
             assert_eq!(echo, "success".repeat(5));
+            // kube-apiserver's own egress path (GRPC over UDS) through the Go server to our agent.
+            let config = egress_uds(&stack, "GRPC");
+            let out = go_client(
+                "egress-client",
+                &[
+                    format!("--config={}", config.display()),
+                    format!("--url=http://{host}/bytes/{SIZE}"),
+                    "--sha256".into(),
+                ],
+            )
+            .await;
+            assert_eq!(out, want_sha());
         }
         let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let refused = closed.local_addr().expect("addr").to_string();
@@ -801,4 +813,76 @@ async fn our_agent_drains_from_the_go_server_on_sigterm() {
     });
     assert!(status.success(), "agent exit status {status:?}");
     drop(go_agent);
+}
+
+#[tokio::test]
+async fn a_go_client_sees_the_same_outcome_when_the_agent_dies_mid_transfer() {
+    let target = http_target("127.0.0.1:0").await.expect("target");
+    let host = target.addr.to_string();
+    let mut outcomes = Vec::new();
+    for ours in [true, false] {
+        let stack = Stack::new().expect("pki");
+        let (rust_server, go, agent_port) = if ours {
+            let s = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
+            let port = s.agent_addr.port();
+            (Some(s), None, port)
+        } else {
+            let g = go_server(&stack, "grpc");
+            wait_ready_healthz(g.health_port, &g.proc).await;
+            let port = g.agent_port;
+            (None, Some(g), port)
+        };
+        // Our agent as a process, killed with SIGKILL while the Go client downloads 1 GiB through it.
+        let mut agent = Command::new(crate::faults::binary("proxy-agent"))
+            .args([
+                format!("--ca-cert={}", stack.pki.ca.display()),
+                format!("--agent-cert={}", stack.pki.agent_cert.display()),
+                format!("--agent-key={}", stack.pki.agent_key.display()),
+                "--proxy-server-host=127.0.0.1".into(),
+                format!("--proxy-server-port={agent_port}"),
+                "--health-server-port=0".into(),
+                "--admin-server-port=0".into(),
+                "--sync-interval=100ms".into(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn our agent");
+        match (&rust_server, &go) {
+            (Some(s), _) => konnectivity_it::eventually!(15, s.handle.ready(), "agent did not connect"),
+            (_, Some(g)) => wait_ready(g.health_port, &g.proc).await,
+            _ => unreachable!(),
+        }
+        let client = tokio::process::Command::new(go_bin("grpc-client"))
+            .args([
+                format!("--uds={}", stack.uds.display()),
+                format!("--target={host}"),
+                "--mode=sha256".into(),
+                format!("--path=/bytes/{}", 1u64 << 30),
+                "--timeout=60s".into(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run grpc-client");
+        konnectivity_it::eventually!(30, target.open_connections() > 0, "the transfer did not start");
+        agent.kill().expect("SIGKILL agent");
+        let _ = agent.wait();
+        let out = tokio::time::timeout(Duration::from_secs(30), client.wait_with_output())
+            .await
+            .expect("the Go client hung after the agent died")
+            .expect("client output");
+        assert!(!out.status.success(), "a truncated transfer looked complete");
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        outcomes.push(if err.contains("unexpected EOF") { "unexpected EOF".to_string() } else { err });
+        if let Some(s) = rust_server {
+            assert_settled(&s, None).await;
+            s.stop().await;
+        }
+        drop(go);
+        konnectivity_it::eventually!(10, target.open_connections() == 0, "target connections left");
+    }
+    assert_eq!(outcomes[0], outcomes[1], "ours vs reference");
+    assert_eq!(outcomes[0], "unexpected EOF");
 }
