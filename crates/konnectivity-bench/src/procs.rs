@@ -1,0 +1,212 @@
+//! Launching the stacks under test as real processes, and reading their CPU time and memory from /proc.
+
+use konnectivity_it::pki::Pki;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Which implementation a component is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Impl {
+    /// konnectivity-rs.
+    Rust,
+    /// The Go reference.
+    Go,
+}
+
+impl Impl {
+    pub fn name(self) -> &'static str {
+        match self {
+            Impl::Rust => "rust",
+            Impl::Go => "go",
+        }
+    }
+}
+
+/// The frontend protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Grpc,
+    Connect,
+}
+
+impl Mode {
+    pub fn flag(self) -> &'static str {
+        match self {
+            Mode::Grpc => "grpc",
+            Mode::Connect => "http-connect",
+        }
+    }
+}
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub rust: PathBuf,
+    pub go: PathBuf,
+}
+
+impl Bins {
+    fn path(&self, which: Impl, name: &str) -> PathBuf {
+        match which {
+            Impl::Rust => self.rust.join(name),
+            Impl::Go => self.go.join(name),
+        }
+    }
+}
+
+/// A child process, killed when dropped.
+pub struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    pub fn from_child(child: Child) -> Self {
+        Self { child }
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running server and agent.
+pub struct Running {
+    pub server: Proc,
+    pub agent: Proc,
+    pub uds: PathBuf,
+}
+
+impl Running {
+    /// CPU seconds used so far by server and agent together.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.server.pid()) + cpu_seconds(self.agent.pid())
+    }
+    /// Resident memory of (server, agent), in KiB.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        (rss_kib(self.server.pid()), rss_kib(self.agent.pid()))
+    }
+}
+
+/// A free loopback port the Go server accepts (it refuses ports above 49151).
+pub fn free_port() -> u16 {
+    loop {
+        if let Ok(l) = std::net::TcpListener::bind("127.0.0.1:0")
+            && let Ok(a) = l.local_addr()
+            && (1024..=49151).contains(&a.port())
+        {
+            return a.port();
+        }
+    }
+}
+
+fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
+    let child = Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log)?)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting {}: {e}", bin.display()))?;
+    Ok(Proc { child })
+}
+
+/// Starts `server` and `agent` (each Rust or Go) with the same reference flags, and waits until the agent is
+/// connected (the server's `/readyz`).
+pub fn start(bins: &Bins, dir: &Path, pki: &Pki, server: Impl, agent: Impl, mode: Mode) -> anyhow::Result<Running> {
+    let uds = dir.join(format!("bench-{}.sock", std::process::id()));
+    let (agent_port, health) = (free_port(), free_port());
+    let server_args = vec![
+        format!("--mode={}", mode.flag()),
+        format!("--uds-name={}", uds.display()),
+        "--server-port=0".into(),
+        format!("--cluster-cert={}", pki.server_cert.display()),
+        format!("--cluster-key={}", pki.server_key.display()),
+        format!("--cluster-ca-cert={}", pki.ca.display()),
+        format!("--agent-port={agent_port}"),
+        "--agent-bind-address=127.0.0.1".into(),
+        format!("--health-port={health}"),
+        "--health-bind-address=127.0.0.1".into(),
+        format!("--admin-port={}", free_port()),
+        "--admin-bind-address=127.0.0.1".into(),
+        "--v=0".into(),
+    ];
+    let server = spawn(&bins.path(server, "proxy-server"), &server_args, &dir.join("server.log"))?;
+    let agent_args = vec![
+        format!("--ca-cert={}", pki.ca.display()),
+        format!("--agent-cert={}", pki.agent_cert.display()),
+        format!("--agent-key={}", pki.agent_key.display()),
+        "--proxy-server-host=127.0.0.1".into(),
+        format!("--proxy-server-port={agent_port}"),
+        "--health-server-host=127.0.0.1".into(),
+        format!("--health-server-port={}", free_port()),
+        "--admin-bind-address=127.0.0.1".into(),
+        format!("--admin-server-port={}", free_port()),
+        "--sync-interval=100ms".into(),
+        "--v=0".into(),
+    ];
+    let agent = spawn(&bins.path(agent, "proxy-agent"), &agent_args, &dir.join("agent.log"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if http_status(health, "/readyz") == Some(200) {
+            return Ok(Running { server, agent, uds });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!(
+        "stack did not become ready; server log: {}; agent log: {}",
+        std::fs::read_to_string(dir.join("server.log"))
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" | "),
+        std::fs::read_to_string(dir.join("agent.log"))
+            .unwrap_or_default()
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join(" | ")
+    )
+}
+
+fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // Linux reports these in USER_HZ, which is 100 on every architecture it supports.
+    ticks as f64 / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+            })
+        })
+        .unwrap_or(0)
+}
