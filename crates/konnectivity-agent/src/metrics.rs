@@ -1,6 +1,7 @@
 //! The agent's Prometheus metrics, spelled as the reference's `pkg/agent/metrics`, in a registry of their own.
 
 use konnectivity_proto::names::METRICS_NAMESPACE;
+use konnectivity_transport::packet_counters::PacketCounters;
 use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 
 const SUBSYSTEM: &str = "agent";
@@ -16,7 +17,7 @@ pub struct AgentMetrics {
     pub(crate) open_server_connections: Gauge,
     pub(crate) known_server_count: Gauge,
     pub(crate) open_endpoint_connections: Gauge,
-    pub(crate) stream_packets: IntCounterVec,
+    stream_packets: std::sync::Arc<PacketCounters>,
     pub(crate) stream_errors: IntCounterVec,
 }
 
@@ -28,6 +29,13 @@ impl AgentMetrics {
     /// Creates the metrics in a fresh registry.
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        let stream_packets = IntCounterVec::new(
+            opts(
+                "stream_packets_total",
+                "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
+            ),
+            &["segment", "packet_type"],
+        )?;
         let m = Self {
             dial_duration: Histogram::with_opts(
                 HistogramOpts::from(opts("dial_duration_seconds", "Latency of dial to the remote endpoint in seconds"))
@@ -59,13 +67,10 @@ impl AgentMetrics {
                 "open_endpoint_connections",
                 "Current number of open endpoint connections.",
             ))?,
-            stream_packets: IntCounterVec::new(
-                opts(
-                    "stream_packets_total",
-                    "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
-                ),
-                &["segment", "packet_type"],
-            )?,
+            stream_packets: std::sync::Arc::new(PacketCounters::new(
+                stream_packets.clone(),
+                &["from_agent", "to_agent"],
+            )),
             stream_errors: IntCounterVec::new(
                 opts(
                     "stream_errors_total",
@@ -81,7 +86,7 @@ impl AgentMetrics {
         m.registry.register(Box::new(m.open_server_connections.clone()))?;
         m.registry.register(Box::new(m.known_server_count.clone()))?;
         m.registry.register(Box::new(m.open_endpoint_connections.clone()))?;
-        m.registry.register(Box::new(m.stream_packets.clone()))?;
+        m.registry.register(Box::new(stream_packets.clone()))?;
         m.registry.register(Box::new(m.stream_errors.clone()))?;
         Ok(m)
     }
@@ -91,11 +96,13 @@ impl AgentMetrics {
         &self.registry
     }
 
-    pub(crate) fn sent(&self, packet_type: &str) {
-        self.stream_packets.with_label_values(&["from_agent", packet_type]).inc();
+    /// Counts a packet sent to a server (PacketType number).
+    pub(crate) fn sent(&self, packet_type: i32) {
+        self.stream_packets.inc(0, packet_type);
     }
-    pub(crate) fn received(&self, packet_type: &str) {
-        self.stream_packets.with_label_values(&["to_agent", packet_type]).inc();
+    /// Counts a packet received from a server (PacketType number).
+    pub(crate) fn received(&self, packet_type: i32) {
+        self.stream_packets.inc(1, packet_type);
     }
 
     /// Current `open_endpoint_connections`.

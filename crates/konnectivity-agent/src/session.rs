@@ -97,7 +97,7 @@ impl Session {
 
     /// Sends a packet to the server; false once the stream is gone.
     async fn send(&self, packet: Packet) -> bool {
-        let packet_type = packet.type_name();
+        let packet_type = packet.r#type;
         let sent = tokio::select! {
             r = self.to_server.send(packet) => r.is_ok(),
             _ = self.closed.cancelled() => false,
@@ -110,7 +110,7 @@ impl Session {
 
     /// Sends a control packet from the receive loop without waiting there.
     fn send_control(self: &Arc<Self>, packet: Packet) {
-        self.metrics.sent(packet.type_name());
+        self.metrics.sent(packet.r#type);
         if let Err(TrySendError::Full(packet)) = self.to_server.try_send(packet) {
             let me = self.clone();
             self.tracker.spawn(async move {
@@ -169,7 +169,7 @@ impl Session {
 
     async fn handle(self: &Arc<Self>, packet: Packet) {
         let packet_type = packet.type_name();
-        self.metrics.received(packet_type);
+        self.metrics.received(packet.r#type);
         let kind = match packet.kind() {
             Ok(k) => k,
             Err(e) => {

@@ -99,7 +99,7 @@ pub struct Backend {
 impl Backend {
     /// Sends a packet to the agent, waiting for room; fails if the stream has ended.
     pub(crate) async fn send(&self, packet: Packet, tunnels: &Tunnels) -> Result<(), Status> {
-        let packet_type = packet.type_name();
+        let packet_type = packet.r#type;
         tokio::select! {
             r = self.to_agent.send(packet) => r.map_err(|_| Status::unavailable("agent stream closed"))?,
             _ = self.closed.cancelled() => return Err(Status::unavailable("agent stream closed")),
@@ -111,7 +111,7 @@ impl Backend {
     /// Sends a control packet from a context that must not wait (the agent's own reader): if the queue is
     /// full, the send moves to a task of its own.
     pub(crate) fn send_control(&self, packet: Packet, tunnels: &Tunnels) {
-        tunnels.metrics.packet(Segment::ToAgent, packet.type_name());
+        tunnels.metrics.packet(Segment::ToAgent, packet.r#type);
         if let Err(mpsc::error::TrySendError::Full(packet)) = self.to_agent.try_send(packet) {
             let tx = self.to_agent.clone();
             let closed = self.closed.clone();
@@ -324,7 +324,7 @@ async fn serve_agent(backend: Arc<Backend>, mut inbound: Streaming<Packet>, tunn
 
 async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &Tunnels) {
     let packet_type = packet.type_name();
-    tunnels.metrics.packet(Segment::FromAgent, packet_type);
+    tunnels.metrics.packet(Segment::FromAgent, packet.r#type);
     let kind = match packet.kind() {
         Ok(k) => k,
         Err(e) => {

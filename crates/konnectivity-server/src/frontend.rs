@@ -117,7 +117,7 @@ impl FrontendSession {
 
     async fn handle(&mut self, packet: Packet) {
         let packet_type = packet.type_name();
-        self.tunnels.metrics.packet(Segment::FromClient, packet_type);
+        self.tunnels.metrics.packet(Segment::FromClient, packet.r#type);
         let kind = match packet.kind() {
             Ok(k) => k,
             Err(e) => {

@@ -2,6 +2,7 @@
 //! (`pkg/server/metrics`), in a registry of their own so several servers can run in one process (tests).
 
 use konnectivity_proto::names::METRICS_NAMESPACE;
+use konnectivity_transport::packet_counters::PacketCounters;
 use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
 
 const SUBSYSTEM: &str = "server";
@@ -53,6 +54,9 @@ pub enum Segment {
     ToAgent,
 }
 
+/// Segment labels, indexed by `Segment as usize`.
+const SEGMENTS: [&str; 4] = ["from_client", "to_client", "from_agent", "to_agent"];
+
 impl Segment {
     fn label(self) -> &'static str {
         match self {
@@ -77,7 +81,7 @@ pub struct ServerMetrics {
     established: Gauge,
     full_receive_channels: GaugeVec,
     dial_failures: IntCounterVec,
-    stream_packets: IntCounterVec,
+    stream_packets: std::sync::Arc<PacketCounters>,
     stream_errors: IntCounterVec,
 }
 
@@ -163,7 +167,7 @@ impl ServerMetrics {
             established,
             full_receive_channels,
             dial_failures,
-            stream_packets,
+            stream_packets: std::sync::Arc::new(PacketCounters::new(stream_packets, &SEGMENTS)),
             stream_errors,
         })
     }
@@ -198,8 +202,9 @@ impl ServerMetrics {
     pub(crate) fn dial_failure(&self, reason: DialFailureReason) {
         self.dial_failures.with_label_values(&[reason.label()]).inc();
     }
-    pub(crate) fn packet(&self, segment: Segment, packet_type: &str) {
-        self.stream_packets.with_label_values(&[segment.label(), packet_type]).inc();
+    /// Counts a packet of PacketType number `packet_type` (`Packet::r#type`).
+    pub(crate) fn packet(&self, segment: Segment, packet_type: i32) {
+        self.stream_packets.inc(segment as usize, packet_type);
     }
     pub(crate) fn stream_error(&self, segment: Segment, code: tonic::Code, packet_type: &str) {
         self.stream_errors

@@ -96,7 +96,7 @@ impl Frontend {
 
     /// Queues a control packet (never waits: control packets are small and bounded in number).
     pub(crate) fn send_control(&self, packet: Packet, metrics: &ServerMetrics) {
-        metrics.packet(Segment::ToClient, packet.type_name());
+        metrics.packet(Segment::ToClient, packet.r#type);
         let _ = self.tx.send(Ok(packet));
     }
 
@@ -127,7 +127,7 @@ impl Frontend {
             }
         }
         self.budget.add(cost);
-        metrics.packet(Segment::ToClient, packet.type_name());
+        metrics.packet(Segment::ToClient, packet.r#type);
         match self.tx.send(Ok(packet)) {
             Ok(()) => Delivery::Queued,
             Err(_) => Delivery::Gone,

@@ -39,7 +39,7 @@ pub struct AuthorityFix<S> {
     out: VecDeque<Bytes>,
     /// How much of the client preface has been passed on.
     preface_seen: usize,
-    decoder: loona_hpack::Decoder<'static>,
+    decoder: crate::hpack::Decoder,
     /// A header block waiting for its CONTINUATION frames.
     pending: Option<PendingBlock>,
     /// After something unexpected, bytes are passed through unchanged and h2 judges them.
@@ -62,7 +62,8 @@ impl<S> AuthorityFix<S> {
             raw: BytesMut::with_capacity(16 * 1024),
             out: VecDeque::new(),
             preface_seen: 0,
-            decoder: loona_hpack::Decoder::new(),
+            // h2 advertises no SETTINGS_HEADER_TABLE_SIZE, so clients keep to the default 4096.
+            decoder: crate::hpack::Decoder::new(4096),
             pending: None,
             passthrough: false,
             eof: false,
@@ -161,19 +162,18 @@ impl<S> AuthorityFix<S> {
             return true;
         }
         let Some(block) = self.pending.take() else { return true };
-        let mut headers = Vec::new();
-        let decoded = self.decoder.decode_with_cb(&block.fragment, |name, value| {
-            let value = if name.as_ref() == b":authority" && !valid_authority(&value) {
-                REPLACEMENT.to_vec()
-            } else {
-                value.into_owned()
-            };
-            headers.push((name.into_owned(), value));
-        });
-        if decoded.is_err() {
+        let Ok(fields) = self.decoder.decode(&block.fragment) else {
             // h2 would fail to decode it too; it reports the compression error on the original bytes.
             return self.keep_original(original);
-        }
+        };
+        let headers: Vec<(Vec<u8>, Vec<u8>)> = fields
+            .into_iter()
+            .map(|(name, value)| {
+                let value =
+                    if name == b":authority" && !valid_authority(&value) { REPLACEMENT.to_vec() } else { value };
+                (name, value)
+            })
+            .collect();
         self.emit(block.stream_id, block.flags & END_STREAM, block.priority, &encode(&headers));
         true
     }

@@ -7,8 +7,10 @@
 pub mod budget;
 pub mod flags;
 pub mod h2_authority;
+pub mod hpack;
 pub mod http_endpoints;
 pub mod listen;
 pub mod logging;
+pub mod packet_counters;
 pub mod signals;
 pub mod tls;

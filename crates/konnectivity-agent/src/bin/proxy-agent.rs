@@ -19,7 +19,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().thread_name("proxy-agent").enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("proxy-agent: starting the runtime: {e}");
