@@ -257,7 +257,7 @@ async fn measure(
             record(results, &name, &format!("server RSS MiB with {n} tunnels"), s1 as f64 / 1024.0);
             drop(conns);
         }
-        let patience = if sizes.hol <= 32 << 20 { Duration::from_secs(10) } else { Duration::from_secs(30) };
+        let patience = if sizes.hol <= 32 << 20 { Duration::from_secs(10) } else { Duration::from_secs(15) };
         let (alone, beside) = scenarios::head_of_line(&path, target, sizes.hol, patience).await?;
         record(results, &name, "head-of-line: bulk beside a stalled tunnel / alone", beside / alone);
     }
