@@ -79,6 +79,7 @@ pub struct AgentHandle {
     sessions: Arc<Mutex<HashMap<String, Arc<Session>>>>,
     /// Cancelled by [`AgentHandle::finish`]: every server stream is ended cleanly.
     finish: CancellationToken,
+    agent_id: Arc<str>,
     metrics: AgentMetrics,
 }
 
@@ -100,6 +101,12 @@ impl AgentHandle {
     /// Used at the end of a drain, so that the last bytes of the last connections are not lost on exit.
     pub fn finish(&self) {
         self.finish.cancel();
+    }
+
+    /// Server streams and their connections, as `/debug/connections` on the admin port shows them.
+    pub fn debug_connections(&self) -> serde_json::Value {
+        let servers: Vec<_> = self.sessions.lock().values().map(|s| s.debug_view()).collect();
+        serde_json::json!({ "agent_id": &*self.agent_id, "servers": servers })
     }
 
     /// The agent's metrics.
@@ -161,6 +168,7 @@ pub async fn start(
     let handle = AgentHandle {
         sessions: Arc::new(Mutex::new(HashMap::new())),
         finish: CancellationToken::new(),
+        agent_id: config.agent_id.as_str().into(),
         metrics: metrics.clone(),
     };
 
@@ -190,7 +198,9 @@ pub async fn start(
             let listener = listen::bind_tcp(bind, *port).await?;
             let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), source })?;
             let health_port = health_addr.map(|a| a.port());
+            let h = handle.clone();
             let handler: Handler = Arc::new(move |req| match (req.uri().path(), health_port) {
+                ("/debug/connections", _) => http_endpoints::json(&h.debug_connections()),
                 ("/metrics", Some(port)) => {
                     // As the reference: metrics live on the health port; point there.
                     let host =

@@ -87,6 +87,27 @@ impl AgentMetrics {
         m.registry.register(Box::new(m.known_server_count.clone()))?;
         m.registry.register(Box::new(m.open_endpoint_connections.clone()))?;
         m.registry.register(Box::new(stream_packets.clone()))?;
+        // Lease metrics, as the reference registers them; they move once server counting by leases exists.
+        m.registry.register(Box::new(IntCounterVec::new(
+            opts(
+                "lease_lists_total",
+                "Count of server lease list calls made by the agent to the k8s apiserver, labeled by HTTP response code and reason",
+            ),
+            &["http_response_code", "reason"],
+        )?))?;
+        m.registry.register(Box::new(IntCounterVec::new(
+            opts(
+                "lease_watches_total",
+                "Count of server lease watch calls made by the agent to the k8s apiserver, labeled by HTTP response code and reason",
+            ),
+            &["http_response_code", "reason"],
+        )?))?;
+        m.registry.register(Box::new(prometheus::HistogramVec::new(
+            HistogramOpts::from(opts("lease_list_latency_seconds", "Latency of server lease listing in seconds"))
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["http_response_code"],
+        )?))?;
+        m.registry.register(Box::new(konnectivity_transport::process_metrics::ProcessMetrics::new()?))?;
         m.registry.register(Box::new(m.stream_errors.clone()))?;
         Ok(m)
     }

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -36,12 +36,31 @@ struct EndpointConn {
     /// Bytes for the endpoint. Dropping the sender lets the writer drain what is queued and finish, which
     /// is how a CLOSE_REQ closes the connection.
     to_endpoint: mpsc::UnboundedSender<Bytes>,
-    /// What `to_endpoint` holds, in flow-control cost units.
-    budget: Arc<QueueBudget>,
-    /// Credit for sending this connection's DATA to the server (flow-controlled streams only).
-    send_window: Option<Arc<Semaphore>>,
+    /// State the connection's own task shares with the receive loop.
+    shared: Arc<ConnShared>,
     /// Stops the connection at once (an endpoint that stopped reading, or a close that could not drain).
     kill: CancellationToken,
+}
+
+/// What the receive loop and a connection's task both use.
+pub(crate) struct ConnShared {
+    /// What `to_endpoint` holds, in flow-control cost units.
+    budget: QueueBudget,
+    /// Credit for sending this connection's DATA to the server (flow-controlled streams only).
+    send_window: Option<Semaphore>,
+    /// Where it goes and since when, and bytes each way (for `/debug/connections`).
+    pub(crate) address: String,
+    pub(crate) dial_id: i64,
+    pub(crate) started: Instant,
+    pub(crate) from_server: AtomicU64,
+    pub(crate) to_server: AtomicU64,
+}
+
+impl ConnShared {
+    /// Bytes queued towards the endpoint.
+    pub(crate) fn queued(&self) -> usize {
+        self.budget.queued()
+    }
 }
 
 /// One server stream's state.
@@ -93,6 +112,33 @@ impl Session {
     /// Endpoint connections open on this stream.
     pub(crate) fn connection_count(&self) -> usize {
         self.conns.lock().len()
+    }
+
+    /// This stream and its connections, for `/debug/connections`.
+    pub(crate) fn debug_view(&self) -> serde_json::Value {
+        let connections: Vec<_> = self
+            .conns
+            .lock()
+            .iter()
+            .map(|(connect_id, c)| {
+                let s = &c.shared;
+                serde_json::json!({
+                    "connect_id": connect_id,
+                    "dial_id": s.dial_id,
+                    "address": s.address,
+                    "age_seconds": s.started.elapsed().as_secs_f64(),
+                    "bytes_from_server": s.from_server.load(Ordering::Relaxed),
+                    "bytes_to_server": s.to_server.load(Ordering::Relaxed),
+                    "queued_bytes": s.queued(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "server_id": self.server_id,
+            "flow_control": self.flow_control,
+            "dials_in_flight": self.dials.lock().len(),
+            "connections": connections,
+        })
     }
 
     /// Sends a packet to the server; false once the stream is gone.
@@ -189,8 +235,8 @@ impl Session {
             }
             PacketKind::Data(data) => {
                 let connect_id = data.connect_id;
-                let conn = self.conns.lock().get(&connect_id).map(|c| (c.to_endpoint.clone(), c.budget.clone()));
-                let Some((tx, budget)) = conn else {
+                let conn = self.conns.lock().get(&connect_id).map(|c| (c.to_endpoint.clone(), c.shared.clone()));
+                let Some((tx, shared)) = conn else {
                     self.send_control(Packet::close_response(connect_id, UNRECOGNIZED_CONNECT_ID));
                     return;
                 };
@@ -198,6 +244,8 @@ impl Session {
                     return;
                 }
                 let cost = flow::cost(data.data.len()) as usize;
+                shared.from_server.fetch_add(data.data.len() as u64, Ordering::Relaxed);
+                let budget = &shared.budget;
                 let queued = if self.flow_control {
                     // The server may not exceed the window; if it does, it is not our peer any more.
                     budget.queued() + cost <= 2 * flow::WINDOW as usize
@@ -246,7 +294,7 @@ impl Session {
                 }
             }
             PacketKind::WindowUpdate { connect_id, credit } => {
-                if let Some(window) = self.conns.lock().get(&connect_id).and_then(|c| c.send_window.as_ref()) {
+                if let Some(window) = self.conns.lock().get(&connect_id).and_then(|c| c.shared.send_window.as_ref()) {
                     window.add_permits(credit as usize);
                 }
             }
@@ -292,12 +340,16 @@ impl Session {
         self.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
         let (to_endpoint, from_server) = mpsc::unbounded_channel();
         let kill = self.closed.child_token();
-        let budget = Arc::new(QueueBudget::default());
-        let send_window = self.flow_control.then(|| Arc::new(Semaphore::new(flow::WINDOW as usize)));
-        self.conns.lock().insert(
-            connect_id,
-            EndpointConn { to_endpoint, budget: budget.clone(), send_window: send_window.clone(), kill: kill.clone() },
-        );
+        let shared = Arc::new(ConnShared {
+            budget: QueueBudget::default(),
+            send_window: self.flow_control.then(|| Semaphore::new(flow::WINDOW as usize)),
+            address: address.clone(),
+            dial_id: random,
+            started: Instant::now(),
+            from_server: AtomicU64::new(0),
+            to_server: AtomicU64::new(0),
+        });
+        self.conns.lock().insert(connect_id, EndpointConn { to_endpoint, shared: shared.clone(), kill: kill.clone() });
         self.metrics.open_endpoint_connections.inc();
         if !self.send(Packet::dial_response(random, connect_id, "")).await {
             self.conns.lock().remove(&connect_id);
@@ -305,7 +357,7 @@ impl Session {
             return;
         }
         tracing::debug!("connected");
-        self.pipe(stream, connect_id, from_server, &budget, send_window, &kill).await;
+        self.pipe(stream, connect_id, from_server, &shared, &kill).await;
         kill.cancel();
         self.metrics.open_endpoint_connections.dec();
     }
@@ -316,8 +368,7 @@ impl Session {
         stream: TcpStream,
         connect_id: i64,
         mut from_server: mpsc::UnboundedReceiver<Bytes>,
-        budget: &QueueBudget,
-        send_window: Option<Arc<Semaphore>>,
+        shared: &ConnShared,
         kill: &CancellationToken,
     ) {
         let (mut rd, mut wr) = stream.into_split();
@@ -326,7 +377,7 @@ impl Session {
             while let Some(bytes) = from_server.recv().await {
                 wr.write_all(&bytes).await?;
                 let cost = flow::cost(bytes.len());
-                budget.release(cost as usize);
+                shared.budget.release(cost as usize);
                 if self.flow_control
                     && let Some(c) = credit.consumed(cost)
                 {
@@ -345,16 +396,18 @@ impl Session {
                     Ok(0) => return Ok(()),
                     Ok(_) => {
                         let chunk = buf.split().freeze();
-                        if let Some(window) = &send_window {
+                        if let Some(window) = &shared.send_window {
                             // Wait for the server's credit for this connection only.
                             match window.acquire_many(flow::cost(chunk.len())).await {
                                 Ok(permit) => permit.forget(),
                                 Err(_) => return Ok(()),
                             }
                         }
+                        let len = chunk.len() as u64;
                         if !self.send(Packet::data(connect_id, chunk)).await {
                             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "server stream closed"));
                         }
+                        shared.to_server.fetch_add(len, Ordering::Relaxed);
                     }
                     Err(e) => return Err(e),
                 }

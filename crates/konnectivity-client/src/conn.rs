@@ -29,6 +29,8 @@ pub struct TunnelConn {
     pending: Bytes,
     close_tx: mpsc::Sender<Packet>,
     eof: bool,
+    /// `client_connections{status="ok"}` while the connection is open.
+    _ok: crate::metrics::ConnectionGauge,
 }
 
 impl std::fmt::Debug for TunnelConn {
@@ -48,6 +50,7 @@ impl TunnelConn {
             pending: Bytes::new(),
             close_tx: to_server,
             eof: false,
+            _ok: crate::metrics::ConnectionGauge::new("ok"),
         }
     }
 
@@ -80,7 +83,12 @@ async fn serve(
             },
         };
         match next {
-            Ok(Some(packet)) => match packet.kind() {
+            Ok(Some(packet)) => match {
+                crate::metrics::received(packet.r#type);
+                packet
+            }
+            .kind()
+            {
                 Ok(PacketKind::Data(d)) if d.connect_id == connect_id => {
                     if let Some(r) = &reader
                         && r.send(Ok(d.data)).await.is_err()
@@ -158,6 +166,7 @@ impl AsyncWrite for TunnelConn {
         let n = buf.len().min(MAX_WRITE);
         let packet = Packet::data(self.connect_id, Bytes::copy_from_slice(&buf[..n]));
         self.writer.send_item(packet).map_err(|_| closed())?;
+        crate::metrics::sent(konnectivity_proto::PacketType::Data as i32);
         Poll::Ready(Ok(n))
     }
 
@@ -174,8 +183,8 @@ impl AsyncWrite for TunnelConn {
 
 impl Drop for TunnelConn {
     fn drop(&mut self) {
-        if !self.eof {
-            let _ = self.close_tx.try_send(Packet::close_request(self.connect_id));
+        if !self.eof && self.close_tx.try_send(Packet::close_request(self.connect_id)).is_ok() {
+            crate::metrics::sent(konnectivity_proto::PacketType::CloseReq as i32);
         }
     }
 }

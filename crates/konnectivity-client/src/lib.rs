@@ -16,6 +16,7 @@
 
 mod conn;
 pub mod http_connect;
+pub mod metrics;
 mod tunnel;
 
 pub use conn::TunnelConn;

@@ -122,12 +122,18 @@ impl ProxyAddress {
 pub struct Tunnel {
     client: ProxyServiceClient<Channel>,
     single_use: Option<Arc<AtomicBool>>,
+    /// `client_connections{status="created"}` while any clone of this tunnel is alive.
+    _created: Arc<crate::metrics::ConnectionGauge>,
 }
 
 impl Tunnel {
     /// Connects a reusable tunnel: every [`dial`](Self::dial) opens a new stream on one HTTP/2 connection.
     pub async fn connect(address: &ProxyAddress) -> Result<Self, DialError> {
-        Ok(Self { client: ProxyServiceClient::new(channel(address).await?), single_use: None })
+        Ok(Self {
+            client: ProxyServiceClient::new(channel(address).await?),
+            single_use: None,
+            _created: Arc::new(crate::metrics::ConnectionGauge::new("created")),
+        })
     }
 
     /// Connects a single-use tunnel, like the reference's `CreateSingleUseGrpcTunnel`.
@@ -135,6 +141,7 @@ impl Tunnel {
         Ok(Self {
             client: ProxyServiceClient::new(channel(address).await?),
             single_use: Some(Arc::new(AtomicBool::new(false))),
+            _created: Arc::new(crate::metrics::ConnectionGauge::new("created")),
         })
     }
 
@@ -142,6 +149,15 @@ impl Tunnel {
     /// connection. Waits at most [`DIAL_TIMEOUT`]; wrap it in a timeout or drop the future to give up sooner
     /// (the dial is then abandoned with DIAL_CLS).
     pub async fn dial(&self, address: &str) -> Result<TunnelConn, DialError> {
+        let _dialing = crate::metrics::ConnectionGauge::new("dialing");
+        let result = self.dial_once(address).await;
+        if let Err(e) = &result {
+            crate::metrics::dial_failed(e.reason.as_str());
+        }
+        result
+    }
+
+    async fn dial_once(&self, address: &str) -> Result<TunnelConn, DialError> {
         if let Some(used) = &self.single_use
             && used.swap(true, Ordering::SeqCst)
         {
@@ -154,6 +170,7 @@ impl Tunnel {
         to_server
             .try_send(Packet::dial_request(address, random))
             .map_err(|_| DialError::new(DialFailureReason::Unknown, "dial request could not be queued"))?;
+        crate::metrics::sent(konnectivity_proto::PacketType::DialReq as i32);
         // Abandoning the dial (timeout, or the caller dropping this future) sends DIAL_CLS.
         let mut guard = DialGuard { to_server: Some(to_server.clone()), random };
         let mut client = self.client.clone();
@@ -164,7 +181,10 @@ impl Tunnel {
             let mut inbound = response.into_inner();
             loop {
                 let packet = match inbound.message().await {
-                    Ok(Some(p)) => p,
+                    Ok(Some(p)) => {
+                        crate::metrics::received(p.r#type);
+                        p
+                    }
                     Ok(None) => {
                         return Err(DialError::new(DialFailureReason::TunnelClosed, "tunnel closed while dialing"));
                     }

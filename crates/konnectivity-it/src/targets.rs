@@ -264,3 +264,20 @@ pub fn pattern_sha256(len: usize) -> String {
     }
     h.hex()
 }
+
+/// A loopback port that refuses connections for as long as this value lives: its socket is bound but never
+/// listens, so no other test can take the port meanwhile (dropping a listener to make a "closed port" races
+/// with tests that bind in parallel).
+pub struct ClosedPort {
+    _socket: socket2::Socket,
+    /// The refusing address.
+    pub addr: SocketAddr,
+}
+
+/// Reserves a refusing loopback port.
+pub fn closed_port() -> std::io::Result<ClosedPort> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let addr = socket.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an inet address"))?;
+    Ok(ClosedPort { _socket: socket, addr })
+}

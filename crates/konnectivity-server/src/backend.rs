@@ -364,7 +364,7 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                     tunnels.fail_dial(random, &dial, DialFailureReason::ErrorResponse, "agent reused a connection ID");
                     return;
                 }
-                let link = Link::new(backend.clone(), connect_id);
+                let link = Link::new(backend.clone(), connect_id, random, dial.address.clone());
                 dial.frontend.links.lock().push(link.clone());
                 conns.insert(connect_id, ConnState::Open { frontend: dial.frontend.clone(), link });
             }

@@ -116,7 +116,7 @@ impl ConnectFrontend {
         IO: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let tunnels = &self.tunnels;
-        let (frontend, mut rx) = Frontend::new(tunnels.next_serial());
+        let (frontend, mut rx) = Frontend::new(tunnels.next_serial(), "http-connect");
         let random: i64 = rand::rng().random_range(1..i64::MAX);
         let backend = match tunnels.start_dial(&frontend, &target, random, self.backend_dial_timeout).await {
             Ok(b) => b,
@@ -149,9 +149,9 @@ impl ConnectFrontend {
             };
             tokio::select! {
                 packet = rx.recv() => {
-                    let Some(packet) = packet else { return tunnels.frontend_ended(&frontend, [random]) };
-                    match packet.map(|p| p.kind()) {
-                        Ok(Ok(PacketKind::DialResponse(rsp))) if rsp.random == random => {
+                    let Some((_, packet)) = packet else { return tunnels.frontend_ended(&frontend, [random]) };
+                    match packet.kind() {
+                        Ok(PacketKind::DialResponse(rsp)) if rsp.random == random => {
                             if rsp.error.is_empty() {
                                 break rsp.connect_id;
                             }
@@ -159,7 +159,7 @@ impl ConnectFrontend {
                             let _ = write_response(&mut io, status, "text/plain; charset=utf-8", &[("Connection", "close")], &rsp.error).await;
                             return tunnels.frontend_ended(&frontend, [random]);
                         }
-                        Ok(Ok(PacketKind::CloseDial(_))) => return tunnels.frontend_ended(&frontend, [random]),
+                        Ok(PacketKind::CloseDial(_)) => return tunnels.frontend_ended(&frontend, [random]),
                         _ => {}
                     }
                 }
@@ -192,18 +192,17 @@ impl ConnectFrontend {
             return tunnels.frontend_ended(&frontend, [random]);
         }
         tracing::debug!(%peer, %target, connect_id, "connection established");
-        let upload_window = frontend.link(backend.serial, connect_id).and_then(|l| l.upload_window.clone());
+        let link = frontend.link(backend.serial, connect_id);
         let (mut rd, mut wr) = tokio::io::split(io);
-        let to_agent = pipe_to_agent(&mut rd, early, &backend, connect_id, upload_window, tunnels);
+        let to_agent = pipe_to_agent(&mut rd, early, &backend, connect_id, link, tunnels);
         let to_client = async {
-            while let Some(item) = rx.recv().await {
-                let Ok(packet) = item else { return };
+            while let Some((queued_at, packet)) = rx.recv().await {
                 match &packet.payload {
                     Some(konnectivity_proto::packet::Payload::Data(d)) if d.connect_id == connect_id => {
                         if wr.write_all(&d.data).await.is_err() {
                             return;
                         }
-                        frontend.on_sent(&packet, tunnels);
+                        frontend.on_sent(&packet, queued_at, tunnels);
                     }
                     Some(
                         konnectivity_proto::packet::Payload::CloseResponse(_)
@@ -230,9 +229,10 @@ async fn pipe_to_agent<R: AsyncRead + Unpin>(
     early: BytesMut,
     backend: &Arc<Backend>,
     connect_id: i64,
-    upload_window: Option<Arc<tokio::sync::Semaphore>>,
+    link: Option<Arc<crate::state::Link>>,
     tunnels: &Tunnels,
 ) {
+    let upload_window = link.as_ref().and_then(|l| l.upload_window.clone());
     let mut pending = Some(early.freeze()).filter(|b| !b.is_empty());
     let mut buf = BytesMut::with_capacity(CLIENT_READ);
     loop {
@@ -254,8 +254,12 @@ async fn pipe_to_agent<R: AsyncRead + Unpin>(
                 Err(_) => return,
             }
         }
+        let len = chunk.len() as u64;
         if backend.send(Packet::data(connect_id, chunk), tunnels).await.is_err() {
             return;
+        }
+        if let Some(l) = &link {
+            l.to_agent.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -34,7 +34,7 @@ impl ProxyService for ProxyEndpoint {
 
     async fn proxy(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::ProxyStream>, Status> {
         let user_agent = request.metadata().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let (frontend, rx) = Frontend::new(self.tunnels.next_serial());
+        let (frontend, rx) = Frontend::new(self.tunnels.next_serial(), "grpc");
         let stream_end = frontend.closed.clone();
         let session = FrontendSession {
             frontend,
@@ -52,11 +52,10 @@ impl ProxyService for ProxyEndpoint {
         self.tracker.spawn(session.run(request.into_inner(), shutdown).instrument(span));
         let (sent_frontend, tunnels) = (session_frontend, self.tunnels.clone());
         let outbound = UnboundedReceiverStream::new(rx)
-            .inspect(move |item| {
+            .map(move |(queued_at, packet)| {
                 // The gRPC layer took this packet: free its budget, return flow-control credit.
-                if let Ok(packet) = item {
-                    sent_frontend.on_sent(packet, &tunnels);
-                }
+                sent_frontend.on_sent(&packet, queued_at, &tunnels);
+                Ok(packet)
             })
             .take_until(stream_end.cancelled_owned())
             .chain(
@@ -157,9 +156,11 @@ impl FrontendSession {
                     self.stopped = true;
                     return;
                 }
-                if let Some(window) =
-                    self.frontend.link(backend.serial, data.connect_id).and_then(|l| l.upload_window.clone())
-                {
+                let link = self.frontend.link(backend.serial, data.connect_id);
+                if let Some(link) = &link {
+                    link.to_agent.fetch_add(data.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                if let Some(window) = link.and_then(|l| l.upload_window.clone()) {
                     // Flow-controlled agent: wait for credit for this connection only.
                     let cost = konnectivity_proto::flow::cost(data.data.len());
                     let permit = tokio::select! {

@@ -3,7 +3,7 @@
 
 use konnectivity_proto::names::METRICS_NAMESPACE;
 use konnectivity_transport::packet_counters::PacketCounters;
-use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
 
 const SUBSYSTEM: &str = "server";
 const LATENCY_BUCKETS: [f64; 9] = [0.000001, 0.00001, 0.0001, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5];
@@ -73,6 +73,7 @@ impl Segment {
 pub struct ServerMetrics {
     registry: Registry,
     dial_duration: Histogram,
+    frontend_write_duration: Histogram,
     grpc_connections: GaugeVec,
     http_connections: Gauge,
     ready_backend_connections: Gauge,
@@ -95,6 +96,10 @@ impl ServerMetrics {
         let registry = Registry::new();
         let dial_duration = Histogram::with_opts(
             HistogramOpts::from(opts("dial_duration_seconds", "Latency of dial to the remote endpoint in seconds"))
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        )?;
+        let frontend_write_duration = Histogram::with_opts(
+            HistogramOpts::from(opts("frontend_write_duration_seconds", "Latency of write to the frontend in seconds"))
                 .buckets(LATENCY_BUCKETS.to_vec()),
         )?;
         let grpc_connections = GaugeVec::new(
@@ -146,6 +151,41 @@ impl ServerMetrics {
             &["segment", "code", "packet_type"],
         )?;
         registry.register(Box::new(dial_duration.clone()))?;
+        registry.register(Box::new(frontend_write_duration.clone()))?;
+        // Lease metrics, as the reference registers them; they move once the lease controller exists.
+        registry.register(Box::new(IntCounter::with_opts(opts(
+            "culled_leases_count",
+            "Count of expired leases that the lease garbage collection controller has culled.",
+        ))?))?;
+        registry.register(Box::new(HistogramVec::new(
+            HistogramOpts::from(opts(
+                "lease_delete_latency_seconds",
+                "Latency of lease deletion calls by the garbage collection controller in seconds.",
+            )),
+            &["http_status_code"],
+        )?))?;
+        registry.register(Box::new(IntCounterVec::new(
+            opts(
+                "lease_delete_total",
+                "Count of lease delection calls by the garbage collection controller. Labeled by HTTP status code and reason.",
+            ),
+            &["http_status_code", "reason"],
+        )?))?;
+        registry.register(Box::new(HistogramVec::new(
+            HistogramOpts::from(opts(
+                "lease_list_latency_seconds",
+                "Latency of lease list calls by the garbage collection controller in seconds.",
+            )),
+            &["http_status_code"],
+        )?))?;
+        registry.register(Box::new(IntCounterVec::new(
+            opts(
+                "lease_list_total",
+                "Count of lease deletion calls by the garbage collection controller. Labeled by HTTP status code and reason.",
+            ),
+            &["http_status_code", "reason"],
+        )?))?;
+        registry.register(Box::new(konnectivity_transport::process_metrics::ProcessMetrics::new()?))?;
         registry.register(Box::new(grpc_connections.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(ready_backend_connections.clone()))?;
@@ -159,6 +199,7 @@ impl ServerMetrics {
         Ok(Self {
             registry,
             dial_duration,
+            frontend_write_duration,
             grpc_connections,
             http_connections,
             ready_backend_connections,
@@ -179,6 +220,9 @@ impl ServerMetrics {
 
     pub(crate) fn observe_dial(&self, seconds: f64) {
         self.dial_duration.observe(seconds);
+    }
+    pub(crate) fn observe_frontend_write(&self, seconds: f64) {
+        self.frontend_write_duration.observe(seconds);
     }
     pub(crate) fn grpc_connections(&self, method: &str, delta: f64) {
         self.grpc_connections.with_label_values(&[method]).add(delta);

@@ -78,6 +78,7 @@ pub struct RunningServer {
 #[derive(Clone)]
 pub struct ServerHandle {
     tunnels: Arc<Tunnels>,
+    server_id: Arc<str>,
 }
 
 impl ServerHandle {
@@ -108,6 +109,61 @@ impl ServerHandle {
                 connections: b.conns.lock().len(),
             })
             .collect()
+    }
+    /// Agents, pending dials and connections, as `/debug/connections` on the admin port shows them.
+    pub fn debug_connections(&self) -> serde_json::Value {
+        use crate::backend::ConnState;
+        use serde_json::json;
+        use std::sync::atomic::Ordering;
+        let backends = self.tunnels.backends.all();
+        let agents: Vec<_> = backends
+            .iter()
+            .map(|b| {
+                json!({
+                    "agent_id": b.agent_id,
+                    "peer": b.peer,
+                    "identifiers": {
+                        "host": b.identifiers.hosts,
+                        "ipv4": b.identifiers.ipv4,
+                        "ipv6": b.identifiers.ipv6,
+                        "cidr": b.identifiers.cidrs,
+                        "default_route": b.identifiers.default_route,
+                    },
+                    "connected_seconds": b.connected_at.elapsed().as_secs_f64(),
+                    "draining": b.is_draining(),
+                    "flow_control": b.flow_control,
+                    "connections": b.conns.lock().len(),
+                })
+            })
+            .collect();
+        let mut connections = Vec::new();
+        for b in &backends {
+            for (connect_id, state) in b.conns.lock().iter() {
+                connections.push(match state {
+                    ConnState::Open { frontend, link } => json!({
+                        "agent_id": b.agent_id,
+                        "connect_id": connect_id,
+                        "dial_id": link.dial_id,
+                        "address": link.address,
+                        "frontend": frontend.kind,
+                        "state": "open",
+                        "age_seconds": link.established.elapsed().as_secs_f64(),
+                        "bytes_to_frontend": link.to_frontend.load(Ordering::Relaxed),
+                        "bytes_to_agent": link.to_agent.load(Ordering::Relaxed),
+                        "queued_bytes": frontend.queued(),
+                    }),
+                    ConnState::Closing => {
+                        json!({ "agent_id": b.agent_id, "connect_id": connect_id, "state": "closing" })
+                    }
+                });
+            }
+        }
+        json!({
+            "server_id": &*self.server_id,
+            "agents": agents,
+            "pending_dials": self.tunnels.pending_snapshot(),
+            "connections": connections,
+        })
     }
     /// The server's metrics.
     pub fn metrics(&self) -> &ServerMetrics {
@@ -198,7 +254,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
 
     let frontend_addr = start_frontend(&config, &tunnels, &shutdown, &tracker).await?;
 
-    let handle = ServerHandle { tunnels: tunnels.clone() };
+    let handle = ServerHandle { tunnels: tunnels.clone(), server_id: config.server_id.as_str().into() };
     let health_addr = match &config.health {
         Some((bind, port)) => {
             let listener = listen::bind_tcp(bind, *port).await?;
@@ -226,9 +282,10 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
         Some((bind, port)) => {
             let listener = listen::bind_tcp(bind, *port).await?;
             let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), source })?;
-            let m = metrics.clone();
+            let h = handle.clone();
             let handler: Handler = Arc::new(move |req| match req.uri().path() {
-                "/metrics" => http_endpoints::metrics(m.registry()),
+                "/metrics" => http_endpoints::metrics(h.metrics().registry()),
+                "/debug/connections" => http_endpoints::json(&h.debug_connections()),
                 _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
             });
             http_endpoints::serve(listener, handler, shutdown.clone(), &tracker);

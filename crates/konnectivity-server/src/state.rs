@@ -29,6 +29,13 @@ pub const FRONTEND_QUEUE_LIMIT: usize = 4 << 20;
 pub(crate) struct Link {
     pub(crate) backend: Arc<Backend>,
     pub(crate) connect_id: i64,
+    /// The dial this connection came from, and where it goes (for `/debug/connections`).
+    pub(crate) dial_id: i64,
+    pub(crate) address: String,
+    pub(crate) established: Instant,
+    /// Bytes handed to the frontend, and sent to the agent.
+    pub(crate) to_frontend: AtomicU64,
+    pub(crate) to_agent: AtomicU64,
     /// Credit for sending this connection's DATA to the agent (flow-controlled agents only).
     pub(crate) upload_window: Option<Arc<Semaphore>>,
     /// Counts what the frontend consumed, to return credit to the agent.
@@ -36,16 +43,32 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(backend: Arc<Backend>, connect_id: i64) -> Arc<Self> {
+    pub(crate) fn new(backend: Arc<Backend>, connect_id: i64, dial_id: i64, address: String) -> Arc<Self> {
         let upload_window = backend.flow_control.then(|| Arc::new(Semaphore::new(flow::WINDOW as usize)));
-        Arc::new(Self { backend, connect_id, upload_window, download_credit: CreditMeter::default() })
+        Arc::new(Self {
+            backend,
+            connect_id,
+            dial_id,
+            address,
+            established: Instant::now(),
+            to_frontend: AtomicU64::new(0),
+            to_agent: AtomicU64::new(0),
+            upload_window,
+            download_credit: CreditMeter::default(),
+        })
     }
 }
+
+/// A packet queued for a frontend, with when it was queued.
+pub(crate) type Queued = (Instant, Packet);
 
 /// One frontend stream (a `/ProxyService/Proxy` call).
 pub(crate) struct Frontend {
     pub(crate) serial: u64,
-    tx: mpsc::UnboundedSender<Result<Packet, Status>>,
+    /// `grpc` or `http-connect`.
+    pub(crate) kind: &'static str,
+    /// Packets for the frontend, each with when it was queued (for `frontend_write_duration_seconds`).
+    tx: mpsc::UnboundedSender<Queued>,
     /// What `tx` holds, in flow-control cost units. Bounded by the connection's window (flow-controlled
     /// agents) or by [`FRONTEND_QUEUE_LIMIT`] (others).
     budget: QueueBudget,
@@ -70,10 +93,11 @@ pub(crate) enum Delivery {
 }
 
 impl Frontend {
-    pub(crate) fn new(serial: u64) -> (Arc<Self>, mpsc::UnboundedReceiver<Result<Packet, Status>>) {
+    pub(crate) fn new(serial: u64, kind: &'static str) -> (Arc<Self>, mpsc::UnboundedReceiver<Queued>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let frontend = Arc::new(Self {
             serial,
+            kind,
             tx,
             budget: QueueBudget::default(),
             links: Mutex::new(Vec::new()),
@@ -97,7 +121,7 @@ impl Frontend {
     /// Queues a control packet (never waits: control packets are small and bounded in number).
     pub(crate) fn send_control(&self, packet: Packet, metrics: &ServerMetrics) {
         metrics.packet(Segment::ToClient, packet.r#type);
-        let _ = self.tx.send(Ok(packet));
+        let _ = self.tx.send((Instant::now(), packet));
     }
 
     /// Queues a DATA packet from the agent. With a flow-controlled agent this never waits (the window bounds
@@ -128,7 +152,7 @@ impl Frontend {
         }
         self.budget.add(cost);
         metrics.packet(Segment::ToClient, packet.r#type);
-        match self.tx.send(Ok(packet)) {
+        match self.tx.send((Instant::now(), packet)) {
             Ok(()) => Delivery::Queued,
             Err(_) => Delivery::Gone,
         }
@@ -136,11 +160,15 @@ impl Frontend {
 
     /// Called as the gRPC layer takes a packet off the queue: frees its budget and, for flow-controlled
     /// agents, returns credit once enough was consumed.
-    pub(crate) fn on_sent(&self, packet: &Packet, tunnels: &Tunnels) {
+    pub(crate) fn on_sent(&self, packet: &Packet, queued_at: Instant, tunnels: &Tunnels) {
+        tunnels.metrics.observe_frontend_write(queued_at.elapsed().as_secs_f64());
         let Some(packet::Payload::Data(data)) = &packet.payload else { return };
         let cost = flow::cost(data.data.len());
         self.budget.release(cost as usize);
         let link = self.links.lock().iter().find(|l| l.connect_id == data.connect_id).cloned();
+        if let Some(link) = &link {
+            link.to_frontend.fetch_add(data.data.len() as u64, Ordering::Relaxed);
+        }
         if let Some(link) = link
             && link.backend.flow_control
             && let Some(credit) = link.download_credit.consumed(cost)
@@ -157,6 +185,11 @@ impl Frontend {
     /// This frontend's link for connection `connect_id` on the agent stream `backend_serial`, if it owns it.
     pub(crate) fn link(&self, backend_serial: u64, connect_id: i64) -> Option<Arc<Link>> {
         self.links.lock().iter().find(|l| l.backend.serial == backend_serial && l.connect_id == connect_id).cloned()
+    }
+
+    /// Cost units queued towards this frontend.
+    pub(crate) fn queued(&self) -> usize {
+        self.budget.queued()
     }
 
     /// Whether this frontend owns connection `connect_id` on the agent stream `backend_serial`.
@@ -331,6 +364,23 @@ impl Tunnels {
                 link.backend.close_conn(link.connect_id, self);
             }
         }
+    }
+
+    /// The pending dials, for `/debug/connections`.
+    pub(crate) fn pending_snapshot(&self) -> Vec<serde_json::Value> {
+        self.pending
+            .lock()
+            .iter()
+            .map(|(random, d)| {
+                serde_json::json!({
+                    "dial_id": random,
+                    "address": d.address,
+                    "agent_id": d.backend.agent_id,
+                    "age_seconds": d.started.elapsed().as_secs_f64(),
+                    "frontend": d.frontend.kind,
+                })
+            })
+            .collect()
     }
 
     /// Number of dials waiting for an agent's answer.

@@ -85,3 +85,11 @@ pub fn serve(listener: TcpListener, handler: Handler, shutdown: CancellationToke
         }
     });
 }
+
+/// A JSON response.
+pub fn json(value: &serde_json::Value) -> Response<Body> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}

@@ -12,5 +12,6 @@ pub mod http_endpoints;
 pub mod listen;
 pub mod logging;
 pub mod packet_counters;
+pub mod process_metrics;
 pub mod signals;
 pub mod tls;

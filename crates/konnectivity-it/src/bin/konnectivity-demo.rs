@@ -144,9 +144,8 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // 5. Errors are reported, not hidden: a refused port.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let refused = closed.local_addr()?;
-    drop(closed);
+    let closed = konnectivity_it::targets::closed_port()?;
+    let refused = closed.addr;
     let tunnel = Tunnel::connect_single_use(&proxy).await?;
     let err = tunnel.dial(&refused.to_string()).await.err().context("dial to a closed port succeeded")?;
     let ok = err.message.contains("connection refused");

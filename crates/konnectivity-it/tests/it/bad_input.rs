@@ -260,9 +260,8 @@ async fn agent_answers_unknown_connection_ids_as_the_reference() {
         .send(Packet { r#type: konnectivity_proto::PacketType::Data as i32, payload: Packet::close_request(1).payload })
         .await
         .expect("send");
-    let refused = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let refused_addr = refused.local_addr().expect("addr");
-    drop(refused);
+    let refused = konnectivity_it::targets::closed_port().expect("closed port");
+    let refused_addr = refused.addr;
     to_agent.send(Packet::dial_request(refused_addr.to_string(), 5)).await.expect("send");
     let p = next(&mut from_agent).await;
     match p.kind() {

@@ -97,9 +97,8 @@ async fn dial_errors_map_to_the_reference_statuses() {
 
     let agent = stack.start_agent(stack.agent_config(server.agent_addr)).await.expect("agent");
     konnectivity_it::eventually!(10, server.handle.ready(), "agent did not connect");
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let refused = closed.local_addr().expect("addr");
-    drop(closed);
+    let closed = konnectivity_it::targets::closed_port().expect("closed port");
+    let refused = closed.addr;
     let mut s = raw_connect(&stack, &refused.to_string()).await;
     let r = String::from_utf8(read_all(&mut s).await).expect("utf8");
     assert!(r.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{r}");

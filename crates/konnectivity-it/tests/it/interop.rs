@@ -259,9 +259,8 @@ async fn go_agent_serves_our_server_in_both_modes() {
             assert_eq!(out, want_sha());
         }
         // The Go agent's dial error text reaches our clients.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let refused = closed.local_addr().expect("addr").to_string();
-        drop(closed);
+        let closed = konnectivity_it::targets::closed_port().expect("closed port");
+        let refused = closed.addr.to_string();
         let err = if connect_mode {
             http_connect::dial(&proxy, &refused, "interop").await.expect_err("refused").message
         } else {
@@ -341,9 +340,8 @@ async fn our_agent_serves_the_go_server_in_both_modes() {
             .await;
             assert_eq!(out, want_sha());
         }
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let refused = closed.local_addr().expect("addr").to_string();
-        drop(closed);
+        let closed = konnectivity_it::targets::closed_port().expect("closed port");
+        let refused = closed.addr.to_string();
         let err = if connect_mode {
             http_connect::dial(&proxy, &refused, "interop").await.expect_err("refused").message
         } else {
@@ -402,9 +400,8 @@ async fn go_clients_and_the_egress_selector_through_our_stack() {
     )
     .await;
     assert_eq!(out, format!("{}\n{}", want_sha(), want_sha()));
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let refused = closed.local_addr().expect("addr").to_string();
-    drop(closed);
+    let closed = konnectivity_it::targets::closed_port().expect("closed port");
+    let refused = closed.addr.to_string();
     let err =
         go_client_error("grpc-client", &[format!("--uds={uds}"), format!("--target={refused}"), "--fail-fast".into()])
             .await;
@@ -547,9 +544,8 @@ fn reason_of(stderr: &str) -> String {
 #[tokio::test]
 async fn the_go_client_sees_the_same_failure_reasons_from_our_server_as_from_the_reference() {
     use konnectivity_it::fake_agent::FakeAgent;
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let refused = closed.local_addr().expect("addr").to_string();
-    drop(closed);
+    let closed = konnectivity_it::targets::closed_port().expect("closed port");
+    let refused = closed.addr.to_string();
     let mut seen: Vec<Vec<String>> = Vec::new();
     for ours in [true, false] {
         let stack = Stack::new().expect("pki");

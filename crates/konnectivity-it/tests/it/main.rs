@@ -6,4 +6,5 @@ mod faults;
 mod flow;
 mod http;
 mod interop;
+mod observability;
 mod tunnel;

@@ -115,9 +115,8 @@ async fn reusable_tunnel_carries_many_dials() {
 async fn refused_dial_reports_connection_refused_and_leaves_nothing() {
     let stack = Stack::new().expect("pki");
     let (server, agent) = server_and_agent(&stack, Frontend::Uds).await.expect("stack");
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = closed.local_addr().expect("addr");
-    drop(closed);
+    let closed = konnectivity_it::targets::closed_port().expect("closed port");
+    let addr = closed.addr;
     let tunnel = stack.tunnel(&server).await.expect("tunnel");
     let err = tunnel.dial(&addr.to_string()).await.expect_err("refused");
     assert_eq!(err.reason, DialFailureReason::Endpoint);
