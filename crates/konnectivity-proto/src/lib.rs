@@ -16,6 +16,7 @@ mod generated {
 
 pub use generated::*;
 
+pub mod codec;
 pub mod flow;
 pub mod names;
 mod packets;

@@ -18,6 +18,8 @@ fn generated_code_matches_proto_files() {
         // tonic's transport helpers would generate `AgentServiceClient::connect(dst)`, which collides with
         // the `Connect` RPC; we build channels ourselves anyway.
         .build_transport(false)
+        // Small initial buffers per stream (see src/codec.rs).
+        .codec_path("crate::codec::PacketCodec")
         .bytes(".")
         .out_dir(&out)
         .compile_fds_with_config(fds, config)

@@ -45,7 +45,13 @@ pub struct AuthorityFix<S> {
     /// After something unexpected, bytes are passed through unchanged and h2 judges them.
     passthrough: bool,
     eof: bool,
+    /// How much to read next: grows while reads fill it, shrinks when they do not, so an idle connection
+    /// holds a small buffer and a busy one reads in large chunks.
+    read_size: usize,
 }
+
+const MIN_READ: usize = 4 * 1024;
+const MAX_READ: usize = 64 * 1024;
 
 struct PendingBlock {
     stream_id: u32,
@@ -59,7 +65,7 @@ impl<S> AuthorityFix<S> {
     pub fn new(inner: S) -> Self {
         Self {
             inner,
-            raw: BytesMut::with_capacity(16 * 1024),
+            raw: BytesMut::new(),
             out: VecDeque::new(),
             preface_seen: 0,
             // h2 advertises no SETTINGS_HEADER_TABLE_SIZE, so clients keep to the default 4096.
@@ -67,6 +73,7 @@ impl<S> AuthorityFix<S> {
             pending: None,
             passthrough: false,
             eof: false,
+            read_size: MIN_READ,
         }
     }
 
@@ -295,12 +302,22 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if this.eof {
                 return Poll::Ready(Ok(()));
             }
-            this.raw.reserve(16 * 1024);
+            this.raw.reserve(this.read_size);
+            let room = this.raw.capacity() - this.raw.len();
             let n = match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.raw) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(n)) => n,
             };
+            if n == room {
+                this.read_size = (this.read_size * 2).min(MAX_READ);
+            } else if n < this.read_size / 4 {
+                this.read_size = (this.read_size / 2).max(MIN_READ);
+            }
+            if this.raw.is_empty() && this.out.is_empty() && n == 0 {
+                // Nothing buffered: let an idle connection hold no buffer.
+                this.raw = BytesMut::new();
+            }
             if n == 0 {
                 this.eof = true;
                 // Whatever is left (a truncated frame) goes on as it is; h2 reports the truncation.
