@@ -177,16 +177,18 @@ pub async fn start(
             let listener = listen::bind_tcp(bind, *port).await?;
             let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "health".into(), source })?;
             let h = handle.clone();
-            let handler: Handler = Arc::new(move |req| match req.uri().path() {
-                "/healthz" => http_endpoints::text(StatusCode::OK, "ok"),
-                "/readyz" | "/ready" => readyz(
-                    &h,
-                    req.uri()
-                        .query()
-                        .is_some_and(|q| q.split('&').any(|p| p == "verbose" || p.starts_with("verbose="))),
-                ),
-                "/metrics" => http_endpoints::metrics(h.metrics().registry()),
-                _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
+            let handler: Handler = Arc::new(move |req| {
+                http_endpoints::ready(match req.uri().path() {
+                    "/healthz" => http_endpoints::text(StatusCode::OK, "ok"),
+                    "/readyz" | "/ready" => readyz(
+                        &h,
+                        req.uri()
+                            .query()
+                            .is_some_and(|q| q.split('&').any(|p| p == "verbose" || p.starts_with("verbose="))),
+                    ),
+                    "/metrics" => http_endpoints::metrics(h.metrics().registry()),
+                    _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
+                })
             });
             http_endpoints::serve(listener, handler, shutdown.clone(), &tracker);
             Some(addr)
@@ -199,16 +201,18 @@ pub async fn start(
             let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), source })?;
             let health_port = health_addr.map(|a| a.port());
             let h = handle.clone();
+            let profiling = config.enable_profiling;
             let handler: Handler = Arc::new(move |req| match (req.uri().path(), health_port) {
-                ("/debug/connections", _) => http_endpoints::json(&h.debug_connections()),
+                ("/debug/pprof/profile", _) if profiling => http_endpoints::cpu_profile(req.uri().query()),
+                ("/debug/connections", _) => http_endpoints::ready(http_endpoints::json(&h.debug_connections())),
                 ("/metrics", Some(port)) => {
                     // As the reference: metrics live on the health port; point there.
                     let host =
                         req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
                     let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-                    http_endpoints::redirect(&format!("http://{host}:{port}/metrics"))
+                    http_endpoints::ready(http_endpoints::redirect(&format!("http://{host}:{port}/metrics")))
                 }
-                _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
+                _ => http_endpoints::ready(http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n")),
             });
             http_endpoints::serve(listener, handler, shutdown.clone(), &tracker);
             Some(addr)

@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub health: Option<(String, u16)>,
     /// Admin port bind address and port; `None` disables it.
     pub admin: Option<(String, u16)>,
+    /// Serve `/debug/pprof/profile` on the admin port.
+    pub enable_profiling: bool,
 }
 
 impl AgentConfig {
@@ -57,6 +59,7 @@ impl AgentConfig {
             dial_timeout: Duration::from_secs(5),
             health: Some((String::new(), 8093)),
             admin: Some(("127.0.0.1".into(), 8094)),
+            enable_profiling: false,
         }
     }
 }

@@ -156,8 +156,13 @@ impl AgentFlags {
         if !self.kubeconfig.is_empty() {
             return Err(NotSupported::flag("kubeconfig").into());
         }
-        if self.enable_profiling || self.enable_contention_profiling {
-            return Err(NotSupported::flag("enable-profiling").into());
+        if self.enable_contention_profiling {
+            if !self.enable_profiling {
+                return Err(invalid("--enable-contention-profiling requires --enable-profiling".into()));
+            }
+            tracing::warn!(
+                "--enable-contention-profiling has no effect here: there is no Go block profile; CPU profiles are served"
+            );
         }
         if self.keepalive_time < Duration::from_secs(30) {
             tracing::warn!(
@@ -180,6 +185,7 @@ impl AgentFlags {
         config.xfr_channel_size = usize::try_from(self.xfr_channel_size).unwrap_or(150);
         config.health = Some((self.health_server_host, self.health_server_port));
         config.admin = Some((self.admin_bind_address, self.admin_server_port));
+        config.enable_profiling = self.enable_profiling;
         Ok(config)
     }
 }

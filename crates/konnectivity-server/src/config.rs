@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub admin: Option<(String, u16)>,
     /// How long a stop may take before connections are cut.
     pub graceful_shutdown_timeout: Duration,
+    /// Serve `/debug/pprof/profile` on the admin port.
+    pub enable_profiling: bool,
 }
 
 impl ServerConfig {
@@ -91,6 +93,7 @@ impl ServerConfig {
             health: Some((String::new(), 8092)),
             admin: Some(("127.0.0.1".into(), 8095)),
             graceful_shutdown_timeout: Duration::ZERO,
+            enable_profiling: false,
         }
     }
 }

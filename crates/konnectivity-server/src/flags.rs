@@ -216,11 +216,13 @@ impl ServerFlags {
             }
             other => return Err(invalid(format!("--tls-min-version: unknown version {other:?}"))),
         }
-        if self.enable_profiling || self.enable_contention_profiling {
-            if self.enable_contention_profiling && !self.enable_profiling {
+        if self.enable_contention_profiling {
+            if !self.enable_profiling {
                 return Err(invalid("--enable-contention-profiling requires --enable-profiling"));
             }
-            return Err(NotSupported::flag("enable-profiling").into());
+            tracing::warn!(
+                "--enable-contention-profiling has no effect here: there is no Go block profile; CPU profiles are served"
+            );
         }
 
         let frontend = if !self.uds_name.is_empty() {
@@ -263,6 +265,7 @@ impl ServerFlags {
         config.health = Some((self.health_bind_address, self.health_port));
         config.admin = Some((self.admin_bind_address, self.admin_port));
         config.graceful_shutdown_timeout = self.graceful_shutdown_timeout;
+        config.enable_profiling = self.enable_profiling;
         Ok(config)
     }
 }
@@ -310,7 +313,6 @@ mod tests {
             ("--proxy-strategies=destHost", "not supported yet: --proxy-strategies=destHost"),
             ("--enable-lease-controller", "not supported yet: --enable-lease-controller"),
             ("--agent-namespace=kube-system", "not supported yet: --agent-namespace"),
-            ("--enable-profiling", "not supported yet: --enable-profiling"),
             ("--log-file=/x", "not supported yet: --log-file"),
         ] {
             let mut args = BASE.to_vec();

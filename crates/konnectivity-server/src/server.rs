@@ -260,17 +260,19 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
             let listener = listen::bind_tcp(bind, *port).await?;
             let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "health".into(), source })?;
             let h = handle.clone();
-            let handler: Handler = Arc::new(move |req| match req.uri().path() {
-                "/healthz" => http_endpoints::text(StatusCode::OK, "ok"),
-                "/readyz" | "/ready" => {
-                    if h.ready() {
-                        http_endpoints::text(StatusCode::OK, "ok")
-                    } else {
-                        http_endpoints::text(StatusCode::INTERNAL_SERVER_ERROR, "no connection to any proxy agent")
+            let handler: Handler = Arc::new(move |req| {
+                http_endpoints::ready(match req.uri().path() {
+                    "/healthz" => http_endpoints::text(StatusCode::OK, "ok"),
+                    "/readyz" | "/ready" => {
+                        if h.ready() {
+                            http_endpoints::text(StatusCode::OK, "ok")
+                        } else {
+                            http_endpoints::text(StatusCode::INTERNAL_SERVER_ERROR, "no connection to any proxy agent")
+                        }
                     }
-                }
-                "/metrics" => http_endpoints::metrics(h.metrics().registry()),
-                _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
+                    "/metrics" => http_endpoints::metrics(h.metrics().registry()),
+                    _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
+                })
             });
             http_endpoints::serve(listener, handler, shutdown.clone(), &tracker);
             tracing::info!(%addr, "health endpoints listening");
@@ -283,10 +285,12 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
             let listener = listen::bind_tcp(bind, *port).await?;
             let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), source })?;
             let h = handle.clone();
+            let profiling = config.enable_profiling;
             let handler: Handler = Arc::new(move |req| match req.uri().path() {
-                "/metrics" => http_endpoints::metrics(h.metrics().registry()),
-                "/debug/connections" => http_endpoints::json(&h.debug_connections()),
-                _ => http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n"),
+                "/metrics" => http_endpoints::ready(http_endpoints::metrics(h.metrics().registry())),
+                "/debug/connections" => http_endpoints::ready(http_endpoints::json(&h.debug_connections())),
+                "/debug/pprof/profile" if profiling => http_endpoints::cpu_profile(req.uri().query()),
+                _ => http_endpoints::ready(http_endpoints::text(StatusCode::NOT_FOUND, "404 page not found\n")),
             });
             http_endpoints::serve(listener, handler, shutdown.clone(), &tracker);
             tracing::info!(%addr, "admin endpoints listening");

@@ -13,8 +13,46 @@ use tokio_util::task::TaskTracker;
 /// A response body.
 pub type Body = Full<Bytes>;
 
-/// Answers one request; cheap and synchronous (health checks and metric scrapes).
-pub type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Body> + Send + Sync>;
+/// The response a handler produces, possibly later (a CPU profile takes seconds).
+pub type Reply = std::pin::Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>;
+
+/// Answers one request.
+pub type Handler = Arc<dyn Fn(&Request<Incoming>) -> Reply + Send + Sync>;
+
+/// A response available now.
+pub fn ready(resp: Response<Body>) -> Reply {
+    Box::pin(std::future::ready(resp))
+}
+
+/// `/debug/pprof/profile?seconds=N`: a CPU profile of N seconds (default 30, at most 300) in pprof's format.
+pub fn cpu_profile(query: Option<&str>) -> Reply {
+    let seconds = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("seconds="))).map(|v| v.parse::<u64>());
+    let seconds = match seconds {
+        None => 30,
+        Some(Ok(s)) if (1..=crate::profiling::MAX_SECONDS).contains(&s) => s,
+        Some(_) => {
+            return ready(text(
+                StatusCode::BAD_REQUEST,
+                format!("seconds must be between 1 and {}\n", crate::profiling::MAX_SECONDS),
+            ));
+        }
+    };
+    Box::pin(async move {
+        match crate::profiling::cpu_profile(std::time::Duration::from_secs(seconds)).await {
+            Ok(bytes) => {
+                let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+                resp.headers_mut()
+                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/octet-stream"));
+                resp.headers_mut().insert(
+                    http::header::CONTENT_DISPOSITION,
+                    http::HeaderValue::from_static("attachment; filename=\"profile\""),
+                );
+                resp
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        }
+    })
+}
 
 /// A plain-text response.
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -67,8 +105,8 @@ pub fn serve(listener: TcpListener, handler: Handler, shutdown: CancellationToke
             let shutdown = shutdown.clone();
             conn_tracker.spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let resp = handler(&req);
-                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                    let reply = handler(&req);
+                    async move { Ok::<_, std::convert::Infallible>(reply.await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .max_buf_size(1 << 20)

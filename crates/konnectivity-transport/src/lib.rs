@@ -13,5 +13,6 @@ pub mod listen;
 pub mod logging;
 pub mod packet_counters;
 pub mod process_metrics;
+pub mod profiling;
 pub mod signals;
 pub mod tls;

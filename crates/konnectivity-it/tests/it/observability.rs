@@ -442,3 +442,76 @@ async fn agent_is_not_ready_without_a_server() {
     assert_eq!(get(agent.health_addr.expect("health"), "/healthz").await.0, 200);
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn a_cpu_profile_from_a_running_server_parses_with_go_tool_pprof() {
+    let stack = Stack::new().expect("pki");
+    let port = |()| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (admin, health, agent_port) = (port(()), port(()), port(()));
+    let mut server = std::process::Command::new(crate::faults::binary("proxy-server"))
+        .args([
+            format!("--uds-name={}", stack.uds.display()),
+            "--server-port=0".into(),
+            format!("--cluster-cert={}", stack.pki.server_cert.display()),
+            format!("--cluster-key={}", stack.pki.server_key.display()),
+            format!("--agent-port={agent_port}"),
+            "--agent-bind-address=127.0.0.1".into(),
+            format!("--health-port={health}"),
+            "--health-bind-address=127.0.0.1".into(),
+            format!("--admin-port={admin}"),
+            "--enable-profiling".into(),
+            "--enable-contention-profiling".into(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn proxy-server");
+    let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().expect("addr");
+    let mut up = false;
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(admin_addr).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up, "admin port never opened");
+    // Give the profiler something to see: metric scrapes on the health port while it samples.
+    let health_addr: SocketAddr = format!("127.0.0.1:{health}").parse().expect("addr");
+    let load = tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + Duration::from_millis(1500);
+        while std::time::Instant::now() < deadline {
+            let _ = get(health_addr, "/metrics").await;
+        }
+    });
+    let mut s = tokio::net::TcpStream::connect(admin_addr).await.expect("connect");
+    s.write_all(b"GET /debug/pprof/profile?seconds=1 HTTP/1.0\r\nHost: x\r\n\r\n").await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw)).await.expect("in time").expect("read");
+    load.await.expect("load");
+    let body_at = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    assert!(
+        raw.starts_with(b"HTTP/1.1 200") || raw.starts_with(b"HTTP/1.0 200"),
+        "{}",
+        String::from_utf8_lossy(&raw[..body_at])
+    );
+    let file = stack.dir().join("cpu.pprof");
+    std::fs::write(&file, &raw[body_at..]).expect("write profile");
+    let out = tokio::process::Command::new("go")
+        .args(["tool", "pprof", "-top"])
+        .arg(&file)
+        .output()
+        .await
+        .expect("go tool pprof");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(out.status.success(), "go tool pprof failed: {}", String::from_utf8_lossy(&out.stderr));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("flat") && report.contains("Type: cpu"), "{report}");
+    // Our own code shows up, symbolized.
+    assert!(report.contains("konnectivity") || report.contains("prometheus") || report.contains("hyper"), "{report}");
+}
