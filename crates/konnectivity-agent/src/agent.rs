@@ -175,7 +175,8 @@ pub async fn start(
     let health_addr = match &config.health {
         Some((bind, port)) => {
             let listener = listen::bind_tcp(bind, *port).await?;
-            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "health".into(), source })?;
+            let addr =
+                listener.local_addr().map_err(|source| ListenError::Tcp { addr: "health".into(), cause: source })?;
             let h = handle.clone();
             let handler: Handler = Arc::new(move |req| {
                 http_endpoints::ready(match req.uri().path() {
@@ -198,7 +199,8 @@ pub async fn start(
     let admin_addr = match &config.admin {
         Some((bind, port)) => {
             let listener = listen::bind_tcp(bind, *port).await?;
-            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), source })?;
+            let addr =
+                listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), cause: source })?;
             let health_port = health_addr.map(|a| a.port());
             let h = handle.clone();
             let profiling = config.enable_profiling;

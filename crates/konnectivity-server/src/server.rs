@@ -230,7 +230,8 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let client_auth = config.cluster_ca.clone().map(ClientAuth::Require).unwrap_or(ClientAuth::None);
     let agent_tls = tls::server_config(&config.cluster_cert, &config.cluster_key, &client_auth, &[ALPN_H2])?;
     let agent_listener = listen::bind_tcp(&config.agent_bind, config.agent_port).await?;
-    let agent_addr = agent_listener.local_addr().map_err(|source| ListenError::Tcp { addr: "agent".into(), source })?;
+    let agent_addr =
+        agent_listener.local_addr().map_err(|source| ListenError::Tcp { addr: "agent".into(), cause: source })?;
     let agent_incoming = listen::tls_incoming(agent_listener, agent_tls, shutdown.clone(), tracker.clone(), "agent");
     let agent_service = AgentServiceServer::new(AgentEndpoint {
         tunnels: tunnels.clone(),
@@ -258,7 +259,8 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let health_addr = match &config.health {
         Some((bind, port)) => {
             let listener = listen::bind_tcp(bind, *port).await?;
-            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "health".into(), source })?;
+            let addr =
+                listener.local_addr().map_err(|source| ListenError::Tcp { addr: "health".into(), cause: source })?;
             let h = handle.clone();
             let handler: Handler = Arc::new(move |req| {
                 http_endpoints::ready(match req.uri().path() {
@@ -283,7 +285,8 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let admin_addr = match &config.admin {
         Some((bind, port)) => {
             let listener = listen::bind_tcp(bind, *port).await?;
-            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), source })?;
+            let addr =
+                listener.local_addr().map_err(|source| ListenError::Tcp { addr: "admin".into(), cause: source })?;
             let h = handle.clone();
             let profiling = config.enable_profiling;
             let handler: Handler = Arc::new(move |req| match req.uri().path() {
@@ -368,7 +371,8 @@ async fn start_frontend(
             };
             let tls = tls::server_config(cert, key, &ClientAuth::Require(ca.clone()), alpn)?;
             let listener = listen::bind_tcp(bind, *port).await?;
-            let addr = listener.local_addr().map_err(|source| ListenError::Tcp { addr: "frontend".into(), source })?;
+            let addr =
+                listener.local_addr().map_err(|source| ListenError::Tcp { addr: "frontend".into(), cause: source })?;
             let incoming = listen::tls_incoming(listener, tls, shutdown.clone(), tracker.clone(), "frontend");
             match config.mode {
                 FrontendMode::Grpc => {

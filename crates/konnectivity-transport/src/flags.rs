@@ -224,6 +224,9 @@ pub struct KlogFlags {
     /// klog; accepted, no effect.
     #[arg(long, hide = true)]
     pub log_backtrace_at: Option<String>,
+    /// Log line format: text, or json (one object per line, with agent_id/dial_id/connect_id fields).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: crate::logging::LogFormat,
 }
 
 impl KlogFlags {

@@ -29,27 +29,27 @@ pub enum ListenError {
     #[error("unix socket {0} already exists (and --delete-existing-uds-file=false)")]
     SocketExists(PathBuf),
     /// Removing, binding or chmod-ing the socket failed.
-    #[error("unix socket {path}: {source}")]
+    #[error("unix socket {path}: {cause}")]
     Unix {
         /// The socket path.
         path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
+        /// The underlying error (printed in the message).
+        cause: io::Error,
     },
     /// Binding a TCP address failed.
-    #[error("listen on {addr}: {source}")]
+    #[error("listen on {addr}: {cause}")]
     Tcp {
         /// The address.
         addr: String,
-        /// The underlying error.
-        source: io::Error,
+        /// The underlying error (printed in the message).
+        cause: io::Error,
     },
 }
 
 /// Binds a Unix socket as the reference does: an existing file is removed first when `delete_existing` is
 /// set, and the socket is made group-accessible (mode 0770) so kube-apiserver in the same group can use it.
 pub fn bind_uds(path: &Path, delete_existing: bool) -> Result<UnixListener, ListenError> {
-    let unix = |source| ListenError::Unix { path: path.into(), source };
+    let unix = |cause| ListenError::Unix { path: path.into(), cause };
     if path.exists() || path.symlink_metadata().is_ok() {
         if !delete_existing {
             return Err(ListenError::SocketExists(path.into()));
@@ -70,9 +70,9 @@ pub async fn bind_tcp(bind: &str, port: u16) -> Result<TcpListener, ListenError>
         // A host without IPv6 cannot bind "::"; fall back to IPv4 for the all-interfaces case.
         Err(_) if bind.is_empty() => {
             let v4 = join_host_port("0.0.0.0", port);
-            TcpListener::bind(&v4).await.map_err(|source| ListenError::Tcp { addr: v4, source })
+            TcpListener::bind(&v4).await.map_err(|cause| ListenError::Tcp { addr: v4, cause })
         }
-        Err(source) => Err(ListenError::Tcp { addr, source }),
+        Err(cause) => Err(ListenError::Tcp { addr, cause }),
     }
 }
 

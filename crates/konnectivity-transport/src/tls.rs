@@ -16,25 +16,25 @@ pub const ALPN_H2: &[u8] = b"h2";
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A certificate, key or CA file could not be read or parsed.
-    #[error("reading {kind} {path}: {source}")]
+    #[error("reading {kind} {path}: {cause}")]
     Read {
         /// What the file should hold ("certificate", "private key", "CA bundle").
         kind: &'static str,
         /// The file.
         path: PathBuf,
-        /// The underlying error.
-        source: rustls_pki_types::pem::Error,
+        /// The underlying error (printed in the message).
+        cause: rustls_pki_types::pem::Error,
     },
     /// The file parsed but held no certificate.
     #[error("no certificate found in {0}")]
     NoCertificate(PathBuf),
     /// A CA certificate was rejected by the trust store.
-    #[error("CA certificate in {path} is not usable: {source}")]
+    #[error("CA certificate in {path} is not usable: {cause}")]
     BadCa {
         /// The CA file.
         path: PathBuf,
         /// Why rustls rejected it.
-        source: rustls::Error,
+        cause: rustls::Error,
     },
     /// The certificate and key do not form a usable identity, or another rustls error.
     #[error("TLS configuration: {0}")]
@@ -51,9 +51,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|source| TlsError::Read { kind: "certificate", path: path.into(), source })?
+        .map_err(|cause| TlsError::Read { kind: "certificate", path: path.into(), cause })?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Read { kind: "certificate", path: path.into(), source })?;
+        .map_err(|cause| TlsError::Read { kind: "certificate", path: path.into(), cause })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate(path.into()));
     }
@@ -62,18 +62,14 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Reads the first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| TlsError::Read {
-        kind: "private key",
-        path: path.into(),
-        source,
-    })
+    PrivateKeyDer::from_pem_file(path).map_err(|cause| TlsError::Read { kind: "private key", path: path.into(), cause })
 }
 
 /// Reads a CA bundle into a trust store.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(path)? {
-        roots.add(cert).map_err(|source| TlsError::BadCa { path: path.into(), source })?;
+        roots.add(cert).map_err(|cause| TlsError::BadCa { path: path.into(), cause })?;
     }
     Ok(roots)
 }

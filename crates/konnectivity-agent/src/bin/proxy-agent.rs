@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let flags = AgentFlags::parse_from(konnectivity_transport::flags::normalize_args(std::env::args()));
-    konnectivity_transport::logging::init(flags.klog.v);
+    konnectivity_transport::logging::init_format(flags.klog.v, flags.klog.log_format);
     let config = match flags.into_config() {
         Ok(c) => c,
         Err(e) => {
