@@ -19,6 +19,9 @@ pub struct AgentMetrics {
     pub(crate) open_endpoint_connections: Gauge,
     stream_packets: std::sync::Arc<PacketCounters>,
     pub(crate) stream_errors: IntCounterVec,
+    pub(crate) bytes_to_endpoint: prometheus::IntCounter,
+    pub(crate) bytes_to_server: prometheus::IntCounter,
+    pub(crate) flow_control_waits: prometheus::IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -36,7 +39,24 @@ impl AgentMetrics {
             ),
             &["segment", "packet_type"],
         )?;
+        // konnectivity-rs additions (not in the reference).
+        let tunnel_bytes = IntCounterVec::new(
+            opts(
+                "tunnel_bytes_total",
+                "Bytes carried through tunnels, by direction: to_endpoint (server to endpoint) or to_server (endpoint to server).",
+            ),
+            &["direction"],
+        )?;
+        let flow_control_waits = prometheus::IntCounter::with_opts(opts(
+            "flow_control_waits_total",
+            "Times endpoint data waited for its connection's flow-control credit from the server.",
+        ))?;
+        registry.register(Box::new(tunnel_bytes.clone()))?;
+        registry.register(Box::new(flow_control_waits.clone()))?;
         let m = Self {
+            bytes_to_endpoint: tunnel_bytes.with_label_values(&["to_endpoint"]),
+            bytes_to_server: tunnel_bytes.with_label_values(&["to_server"]),
+            flow_control_waits,
             dial_duration: Histogram::with_opts(
                 HistogramOpts::from(opts("dial_duration_seconds", "Latency of dial to the remote endpoint in seconds"))
                     .buckets(LATENCY_BUCKETS.to_vec()),

@@ -245,6 +245,7 @@ impl Session {
                 }
                 let cost = flow::cost(data.data.len()) as usize;
                 shared.from_server.fetch_add(data.data.len() as u64, Ordering::Relaxed);
+                self.metrics.bytes_to_endpoint.inc_by(data.data.len() as u64);
                 let budget = &shared.budget;
                 let queued = if self.flow_control {
                     // The server may not exceed the window; if it does, it is not our peer any more.
@@ -397,6 +398,9 @@ impl Session {
                     Ok(_) => {
                         let chunk = buf.split().freeze();
                         if let Some(window) = &shared.send_window {
+                            if window.available_permits() < flow::cost(chunk.len()) as usize {
+                                self.metrics.flow_control_waits.inc();
+                            }
                             // Wait for the server's credit for this connection only.
                             match window.acquire_many(flow::cost(chunk.len())).await {
                                 Ok(permit) => permit.forget(),
@@ -408,6 +412,7 @@ impl Session {
                             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "server stream closed"));
                         }
                         shared.to_server.fetch_add(len, Ordering::Relaxed);
+                        self.metrics.bytes_to_server.inc_by(len);
                     }
                     Err(e) => return Err(e),
                 }

@@ -395,6 +395,7 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                 Delivery::Queued => {}
                 Delivery::Gone => backend.close_conn(connect_id, tunnels),
                 Delivery::Stalled => {
+                    tunnels.metrics.frontend_stall_close();
                     tracing::warn!(connect_id, "frontend stopped reading; closing its connection");
                     backend.close_conn(connect_id, tunnels);
                     frontend.abort(Status::resource_exhausted(format!(

@@ -249,6 +249,9 @@ async fn pipe_to_agent<R: AsyncRead + Unpin>(
             }
         };
         if let Some(window) = &upload_window {
+            if window.available_permits() < flow::cost(chunk.len()) as usize {
+                tunnels.metrics.flow_control_wait();
+            }
             match window.acquire_many(flow::cost(chunk.len())).await {
                 Ok(permit) => permit.forget(),
                 Err(_) => return,
@@ -261,6 +264,7 @@ async fn pipe_to_agent<R: AsyncRead + Unpin>(
         if let Some(l) = &link {
             l.to_agent.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
         }
+        tunnels.metrics.bytes_to_agent(len as usize);
     }
 }
 

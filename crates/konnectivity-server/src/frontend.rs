@@ -160,9 +160,13 @@ impl FrontendSession {
                 if let Some(link) = &link {
                     link.to_agent.fetch_add(data.data.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 }
+                self.tunnels.metrics.bytes_to_agent(data.data.len());
                 if let Some(window) = link.and_then(|l| l.upload_window.clone()) {
                     // Flow-controlled agent: wait for credit for this connection only.
                     let cost = konnectivity_proto::flow::cost(data.data.len());
+                    if window.available_permits() < cost as usize {
+                        self.tunnels.metrics.flow_control_wait();
+                    }
                     let permit = tokio::select! {
                         p = window.acquire_many(cost) => p,
                         _ = backend.closed.cancelled() => { self.stopped = true; return; }

@@ -84,6 +84,11 @@ pub struct ServerMetrics {
     dial_failures: IntCounterVec,
     stream_packets: std::sync::Arc<PacketCounters>,
     stream_errors: IntCounterVec,
+    tunnel_bytes_to_frontend: IntCounter,
+    tunnel_bytes_to_agent: IntCounter,
+    frontend_stall_closes: IntCounter,
+    flow_control_waits: IntCounter,
+    tls_handshake_failures: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -186,6 +191,30 @@ impl ServerMetrics {
             &["http_status_code", "reason"],
         )?))?;
         registry.register(Box::new(konnectivity_transport::process_metrics::ProcessMetrics::new()?))?;
+        // konnectivity-rs additions (not in the reference).
+        let tunnel_bytes = IntCounterVec::new(
+            opts(
+                "tunnel_bytes_total",
+                "Bytes carried through tunnels, by direction: to_frontend (agent to frontend) or to_agent (frontend to agent).",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(tunnel_bytes.clone()))?;
+        let frontend_stall_closes = IntCounter::with_opts(opts(
+            "frontend_stall_closes_total",
+            "Connections closed because their frontend did not read for the stall limit (agents without flow control).",
+        ))?;
+        registry.register(Box::new(frontend_stall_closes.clone()))?;
+        let flow_control_waits = IntCounter::with_opts(opts(
+            "flow_control_waits_total",
+            "Times frontend data waited for its connection's flow-control credit from the agent.",
+        ))?;
+        registry.register(Box::new(flow_control_waits.clone()))?;
+        let tls_handshake_failures = IntCounterVec::new(
+            opts("tls_handshake_failures_total", "Failed TLS handshakes, by listener (agent, frontend) and reason."),
+            &["listener", "reason"],
+        )?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
         registry.register(Box::new(grpc_connections.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(ready_backend_connections.clone()))?;
@@ -210,6 +239,11 @@ impl ServerMetrics {
             dial_failures,
             stream_packets: std::sync::Arc::new(PacketCounters::new(stream_packets, &SEGMENTS)),
             stream_errors,
+            tunnel_bytes_to_frontend: tunnel_bytes.with_label_values(&["to_frontend"]),
+            tunnel_bytes_to_agent: tunnel_bytes.with_label_values(&["to_agent"]),
+            frontend_stall_closes,
+            flow_control_waits,
+            tls_handshake_failures,
         })
     }
 
@@ -220,6 +254,26 @@ impl ServerMetrics {
 
     pub(crate) fn observe_dial(&self, seconds: f64) {
         self.dial_duration.observe(seconds);
+    }
+    pub(crate) fn bytes_to_frontend(&self, n: usize) {
+        self.tunnel_bytes_to_frontend.inc_by(n as u64);
+    }
+    pub(crate) fn bytes_to_agent(&self, n: usize) {
+        self.tunnel_bytes_to_agent.inc_by(n as u64);
+    }
+    pub(crate) fn frontend_stall_close(&self) {
+        self.frontend_stall_closes.inc();
+    }
+    pub(crate) fn flow_control_wait(&self) {
+        self.flow_control_waits.inc();
+    }
+    /// A hook for the TLS listeners, counting failed handshakes of `listener`.
+    pub(crate) fn handshake_failure_hook(
+        &self,
+        listener: &'static str,
+    ) -> konnectivity_transport::listen::HandshakeFailureHook {
+        let vec = self.tls_handshake_failures.clone();
+        std::sync::Arc::new(move |reason| vec.with_label_values(&[listener, reason]).inc())
     }
     pub(crate) fn observe_frontend_write(&self, seconds: f64) {
         self.frontend_write_duration.observe(seconds);

@@ -232,7 +232,14 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let agent_listener = listen::bind_tcp(&config.agent_bind, config.agent_port).await?;
     let agent_addr =
         agent_listener.local_addr().map_err(|source| ListenError::Tcp { addr: "agent".into(), cause: source })?;
-    let agent_incoming = listen::tls_incoming(agent_listener, agent_tls, shutdown.clone(), tracker.clone(), "agent");
+    let agent_incoming = listen::tls_incoming(
+        agent_listener,
+        agent_tls,
+        shutdown.clone(),
+        tracker.clone(),
+        "agent",
+        Some(metrics.handshake_failure_hook("agent")),
+    );
     let agent_service = AgentServiceServer::new(AgentEndpoint {
         tunnels: tunnels.clone(),
         server_id: config.server_id.clone(),
@@ -373,7 +380,14 @@ async fn start_frontend(
             let listener = listen::bind_tcp(bind, *port).await?;
             let addr =
                 listener.local_addr().map_err(|source| ListenError::Tcp { addr: "frontend".into(), cause: source })?;
-            let incoming = listen::tls_incoming(listener, tls, shutdown.clone(), tracker.clone(), "frontend");
+            let incoming = listen::tls_incoming(
+                listener,
+                tls,
+                shutdown.clone(),
+                tracker.clone(),
+                "frontend",
+                Some(tunnels.metrics.handshake_failure_hook("frontend")),
+            );
             match config.mode {
                 FrontendMode::Grpc => {
                     let router = grpc();

@@ -169,6 +169,7 @@ impl Frontend {
         if let Some(link) = &link {
             link.to_frontend.fetch_add(data.data.len() as u64, Ordering::Relaxed);
         }
+        tunnels.metrics.bytes_to_frontend(data.data.len());
         if let Some(link) = link
             && link.backend.flow_control
             && let Some(credit) = link.download_credit.consumed(cost)

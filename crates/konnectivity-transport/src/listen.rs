@@ -171,15 +171,31 @@ pub fn tune_tcp(stream: &TcpStream) {
     let _ = sock.set_tcp_keepalive(&keepalive);
 }
 
+/// Called with a short reason (`timeout`, `no_certificate`, `bad_certificate`, `alert`, `protocol`, `io`)
+/// for every failed handshake, to count them.
+pub type HandshakeFailureHook = Arc<dyn Fn(&'static str) + Send + Sync>;
+
+/// A short, bounded label for why a TLS handshake failed.
+pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(rustls::Error::AlertReceived(_)) => "alert",
+        Some(_) => "protocol",
+        None => "io",
+    }
+}
+
 /// Accepts TCP connections and hands out handshaken TLS connections as a stream (for tonic's
 /// `serve_with_incoming`). Handshakes run in tasks tracked by `tracker`; failures are logged with the peer and
-/// reason and harm nothing else. The stream ends when `shutdown` is cancelled.
+/// reason, reported to `on_failure`, and harm nothing else. The stream ends when `shutdown` is cancelled.
 pub fn tls_incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     what: &'static str,
+    on_failure: Option<HandshakeFailureHook>,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
@@ -204,6 +220,7 @@ pub fn tls_incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let shutdown = shutdown.clone();
+            let on_failure = on_failure.clone();
             accept_tracker.spawn(async move {
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
                 let tls = tokio::select! {
@@ -212,10 +229,16 @@ pub fn tls_incoming(
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => {
                             tracing::warn!(listener = what, %peer, "TLS handshake failed: {e}");
+                            if let Some(hook) = &on_failure {
+                                hook(handshake_failure_reason(&e));
+                            }
                             return;
                         }
                         Err(_) => {
                             tracing::warn!(listener = what, %peer, "TLS handshake timed out after {HANDSHAKE_TIMEOUT:?}");
+                            if let Some(hook) = &on_failure {
+                                hook("timeout");
+                            }
                             return;
                         }
                     },

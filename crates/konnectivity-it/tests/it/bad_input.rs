@@ -175,6 +175,17 @@ async fn agent_without_valid_client_certificate_is_refused() {
         assert_eq!(server.handle.agent_count(), 0, "server accepted an unauthenticated agent");
         agent.stop().await;
     }
+    // The refusals are counted, by reason.
+    let failures: f64 = server
+        .handle
+        .metrics()
+        .registry()
+        .gather()
+        .iter()
+        .find(|f| f.name() == "konnectivity_network_proxy_server_tls_handshake_failures_total")
+        .map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()).sum())
+        .unwrap_or(0.0);
+    assert!(failures >= 2.0, "handshake failures counted: {failures}");
     // The server still serves a valid agent.
     let agent = stack.start_agent(stack.agent_config(server.agent_addr)).await.expect("agent");
     konnectivity_it::eventually!(10, server.handle.ready(), "valid agent refused");
@@ -230,7 +241,7 @@ async fn agent_answers_unknown_connection_ids_as_the_reference() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let incoming =
-        konnectivity_transport::listen::tls_incoming(listener, tls, shutdown.clone(), tracker.clone(), "fake");
+        konnectivity_transport::listen::tls_incoming(listener, tls, shutdown.clone(), tracker.clone(), "fake", None);
     let (to_agent, to_agent_rx) = mpsc::channel(16);
     let (from_agent_tx, mut from_agent) = mpsc::channel(16);
     let fake = FakeServer { to_agent: std::sync::Mutex::new(Some(to_agent_rx)), from_agent: from_agent_tx };

@@ -201,6 +201,16 @@ const GOLDEN: &[(&str, &str, &str, &[&str])] = &[
     ),
 ];
 
+/// Our own additions, under the same namespace with names the reference does not use.
+const EXTENSIONS: &[(&str, &str, &[&str])] = &[
+    ("konnectivity_network_proxy_server_tunnel_bytes_total", "counter", &["direction"]),
+    ("konnectivity_network_proxy_server_frontend_stall_closes_total", "counter", &[]),
+    ("konnectivity_network_proxy_server_flow_control_waits_total", "counter", &[]),
+    ("konnectivity_network_proxy_server_tls_handshake_failures_total", "counter", &["listener", "reason"]),
+    ("konnectivity_network_proxy_agent_tunnel_bytes_total", "counter", &["direction"]),
+    ("konnectivity_network_proxy_agent_flow_control_waits_total", "counter", &[]),
+];
+
 /// client_golang's process collector families.
 const PROCESS: &[(&str, &str)] = &[
     ("process_cpu_seconds_total", "counter"),
@@ -268,6 +278,12 @@ fn parse(text: &str) -> BTreeMap<String, Family> {
 
 fn check_against_golden(families: &BTreeMap<String, Family>, prefix: &str, required: &[&str]) {
     for (name, f) in families.iter().filter(|(n, _)| n.starts_with("konnectivity_network_proxy_")) {
+        if let Some((_, kind, labels)) = EXTENSIONS.iter().find(|e| e.0 == name) {
+            assert_eq!(f.kind, *kind, "{name} type");
+            assert_eq!(f.labels, labels.iter().map(|l| l.to_string()).collect::<BTreeSet<_>>(), "{name} labels");
+            assert!(GOLDEN.iter().all(|g| g.0 != name), "{name} shadows a reference metric");
+            continue;
+        }
         let golden = GOLDEN.iter().find(|g| g.0 == name).unwrap_or_else(|| panic!("{name} is not a reference metric"));
         assert_eq!(f.kind, golden.1, "{name} type");
         assert_eq!(f.help, golden.2, "{name} HELP");
@@ -390,6 +406,19 @@ async fn metrics_health_and_debug_endpoints_after_a_scripted_scenario() {
     assert_eq!(
         value(&server_families, "konnectivity_network_proxy_server_grpc_connections", "service_method=\"Connect\""),
         1.0
+    );
+    let bytes = |direction: &str| {
+        value(
+            &server_families,
+            "konnectivity_network_proxy_server_tunnel_bytes_total",
+            &format!("direction=\"{direction}\""),
+        )
+    };
+    assert!(
+        bytes("to_frontend") >= 5000.0 && bytes("to_agent") > 100.0,
+        "{} {}",
+        bytes("to_frontend"),
+        bytes("to_agent")
     );
     // The health port serves the same registry.
     assert_eq!(parse(&get(health, "/metrics").await.2).len(), server_families.len());
