@@ -160,9 +160,14 @@ func (o *options) grpcOptions() ([]grpc.DialOption, string, error) {
 func (o *options) once(address string, dialOpts []grpc.DialOption) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
 	defer cancel()
-	// tunnelCtx = ctx: the tunnel (and its gRPC connection) dies with this
-	// iteration.
-	tunnel, err := client.CreateSingleUseGrpcTunnelWithContext(ctx, ctx, address, dialOpts...)
+	// As kube-apiserver: the deadline bounds creating the tunnel and the dial,
+	// while the tunnel itself has a context of its own (kube-apiserver passes
+	// context.TODO), ended when this iteration returns. Sharing one context
+	// would make a dial abandoned at the deadline race between the reasons
+	// "context" and "tunnelclosed" inside the client library.
+	tunnelCtx, tunnelCancel := context.WithCancel(context.Background())
+	defer tunnelCancel()
+	tunnel, err := client.CreateSingleUseGrpcTunnelWithContext(ctx, tunnelCtx, address, dialOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("create tunnel to %s: %w", address, err)
 	}
