@@ -4,6 +4,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod fake_agent;
+pub mod http;
 pub mod pki;
 pub mod stack;
 pub mod targets;

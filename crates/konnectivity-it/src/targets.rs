@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -53,10 +53,13 @@ impl Drop for OpenGuard {
     }
 }
 
-/// Starts an HTTP/1.1 target on `bind` (e.g. "127.0.0.1:0" or "[::1]:0"). Routes:
-/// `GET /success` → "success"; `GET /bytes/N` → N pattern bytes, streamed in 64 KiB chunks;
-/// `POST /upload` → "<len> <sha256>" of the body; anything else → 404.
-pub async fn http_target(bind: &str) -> std::io::Result<Target> {
+/// Runs `handle` for every connection accepted on `bind` until the target is dropped, counting open
+/// connections. Each handler gets the connection and the target's stop token.
+async fn serve_each<F, Fut>(bind: &str, handle: F) -> std::io::Result<Target>
+where
+    F: Fn(tokio::net::TcpStream, CancellationToken) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let open = Arc::new(AtomicUsize::new(0));
@@ -70,19 +73,30 @@ pub async fn http_target(bind: &str) -> std::io::Result<Target> {
             };
             o.fetch_add(1, Ordering::SeqCst);
             let guard = OpenGuard(o.clone());
+            let work = handle(tcp, s.clone());
             let s = s.clone();
             tokio::spawn(async move {
                 let _guard = guard;
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(route));
                 tokio::select! {
-                    _ = conn => {}
+                    _ = work => {}
                     _ = s.cancelled() => {}
                 }
             });
         }
     });
     Ok(Target { addr, open, stop })
+}
+
+/// Starts an HTTP/1.1 target on `bind` (e.g. "127.0.0.1:0" or "[::1]:0"). Routes:
+/// `GET /success` → "success"; `GET /bytes/N` → N pattern bytes, streamed in 64 KiB chunks;
+/// `POST /upload` → "<len> <sha256>" of the body; anything else → 404.
+pub async fn http_target(bind: &str) -> std::io::Result<Target> {
+    serve_each(bind, |tcp, _| async move {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(route))
+            .await;
+    })
+    .await
 }
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -129,107 +143,38 @@ async fn route(req: Request<Incoming>) -> Result<Response<BoxBody>, std::io::Err
 
 /// Starts a TCP echo target on `bind`.
 pub async fn echo_target(bind: &str) -> std::io::Result<Target> {
-    let listener = TcpListener::bind(bind).await?;
-    let addr = listener.local_addr()?;
-    let open = Arc::new(AtomicUsize::new(0));
-    let stop = CancellationToken::new();
-    let (o, s) = (open.clone(), stop.clone());
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = tokio::select! {
-                _ = s.cancelled() => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
-            o.fetch_add(1, Ordering::SeqCst);
-            let guard = OpenGuard(o.clone());
-            let s = s.clone();
-            tokio::spawn(async move {
-                let _guard = guard;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    let n = tokio::select! {
-                        _ = s.cancelled() => return,
-                        r = tcp.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
-                    };
-                    if tcp.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    Ok(Target { addr, open, stop })
+    serve_each(bind, |mut tcp, _| async move {
+        let (mut rd, mut wr) = tcp.split();
+        let _ = tokio::io::copy(&mut rd, &mut wr).await;
+    })
+    .await
 }
 
 /// Starts a target that greets each connection with `banner` before reading anything (a server-first protocol
 /// such as SSH or SMTP), then echoes.
 pub async fn banner_target(bind: &str, banner: &'static [u8]) -> std::io::Result<Target> {
-    let listener = TcpListener::bind(bind).await?;
-    let addr = listener.local_addr()?;
-    let open = Arc::new(AtomicUsize::new(0));
-    let stop = CancellationToken::new();
-    let (o, s) = (open.clone(), stop.clone());
-    tokio::spawn(async move {
-        loop {
-            let (mut tcp, _) = tokio::select! {
-                _ = s.cancelled() => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
-            o.fetch_add(1, Ordering::SeqCst);
-            let guard = OpenGuard(o.clone());
-            let s = s.clone();
-            tokio::spawn(async move {
-                let _guard = guard;
-                if tcp.write_all(banner).await.is_err() {
-                    return;
-                }
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = tokio::select! {
-                        _ = s.cancelled() => return,
-                        r = tcp.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
-                    };
-                    if tcp.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    serve_each(bind, move |mut tcp, _| async move {
+        if tcp.write_all(banner).await.is_err() {
+            return;
         }
-    });
-    Ok(Target { addr, open, stop })
+        let (mut rd, mut wr) = tcp.split();
+        let _ = tokio::io::copy(&mut rd, &mut wr).await;
+    })
+    .await
 }
 
 /// A TCP load balancer on loopback, as an operator would put in front of several proxy-servers: each accepted
 /// connection goes to the next backend in turn and bytes are copied both ways.
 pub async fn tcp_balancer(backends: Vec<SocketAddr>) -> std::io::Result<Target> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let open = Arc::new(AtomicUsize::new(0));
-    let stop = CancellationToken::new();
-    let (o, s) = (open.clone(), stop.clone());
-    tokio::spawn(async move {
-        let mut next = 0usize;
-        loop {
-            let (mut client, _) = tokio::select! {
-                _ = s.cancelled() => return,
-                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-            };
-            let backend = backends[next % backends.len()];
-            next += 1;
-            o.fetch_add(1, Ordering::SeqCst);
-            let guard = OpenGuard(o.clone());
-            let s = s.clone();
-            tokio::spawn(async move {
-                let _guard = guard;
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(backend).await else { return };
-                tokio::select! {
-                    _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
-                    _ = s.cancelled() => {}
-                }
-            });
+    let next = Arc::new(AtomicUsize::new(0));
+    serve_each("127.0.0.1:0", move |mut client, _| {
+        let backend = backends[next.fetch_add(1, Ordering::SeqCst) % backends.len()];
+        async move {
+            let Ok(mut upstream) = tokio::net::TcpStream::connect(backend).await else { return };
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         }
-    });
-    Ok(Target { addr, open, stop })
+    })
+    .await
 }
 
 /// Incremental SHA-256 over a stream, to check large transfers without holding them in memory.

@@ -4,9 +4,8 @@
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use clap::Parser;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use konnectivity_client::Tunnel;
+use konnectivity_it::http::request;
 use konnectivity_it::stack::{Frontend, Stack, server_and_agent};
 use konnectivity_it::targets::{http_target, pattern, sha256_hex};
 use std::time::{Duration, Instant};
@@ -21,22 +20,6 @@ struct Args {
     /// Size of the large download and upload, in MiB.
     #[arg(long, default_value_t = 20)]
     mib: usize,
-}
-
-async fn request<IO>(conn: IO, method: &str, host: &str, path: &str, body: Bytes) -> anyhow::Result<(u16, Bytes)>
-where
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
-    let driver = tokio::spawn(connection);
-    let req =
-        http::Request::builder().method(method).uri(path).header(http::header::HOST, host).body(Full::new(body))?;
-    let resp = sender.send_request(req).await?;
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
-    drop(sender);
-    driver.abort();
-    Ok((status, body))
 }
 
 fn mbps(bytes: usize, d: Duration) -> f64 {

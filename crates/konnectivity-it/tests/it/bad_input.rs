@@ -1,8 +1,8 @@
 //! Bad peers and bad packets: each gets a clear answer and harms nothing else.
 
-use crate::http;
 use futures_util::Stream;
 use hyper_util::rt::TokioIo;
+use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled, server_and_agent};
 use konnectivity_it::targets::http_target;
 use konnectivity_proto::agent::{AgentService, AgentServiceServer};

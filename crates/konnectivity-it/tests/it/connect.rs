@@ -1,8 +1,8 @@
 //! The HTTP CONNECT frontend: exact bytes, status mapping, a client we did not write (curl), parallel
 //! transfers, a stalled client, a client that leaves while its dial is pending.
 
-use crate::http;
 use konnectivity_client::http_connect;
+use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled, server_and_agent};
 use konnectivity_it::targets::{banner_target, echo_target, http_target, pattern, sha256_hex};
 use konnectivity_server::CONNECTION_ESTABLISHED;

@@ -1,6 +1,6 @@
 //! Peers that vanish: an agent process killed mid-transfer, a server restarted under a connected agent.
 
-use crate::http;
+use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled, server_and_agent};
 use konnectivity_it::targets::http_target;
 use std::path::PathBuf;

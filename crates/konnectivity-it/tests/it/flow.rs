@@ -1,7 +1,7 @@
 //! Per-connection flow control between our server and agent: one connection whose reader stops must not slow
 //! the others on the same agent stream, must not be cut off, and must not lose a byte.
 
-use crate::http;
+use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled, server_and_agent};
 use konnectivity_it::targets::{http_target, pattern, sha256_hex};
 use std::time::{Duration, Instant};

@@ -3,8 +3,8 @@
 //! proxy by `interop/build.sh` (which `scripts/test` runs first). Every cell moves a real HTTP exchange and a
 //! 20 MiB byte-checked transfer.
 
-use crate::http;
 use konnectivity_client::{ProxyAddress, Tunnel, http_connect};
+use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled};
 use konnectivity_it::targets::{http_target, pattern, sha256_hex};
 use std::path::PathBuf;

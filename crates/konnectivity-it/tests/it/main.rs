@@ -4,7 +4,6 @@ mod bad_input;
 mod connect;
 mod faults;
 mod flow;
-mod http;
 mod interop;
 mod observability;
 mod tunnel;

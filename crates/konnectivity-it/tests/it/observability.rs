@@ -1,7 +1,7 @@
 //! Metrics, health and debug endpoints: the reference's metric families (name, type, HELP, labels) after a
 //! scripted scenario, the values that scenario must leave, readiness, and `/debug/connections`.
 
-use crate::http;
+use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled};
 use konnectivity_it::targets::http_target;
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,8 +1,8 @@
 //! The core tunnel: HTTP through both frontends, large transfers, dial errors, cancellation.
 
-use crate::http;
 use bytes::Bytes;
 use konnectivity_client::{DialFailureReason, Tunnel};
+use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled, server_and_agent};
 use konnectivity_it::targets::{echo_target, http_target, pattern, sha256_hex};
 use konnectivity_server::metrics::DialFailureReason as ServerReason;

@@ -1,4 +1,4 @@
-//! HTTP/1.1 over a tunnel connection.
+//! HTTP/1.1 over any byte stream through the tunnel (a `TunnelConn`, a CONNECT stream).
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
