@@ -11,7 +11,6 @@ use konnectivity_proto::flow;
 use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
 use konnectivity_proto::{Packet, PacketKind, agent::AgentService};
 use parking_lot::Mutex;
-use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -124,6 +123,11 @@ impl Backend {
         }
     }
 
+    /// Connections open on this stream (the load that least-loaded selection compares).
+    pub(crate) fn connection_count(&self) -> usize {
+        self.conns.lock().len()
+    }
+
     /// Whether the agent said it is draining.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -138,10 +142,11 @@ impl Backend {
     }
 }
 
-/// The `default` strategy's agent set: agents by ID, picked at random, preferring non-draining ones.
+/// The connected agents, and the strategies that pick one for a dial (see [`crate::routing`]).
 pub struct BackendManager {
     inner: Mutex<ManagerInner>,
     metrics: crate::metrics::ServerMetrics,
+    strategies: Vec<crate::routing::Strategy>,
 }
 
 #[derive(Default)]
@@ -153,9 +158,19 @@ struct ManagerInner {
 }
 
 impl BackendManager {
-    pub(crate) fn new(metrics: crate::metrics::ServerMetrics) -> Self {
-        metrics.set_ready_backends("default", 0);
-        Self { inner: Mutex::new(ManagerInner::default()), metrics }
+    pub(crate) fn new(metrics: crate::metrics::ServerMetrics, strategies: Vec<crate::routing::Strategy>) -> Self {
+        let this = Self { inner: Mutex::new(ManagerInner::default()), metrics, strategies };
+        this.publish(&ManagerInner::default());
+        this
+    }
+
+    /// Updates `ready_backends{proxy_strategy}` (agents each strategy could use) and the deprecated
+    /// `ready_backend_connections` (the first strategy's count).
+    fn publish(&self, inner: &ManagerInner) {
+        for strategy in self.strategies.iter().rev() {
+            let n = inner.by_agent.values().filter_map(|s| s.first()).filter(|b| strategy.serves(b)).count();
+            self.metrics.set_ready_backends(strategy.name(), n);
+        }
     }
 
     fn add(&self, backend: Arc<Backend>) {
@@ -165,7 +180,7 @@ impl BackendManager {
         if streams.len() == 1 {
             inner.ids.push(backend.agent_id.clone());
         }
-        self.metrics.set_ready_backends("default", inner.ids.len());
+        self.publish(&inner);
     }
 
     fn remove(&self, backend: &Backend) {
@@ -176,27 +191,17 @@ impl BackendManager {
             inner.by_agent.remove(&backend.agent_id);
             inner.ids.retain(|id| id != &backend.agent_id);
         }
-        self.metrics.set_ready_backends("default", inner.ids.len());
+        self.publish(&inner);
     }
 
-    /// Picks an agent for a dial: random, not draining if any is not, else the first draining one seen.
-    pub(crate) fn pick(&self) -> Option<Arc<Backend>> {
-        let inner = self.inner.lock();
-        let n = inner.ids.len();
-        if n == 0 {
-            return None;
-        }
-        let start = rand::rng().random_range(0..n);
-        let mut fallback = None;
-        for i in 0..n {
-            let id = &inner.ids[(start + i) % n];
-            let Some(first) = inner.by_agent.get(id).and_then(|s| s.first()) else { continue };
-            if !first.is_draining() {
-                return Some(first.clone());
-            }
-            fallback.get_or_insert_with(|| first.clone());
-        }
-        fallback
+    /// Picks an agent for a dial to `address` (see [`crate::routing`]); the first stream of each agent ID is
+    /// the one used, as in the reference.
+    pub(crate) fn pick(&self, address: &str) -> Option<Arc<Backend>> {
+        let agents: Vec<Arc<Backend>> = {
+            let inner = self.inner.lock();
+            inner.ids.iter().filter_map(|id| inner.by_agent.get(id).and_then(|s| s.first()).cloned()).collect()
+        };
+        crate::routing::pick(&self.strategies, &agents, address)
     }
 
     /// Number of distinct agents connected.

@@ -72,6 +72,8 @@ pub struct ServerConfig {
     pub graceful_shutdown_timeout: Duration,
     /// Serve `/debug/pprof/profile` on the admin port.
     pub enable_profiling: bool,
+    /// Agent-selection strategies, tried in order.
+    pub proxy_strategies: Vec<crate::routing::Strategy>,
 }
 
 impl ServerConfig {
@@ -94,6 +96,7 @@ impl ServerConfig {
             admin: Some(("127.0.0.1".into(), 8095)),
             graceful_shutdown_timeout: Duration::ZERO,
             enable_profiling: false,
+            proxy_strategies: vec![crate::routing::Strategy::Default],
         }
     }
 }

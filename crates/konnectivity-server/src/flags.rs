@@ -3,6 +3,7 @@
 //! with "not supported yet", never silently ignored.
 
 use crate::config::{FrontendListen, FrontendMode, ServerConfig};
+use crate::routing::Strategy;
 use clap::{ArgAction, Parser};
 use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
 use std::path::PathBuf;
@@ -64,7 +65,7 @@ pub struct ServerFlags {
     /// Fail a dial the agent did not take or answer within this time; 0 waits forever.
     #[arg(long, value_parser = go_duration, default_value = "0s")]
     pub backend_dial_timeout: Duration,
-    /// Ordered, comma-separated agent-selection strategies: default, destHost, defaultRoute.
+    /// Ordered, comma-separated agent-selection strategies: default, destHost, defaultRoute, destCIDR (ours).
     #[arg(long, default_value = "default")]
     pub proxy_strategies: String,
     /// This server's unique ID (default: $PROXY_SERVER_ID, else a random UUID).
@@ -169,20 +170,20 @@ impl ServerFlags {
         if self.xfr_channel_size <= 0 {
             return Err(invalid(format!("--xfr-channel-size must be greater than 0, got {}", self.xfr_channel_size)));
         }
-        let strategies: Vec<&str> = self.proxy_strategies.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-        if strategies.is_empty() {
-            return Err(invalid("--proxy-strategies must not be empty"));
-        }
-        for s in &strategies {
-            match *s {
-                "default" => {}
-                "destHost" | "defaultRoute" => return Err(NotSupported::value("proxy-strategies", s).into()),
-                other => {
+        let mut strategies = Vec::new();
+        for name in self.proxy_strategies.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match Strategy::parse(name) {
+                Some(s) if !strategies.contains(&s) => strategies.push(s),
+                Some(_) => return Err(invalid(format!("--proxy-strategies lists {name} twice"))),
+                None => {
                     return Err(invalid(format!(
-                        "unknown proxy strategy {other:?} (want default, destHost or defaultRoute)"
+                        "unknown proxy strategy {name:?} (want default, destHost, defaultRoute or destCIDR)"
                     )));
                 }
             }
+        }
+        if strategies.is_empty() {
+            return Err(invalid("--proxy-strategies must not be empty"));
         }
         if !self.agent_namespace.is_empty()
             || !self.agent_service_account.is_empty()
@@ -266,6 +267,7 @@ impl ServerFlags {
         config.admin = Some((self.admin_bind_address, self.admin_port));
         config.graceful_shutdown_timeout = self.graceful_shutdown_timeout;
         config.enable_profiling = self.enable_profiling;
+        config.proxy_strategies = strategies;
         Ok(config)
     }
 }
@@ -310,7 +312,6 @@ mod tests {
     #[test]
     fn unimplemented_flags_are_refused_by_name() {
         for (flag, needle) in [
-            ("--proxy-strategies=destHost", "not supported yet: --proxy-strategies=destHost"),
             ("--enable-lease-controller", "not supported yet: --enable-lease-controller"),
             ("--agent-namespace=kube-system", "not supported yet: --agent-namespace"),
             ("--log-file=/x", "not supported yet: --log-file"),

@@ -15,6 +15,7 @@ mod connect;
 pub mod flags;
 mod frontend;
 pub mod metrics;
+pub mod routing;
 mod server;
 mod state;
 

@@ -223,7 +223,8 @@ impl RunningServer {
 /// Starts a server: binds every listener, then serves until `shutdown` is cancelled.
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
     let metrics = ServerMetrics::new()?;
-    let tunnels = Arc::new(Tunnels::new(BackendManager::new(metrics.clone()), metrics.clone()));
+    let backends = BackendManager::new(metrics.clone(), config.proxy_strategies.clone());
+    let tunnels = Arc::new(Tunnels::new(backends, metrics.clone()));
     let tracker = TaskTracker::new();
 
     // Agent port: always TLS; mTLS when a cluster CA is configured.

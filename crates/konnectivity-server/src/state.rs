@@ -298,7 +298,7 @@ impl Tunnels {
         random: i64,
         send_timeout: Option<Duration>,
     ) -> Result<Arc<Backend>, DialStartError> {
-        let Some(backend) = self.backends.pick() else {
+        let Some(backend) = self.backends.pick(address) else {
             self.metrics.dial_failure(DialFailureReason::NoAgent);
             tracing::info!(%address, "dial failed: {NO_AGENT_AVAILABLE}");
             return Err(DialStartError::NoAgent);

@@ -6,4 +6,5 @@ mod faults;
 mod flow;
 mod interop;
 mod observability;
+mod routing;
 mod tunnel;
