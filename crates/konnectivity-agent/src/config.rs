@@ -38,6 +38,8 @@ pub struct AgentConfig {
     pub admin: Option<(String, u16)>,
     /// Serve `/debug/pprof/profile` on the admin port.
     pub enable_profiling: bool,
+    /// Egress policy checked against every address a dial resolves to (default: allow everything).
+    pub egress_policy: std::sync::Arc<konnectivity_transport::egress_policy::EgressPolicy>,
 }
 
 impl AgentConfig {
@@ -60,6 +62,7 @@ impl AgentConfig {
             health: Some((String::new(), 8093)),
             admin: Some(("127.0.0.1".into(), 8094)),
             enable_profiling: false,
+            egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
         }
     }
 }

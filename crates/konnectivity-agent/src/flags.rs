@@ -99,6 +99,9 @@ pub struct AgentFlags {
     /// Content type of requests to kube-apiserver.
     #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
     pub kube_api_content_type: String,
+    /// Egress policy file (JSON; see docs/security.md), checked after names are resolved. Default: all.
+    #[arg(long, default_value = "")]
+    pub egress_policy_file: String,
     /// klog flags.
     #[command(flatten)]
     pub klog: KlogFlags,
@@ -186,6 +189,13 @@ impl AgentFlags {
         config.health = Some((self.health_server_host, self.health_server_port));
         config.admin = Some((self.admin_bind_address, self.admin_server_port));
         config.enable_profiling = self.enable_profiling;
+        if !self.egress_policy_file.is_empty() {
+            let policy = konnectivity_transport::egress_policy::EgressPolicy::load(std::path::Path::new(
+                &self.egress_policy_file,
+            ))
+            .map_err(|e| invalid(e.to_string()))?;
+            config.egress_policy = std::sync::Arc::new(policy);
+        }
         Ok(config)
     }
 }

@@ -22,6 +22,7 @@ pub struct AgentMetrics {
     pub(crate) bytes_to_endpoint: prometheus::IntCounter,
     pub(crate) bytes_to_server: prometheus::IntCounter,
     pub(crate) flow_control_waits: prometheus::IntCounter,
+    pub(crate) egress_denials: prometheus::IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -53,10 +54,16 @@ impl AgentMetrics {
         ))?;
         registry.register(Box::new(tunnel_bytes.clone()))?;
         registry.register(Box::new(flow_control_waits.clone()))?;
+        let egress_denials = prometheus::IntCounter::with_opts(opts(
+            "egress_policy_denials_total",
+            "Dials refused by the egress policy after resolving the destination.",
+        ))?;
+        registry.register(Box::new(egress_denials.clone()))?;
         let m = Self {
             bytes_to_endpoint: tunnel_bytes.with_label_values(&["to_endpoint"]),
             bytes_to_server: tunnel_bytes.with_label_values(&["to_server"]),
             flow_control_waits,
+            egress_denials,
             dial_duration: Histogram::with_opts(
                 HistogramOpts::from(opts("dial_duration_seconds", "Latency of dial to the remote endpoint in seconds"))
                     .buckets(LATENCY_BUCKETS.to_vec()),

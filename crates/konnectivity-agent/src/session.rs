@@ -10,6 +10,7 @@ use konnectivity_proto::flow::{self, CreditMeter};
 use konnectivity_proto::names::{UNKNOWN_CONNECT_ID, UNRECOGNIZED_CONNECT_ID};
 use konnectivity_proto::{Packet, PacketKind};
 use konnectivity_transport::budget::QueueBudget;
+use konnectivity_transport::egress_policy::{EgressPolicy, Verdict};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
@@ -75,6 +76,8 @@ pub(crate) struct Session {
     pub(crate) closed: CancellationToken,
     metrics: AgentMetrics,
     dial_timeout: Duration,
+    /// Checked against every address a dial resolves to.
+    policy: Arc<EgressPolicy>,
     /// Cost units queued towards one endpoint before the receive loop waits (servers without flow control).
     endpoint_queue_limit: usize,
     /// Both ends negotiated per-connection flow control (the server is konnectivity-rs).
@@ -101,6 +104,7 @@ impl Session {
             closed,
             metrics,
             dial_timeout: config.dial_timeout,
+            policy: config.egress_policy.clone(),
             // The reference queues --xfr-channel-size packets of up to 4 KiB; we count bytes, with room for as many
             // of our larger reads.
             endpoint_queue_limit: config.xfr_channel_size.max(1).saturating_mul(READ_BUFFER / 4),
@@ -318,7 +322,7 @@ impl Session {
             Err(DialFailure::Other(format!("dial {protocol} {address}: unknown network {protocol}")))
         } else {
             tokio::select! {
-                r = dial_tcp(&address, self.dial_timeout) => r,
+                r = dial_tcp(&address, self.dial_timeout, &self.policy) => r,
                 _ = cancel.cancelled() => Err(DialFailure::Cancelled),
             }
         };
@@ -330,6 +334,9 @@ impl Session {
                 return;
             }
             Err(failure) => {
+                if matches!(failure, DialFailure::Denied(_)) {
+                    self.metrics.egress_denials.inc();
+                }
                 let reason = if matches!(failure, DialFailure::Timeout(_)) { "timeout" } else { "unknown" };
                 self.metrics.endpoint_dial_failures.with_label_values(&[reason]).inc();
                 let text = failure.to_string();
@@ -445,6 +452,8 @@ enum DialFailure {
     Other(String),
     #[error("dial cancelled")]
     Cancelled,
+    #[error("{0}")]
+    Denied(String),
 }
 
 fn go_errno_text(e: &io::Error) -> String {
@@ -466,16 +475,34 @@ fn go_errno_text(e: &io::Error) -> String {
     }
 }
 
-async fn dial_tcp(address: &str, timeout: Duration) -> Result<TcpStream, DialFailure> {
+async fn dial_tcp(address: &str, timeout: Duration, policy: &EgressPolicy) -> Result<TcpStream, DialFailure> {
     let attempt = async {
-        let (host, _) = split_host_port(address)
+        let (host, port) = split_host_port(address)
             .ok_or_else(|| DialFailure::Other(format!("dial tcp: address {address}: missing port in address")))?;
-        let addrs: Vec<_> = match tokio::net::lookup_host(address).await {
+        let port: u16 =
+            port.parse().map_err(|_| DialFailure::Other(format!("dial tcp: address {address}: invalid port")))?;
+        let resolved: Vec<_> = match tokio::net::lookup_host(address).await {
             Ok(a) => a.collect(),
             Err(_) => return Err(DialFailure::NoSuchHost(host.to_string())),
         };
-        if addrs.is_empty() {
+        if resolved.is_empty() {
             return Err(DialFailure::NoSuchHost(host.to_string()));
+        }
+        // Only addresses the policy allows are dialed: a name resolving into a denied range is refused here,
+        // where the resolution happens.
+        let mut denied = None;
+        let addrs: Vec<_> = resolved
+            .into_iter()
+            .filter(|a| match policy.check_resolved(host, a.ip(), port) {
+                Verdict::Allow => true,
+                Verdict::Deny(reason) => {
+                    denied.get_or_insert(reason);
+                    false
+                }
+            })
+            .collect();
+        if addrs.is_empty() {
+            return Err(DialFailure::Denied(denied.unwrap_or_default()));
         }
         let mut last = None;
         for addr in addrs {
@@ -524,7 +551,8 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = l.local_addr().expect("addr");
         drop(l);
-        let err = dial_tcp(&addr.to_string(), Duration::from_secs(5)).await.expect_err("refused");
+        let err =
+            dial_tcp(&addr.to_string(), Duration::from_secs(5), &EgressPolicy::allow_all()).await.expect_err("refused");
         assert_eq!(err.to_string(), format!("dial tcp {addr}: connect: connection refused"));
     }
 }

@@ -32,7 +32,10 @@ pub const CONNECTION_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\
 /// The HTTP status the reference gives a dial error text (case-insensitive substring rules).
 pub fn dial_error_status(error: &str) -> u16 {
     let e = error.to_lowercase();
-    if e.contains("timeout") || e.contains("deadline exceeded") {
+    if e.contains(konnectivity_transport::egress_policy::DENIED) {
+        // Ours: the agent's policy refused the resolved address.
+        403
+    } else if e.contains("timeout") || e.contains("deadline exceeded") {
         504
     } else if e.contains("too many open files") {
         503
@@ -44,6 +47,7 @@ pub fn dial_error_status(error: &str) -> u16 {
 fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        403 => "Forbidden",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
@@ -131,7 +135,11 @@ impl ConnectFrontend {
                 return;
             }
             Err(e) => {
-                let status = if matches!(e, DialStartError::Timeout) { 504 } else { 502 };
+                let status = match e {
+                    DialStartError::Timeout => 504,
+                    DialStartError::Denied(_) => 403,
+                    _ => 502,
+                };
                 let body = format!("Failed to tunnel dial request: {}\r\n", e.message());
                 let _ = write_response(&mut io, status, "text/plain; charset=utf-8", &[], &body).await;
                 return;

@@ -134,6 +134,9 @@ pub struct ServerFlags {
     /// Deprecated and without effect, as in the reference.
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", hide = true)]
     pub warn_on_channel_limit: bool,
+    /// Egress policy file (JSON; see docs/security.md): which destinations dials may reach. Default: all.
+    #[arg(long, default_value = "")]
+    pub egress_policy_file: String,
     /// klog flags.
     #[command(flatten)]
     pub klog: KlogFlags,
@@ -268,6 +271,11 @@ impl ServerFlags {
         config.graceful_shutdown_timeout = self.graceful_shutdown_timeout;
         config.enable_profiling = self.enable_profiling;
         config.proxy_strategies = strategies;
+        if let Some(path) = path(&self.egress_policy_file) {
+            let policy =
+                konnectivity_transport::egress_policy::EgressPolicy::load(&path).map_err(|e| invalid(e.to_string()))?;
+            config.egress_policy = std::sync::Arc::new(policy);
+        }
         Ok(config)
     }
 }

@@ -89,6 +89,7 @@ pub struct ServerMetrics {
     frontend_stall_closes: IntCounter,
     flow_control_waits: IntCounter,
     tls_handshake_failures: IntCounterVec,
+    egress_denials: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -215,6 +216,11 @@ impl ServerMetrics {
             &["listener", "reason"],
         )?;
         registry.register(Box::new(tls_handshake_failures.clone()))?;
+        let egress_denials = IntCounter::with_opts(opts(
+            "egress_policy_denials_total",
+            "Dials refused by the egress policy before being sent to an agent.",
+        ))?;
+        registry.register(Box::new(egress_denials.clone()))?;
         registry.register(Box::new(grpc_connections.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(ready_backend_connections.clone()))?;
@@ -244,6 +250,7 @@ impl ServerMetrics {
             frontend_stall_closes,
             flow_control_waits,
             tls_handshake_failures,
+            egress_denials,
         })
     }
 
@@ -260,6 +267,9 @@ impl ServerMetrics {
     }
     pub(crate) fn bytes_to_agent(&self, n: usize) {
         self.tunnel_bytes_to_agent.inc_by(n as u64);
+    }
+    pub(crate) fn egress_denied(&self) {
+        self.egress_denials.inc();
     }
     pub(crate) fn frontend_stall_close(&self) {
         self.frontend_stall_closes.inc();

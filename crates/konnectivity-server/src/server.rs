@@ -224,7 +224,7 @@ impl RunningServer {
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
     let metrics = ServerMetrics::new()?;
     let backends = BackendManager::new(metrics.clone(), config.proxy_strategies.clone());
-    let tunnels = Arc::new(Tunnels::new(backends, metrics.clone()));
+    let tunnels = Arc::new(Tunnels::new(backends, metrics.clone(), config.egress_policy.clone()));
     let tracker = TaskTracker::new();
 
     // Agent port: always TLS; mTLS when a cluster CA is configured.

@@ -8,6 +8,7 @@ use konnectivity_proto::flow::{self, CreditMeter};
 use konnectivity_proto::names::{BACKEND_DIAL_TIMEOUT, NO_AGENT_AVAILABLE};
 use konnectivity_proto::packet;
 use konnectivity_transport::budget::QueueBudget;
+use konnectivity_transport::egress_policy::{EgressPolicy, Verdict};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -217,6 +218,8 @@ pub(crate) enum DialStartError {
     Timeout,
     /// The agent's stream ended first.
     AgentGone(String),
+    /// The egress policy refuses the destination.
+    Denied(String),
 }
 
 impl DialStartError {
@@ -226,7 +229,7 @@ impl DialStartError {
             Self::NoAgent => NO_AGENT_AVAILABLE.to_string(),
             Self::DuplicateId => "dial ID already in use".to_string(),
             Self::Timeout => BACKEND_DIAL_TIMEOUT.to_string(),
-            Self::AgentGone(m) => m.clone(),
+            Self::AgentGone(m) | Self::Denied(m) => m.clone(),
         }
     }
 }
@@ -243,13 +246,15 @@ pub(crate) struct PendingDial {
 pub(crate) struct Tunnels {
     pub(crate) backends: BackendManager,
     pub(crate) metrics: ServerMetrics,
+    /// Checked before a dial is sent (the agent checks again after resolving names).
+    policy: Arc<EgressPolicy>,
     pending: Mutex<HashMap<i64, PendingDial>>,
     serials: AtomicU64,
 }
 
 impl Tunnels {
-    pub(crate) fn new(backends: BackendManager, metrics: ServerMetrics) -> Self {
-        Self { backends, metrics, pending: Mutex::new(HashMap::new()), serials: AtomicU64::new(1) }
+    pub(crate) fn new(backends: BackendManager, metrics: ServerMetrics, policy: Arc<EgressPolicy>) -> Self {
+        Self { backends, metrics, policy, pending: Mutex::new(HashMap::new()), serials: AtomicU64::new(1) }
     }
 
     /// A process-unique serial for a stream.
@@ -298,6 +303,13 @@ impl Tunnels {
         random: i64,
         send_timeout: Option<Duration>,
     ) -> Result<Arc<Backend>, DialStartError> {
+        let host = crate::routing::dial_host(address);
+        let port = address.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
+        if let Verdict::Deny(reason) = self.policy.check_before_resolution(host, port) {
+            self.metrics.egress_denied();
+            tracing::info!(%address, "dial refused: {reason}");
+            return Err(DialStartError::Denied(reason));
+        }
         let Some(backend) = self.backends.pick(address) else {
             self.metrics.dial_failure(DialFailureReason::NoAgent);
             tracing::info!(%address, "dial failed: {NO_AGENT_AVAILABLE}");

@@ -5,6 +5,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod budget;
+pub mod egress_policy;
 pub mod flags;
 pub mod h2_authority;
 pub mod hpack;

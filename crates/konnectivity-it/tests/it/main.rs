@@ -6,5 +6,6 @@ mod faults;
 mod flow;
 mod interop;
 mod observability;
+mod policy;
 mod routing;
 mod tunnel;

@@ -209,6 +209,8 @@ const EXTENSIONS: &[(&str, &str, &[&str])] = &[
     ("konnectivity_network_proxy_server_tls_handshake_failures_total", "counter", &["listener", "reason"]),
     ("konnectivity_network_proxy_agent_tunnel_bytes_total", "counter", &["direction"]),
     ("konnectivity_network_proxy_agent_flow_control_waits_total", "counter", &[]),
+    ("konnectivity_network_proxy_server_egress_policy_denials_total", "counter", &[]),
+    ("konnectivity_network_proxy_agent_egress_policy_denials_total", "counter", &[]),
 ];
 
 /// client_golang's process collector families.
