@@ -20,6 +20,17 @@ pub struct FakeAgent {
 impl FakeAgent {
     /// Connects to a server's agent port as agent `agent_id`, with the PKI's agent certificate.
     pub async fn connect(pki: &Pki, agent_addr: SocketAddr, agent_id: &str) -> anyhow::Result<Self> {
+        Self::connect_with(pki, agent_addr, agent_id, false).await
+    }
+
+    /// Like [`FakeAgent::connect`], optionally offering konnectivity-rs flow control (then ignoring it, if the
+    /// test wants a peer that overruns its credit).
+    pub async fn connect_with(
+        pki: &Pki,
+        agent_addr: SocketAddr,
+        agent_id: &str,
+        flow_control: bool,
+    ) -> anyhow::Result<Self> {
         let tls = konnectivity_transport::tls::client_config(
             &pki.ca,
             Some((&pki.agent_cert, &pki.agent_key)),
@@ -40,6 +51,11 @@ impl FakeAgent {
         let mut request = tonic::Request::new(ReceiverStream::new(rx));
         request.metadata_mut().insert("agentid", agent_id.parse()?);
         request.metadata_mut().insert("agentidentifiers", "".parse()?);
+        if flow_control {
+            request
+                .metadata_mut()
+                .insert(konnectivity_proto::flow::METADATA_KEY, konnectivity_proto::flow::VERSION.parse()?);
+        }
         let response = AgentServiceClient::new(channel).connect(request).await?;
         Ok(Self { to_server, inbound: response.into_inner() })
     }

@@ -136,6 +136,12 @@ impl Frontend {
         agent_gone: impl std::future::Future<Output = ()>,
     ) -> Delivery {
         let cost = data_cost(&packet);
+        if flow_controlled && self.budget.queued() + cost > 2 * flow::WINDOW as usize {
+            // The agent negotiated flow control and then overran its credit: it is not a peer we can trust
+            // with this connection. Treat it like a frontend that stopped reading (the connection is closed).
+            tracing::warn!("agent overran its flow-control window; closing the connection");
+            return Delivery::Stalled;
+        }
         if !flow_controlled && self.budget.queued() + cost > FRONTEND_QUEUE_LIMIT {
             metrics.full_receive_channel("Connect", 1.0);
             let room = tokio::select! {

@@ -56,3 +56,39 @@ async fn a_stalled_reader_does_not_block_other_connections_and_loses_nothing() {
     agent.stop().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_that_overruns_its_credit_loses_only_that_connection() {
+    use konnectivity_it::fake_agent::FakeAgent;
+    use konnectivity_proto::{Packet, PacketKind};
+    let stack = Stack::new().expect("pki");
+    let server = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
+    let mut agent = FakeAgent::connect_with(&stack.pki, server.agent_addr, "greedy", true).await.expect("fake agent");
+    konnectivity_it::eventually!(10, server.handle.ready(), "fake agent not registered");
+
+    let tunnel = stack.tunnel(&server).await.expect("tunnel");
+    let dial = tokio::spawn(async move {
+        let conn = tunnel.dial("127.0.0.1:9").await.expect("dial");
+        (conn, tunnel)
+    });
+    let req = agent.next().await.expect("DIAL_REQ");
+    let Ok(PacketKind::DialRequest(req)) = req.kind() else { panic!("expected DIAL_REQ") };
+    agent.to_server.send(Packet::dial_response(req.random, 1, "")).await.expect("DIAL_RSP");
+    let (_conn, _tunnel) = dial.await.expect("dial task");
+
+    // 12 MiB at once, never waiting for credit (the window is 4 MiB); the client reads nothing.
+    let chunk = bytes::Bytes::from(vec![0u8; 256 * 1024]);
+    for _ in 0..48 {
+        agent.to_server.send(Packet::data(1, chunk.clone())).await.expect("DATA");
+    }
+    // The server closes that connection (CLOSE_REQ to the agent) instead of buffering without bound.
+    loop {
+        let p = agent.next().await.expect("a packet from the server");
+        if matches!(p.kind(), Ok(PacketKind::CloseRequest(c)) if c.connect_id == 1) {
+            break;
+        }
+    }
+    drop(agent);
+    assert_settled(&server, None).await;
+    server.stop().await;
+}
