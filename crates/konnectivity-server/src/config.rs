@@ -74,6 +74,8 @@ pub struct ServerConfig {
     pub enable_profiling: bool,
     /// Agent-selection strategies, tried in order.
     pub proxy_strategies: Vec<crate::routing::Strategy>,
+    /// Lowest TLS version on the agent port and the TCP frontend.
+    pub tls_min_version: konnectivity_transport::tls::MinVersion,
     /// Egress policy checked before each dial (default: allow everything, as the reference).
     pub egress_policy: std::sync::Arc<konnectivity_transport::egress_policy::EgressPolicy>,
 }
@@ -99,6 +101,7 @@ impl ServerConfig {
             graceful_shutdown_timeout: Duration::ZERO,
             enable_profiling: false,
             proxy_strategies: vec![crate::routing::Strategy::Default],
+            tls_min_version: konnectivity_transport::tls::MinVersion::Tls12,
             egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
         }
     }

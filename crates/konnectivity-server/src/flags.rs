@@ -209,9 +209,9 @@ impl ServerFlags {
         if !self.cipher_suites.is_empty() {
             return Err(NotSupported::flag("cipher-suites").into());
         }
-        match self.tls_min_version.as_str() {
-            "" | "VersionTLS12" => {}
-            "VersionTLS13" => return Err(NotSupported::value("tls-min-version", "VersionTLS13").into()),
+        let tls_min_version = match self.tls_min_version.as_str() {
+            "" | "VersionTLS12" => konnectivity_transport::tls::MinVersion::Tls12,
+            "VersionTLS13" => konnectivity_transport::tls::MinVersion::Tls13,
             "VersionTLS10" | "VersionTLS11" => {
                 return Err(invalid(format!(
                     "--tls-min-version={}: TLS below 1.2 is not offered by this server",
@@ -219,7 +219,7 @@ impl ServerFlags {
                 )));
             }
             other => return Err(invalid(format!("--tls-min-version: unknown version {other:?}"))),
-        }
+        };
         if self.enable_contention_profiling {
             if !self.enable_profiling {
                 return Err(invalid("--enable-contention-profiling requires --enable-profiling"));
@@ -271,6 +271,7 @@ impl ServerFlags {
         config.graceful_shutdown_timeout = self.graceful_shutdown_timeout;
         config.enable_profiling = self.enable_profiling;
         config.proxy_strategies = strategies;
+        config.tls_min_version = tls_min_version;
         if let Some(path) = path(&self.egress_policy_file) {
             let policy =
                 konnectivity_transport::egress_policy::EgressPolicy::load(&path).map_err(|e| invalid(e.to_string()))?;

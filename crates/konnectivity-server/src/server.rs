@@ -229,7 +229,13 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
 
     // Agent port: always TLS; mTLS when a cluster CA is configured.
     let client_auth = config.cluster_ca.clone().map(ClientAuth::Require).unwrap_or(ClientAuth::None);
-    let agent_tls = tls::server_config(&config.cluster_cert, &config.cluster_key, &client_auth, &[ALPN_H2])?;
+    let agent_tls = tls::server_config_with(
+        &config.cluster_cert,
+        &config.cluster_key,
+        &client_auth,
+        &[ALPN_H2],
+        config.tls_min_version,
+    )?;
     let agent_listener = listen::bind_tcp(&config.agent_bind, config.agent_port).await?;
     let agent_addr =
         agent_listener.local_addr().map_err(|source| ListenError::Tcp { addr: "agent".into(), cause: source })?;
@@ -377,7 +383,8 @@ async fn start_frontend(
                 FrontendMode::Grpc => &[ALPN_H2],
                 FrontendMode::HttpConnect => &[b"http/1.1"],
             };
-            let tls = tls::server_config(cert, key, &ClientAuth::Require(ca.clone()), alpn)?;
+            let tls =
+                tls::server_config_with(cert, key, &ClientAuth::Require(ca.clone()), alpn, config.tls_min_version)?;
             let listener = listen::bind_tcp(bind, *port).await?;
             let addr =
                 listener.local_addr().map_err(|source| ListenError::Tcp { addr: "frontend".into(), cause: source })?;

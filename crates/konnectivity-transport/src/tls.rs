@@ -90,7 +90,33 @@ pub fn server_config(
     client_auth: &ClientAuth,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let builder = ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    server_config_with(cert, key, client_auth, alpn, MinVersion::Tls12)
+}
+
+/// The lowest TLS version a server accepts (`--tls-min-version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MinVersion {
+    /// TLS 1.2 and 1.3 (the reference's default).
+    #[default]
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
+}
+
+/// Like [`server_config`], with a minimum TLS version.
+pub fn server_config_with(
+    cert: &Path,
+    key: &Path,
+    client_auth: &ClientAuth,
+    alpn: &[&[u8]],
+    min_version: MinVersion,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = match min_version {
+        MinVersion::Tls12 => ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?,
+        MinVersion::Tls13 => {
+            ServerConfig::builder_with_provider(provider()).with_protocol_versions(&[&rustls::version::TLS13])?
+        }
+    };
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
         ClientAuth::Require(ca) => {

@@ -291,3 +291,33 @@ async fn agent_answers_unknown_connection_ids_as_the_reference() {
 async fn next(rx: &mut mpsc::Receiver<Packet>) -> Packet {
     tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("agent answered").expect("packet")
 }
+
+#[tokio::test]
+async fn tls13_only_server_refuses_a_tls12_client_and_serves_agents() {
+    use konnectivity_transport::tls;
+    let stack = Stack::new().expect("pki");
+    let mut config = stack.server_config(Frontend::Uds);
+    config.tls_min_version = tls::MinVersion::Tls13;
+    let server = stack.start_server(config).await.expect("server");
+    // Our agent offers 1.2 and 1.3 and gets 1.3.
+    let agent = stack.start_agent(stack.agent_config(server.agent_addr)).await.expect("agent");
+    konnectivity_it::eventually!(10, server.handle.ready(), "agent did not connect over TLS 1.3");
+    // A client that only speaks TLS 1.2 is refused at the handshake.
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let roots = tls::load_roots(&stack.pki.ca).expect("roots");
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            tls::load_certs(&stack.pki.agent_cert).expect("cert"),
+            tls::load_key(&stack.pki.agent_key).expect("key"),
+        )
+        .expect("client config");
+    let tcp = tokio::net::TcpStream::connect(server.agent_addr).await.expect("tcp");
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let result = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client)).connect(name, tcp).await;
+    assert!(result.is_err(), "a TLS 1.2 handshake succeeded against a TLS 1.3-only server");
+    agent.stop().await;
+    server.stop().await;
+}
