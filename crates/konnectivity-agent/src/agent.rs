@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use konnectivity_proto::agent::AgentServiceClient;
 use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
 use konnectivity_proto::{Packet, flow};
+use konnectivity_transport::error_chain::error_chain;
 use konnectivity_transport::http_endpoints::{self, Handler};
 use konnectivity_transport::listen::{self, ListenError};
 use konnectivity_transport::tls::{self, TlsError};
@@ -45,12 +46,12 @@ pub enum AgentError {
     #[error("{0}")]
     Config(String),
     /// Connecting to the server failed.
-    #[error("connecting to proxy-server {addr}: {source}")]
+    #[error("connecting to proxy-server {addr}: {cause}")]
     Connect {
         /// The server address.
         addr: String,
-        /// Why.
-        source: tonic::transport::Error,
+        /// Why, with every underlying cause (tonic's own text is only "transport error").
+        cause: String,
     },
     /// The server refused or broke the stream.
     #[error("opening the tunnel stream to {addr}: {status}")]
@@ -295,7 +296,7 @@ impl Dialer {
             }
         });
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?
+            .map_err(|e| AgentError::Connect { addr: addr.clone(), cause: error_chain(&e) })?
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(self.config.keepalive_time)
             .keep_alive_while_idle(true)
@@ -304,7 +305,7 @@ impl Dialer {
         let channel = endpoint
             .connect_with_connector(connector)
             .await
-            .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
+            .map_err(|e| AgentError::Connect { addr: addr.clone(), cause: error_chain(&e) })?;
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(4 << 20);
 
         let (to_server, rx) = mpsc::channel(SERVER_QUEUE_PACKETS);

@@ -256,10 +256,12 @@ async fn channel(address: &ProxyAddress) -> Result<Channel, DialError> {
                 let path = path.clone();
                 async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
             });
-            endpoint("http://localhost")?
-                .connect_with_connector(connector)
-                .await
-                .map_err(|e| setup(format!("connecting to proxy-server at {address:?}: {}", source_chain(&e))))
+            endpoint("http://localhost")?.connect_with_connector(connector).await.map_err(|e| {
+                setup(format!(
+                    "connecting to proxy-server at {address:?}: {}",
+                    konnectivity_transport::error_chain::error_chain(&e)
+                ))
+            })
         }
         ProxyAddress::Tcp { host, port, tls, server_name } => {
             let target = konnectivity_transport::listen::join_host_port(host, *port);
@@ -278,10 +280,12 @@ async fn channel(address: &ProxyAddress) -> Result<Channel, DialError> {
                     Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
                 }
             });
-            endpoint(&format!("http://{target}"))?
-                .connect_with_connector(connector)
-                .await
-                .map_err(|e| setup(format!("connecting to proxy-server at {address:?}: {}", source_chain(&e))))
+            endpoint(&format!("http://{target}"))?.connect_with_connector(connector).await.map_err(|e| {
+                setup(format!(
+                    "connecting to proxy-server at {address:?}: {}",
+                    konnectivity_transport::error_chain::error_chain(&e)
+                ))
+            })
         }
     }
 }
@@ -292,15 +296,4 @@ fn endpoint(uri: &str) -> Result<Endpoint, DialError> {
         .connect_timeout(DIAL_TIMEOUT)
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20)))
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

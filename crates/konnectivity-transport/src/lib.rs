@@ -6,6 +6,7 @@
 
 pub mod budget;
 pub mod egress_policy;
+pub mod error_chain;
 pub mod flags;
 pub mod h2_authority;
 pub mod hpack;
