@@ -181,8 +181,8 @@ async fn fifty_tunnels_cancelled_mid_response_leave_nothing_behind() {
 
 #[tokio::test]
 async fn dial_abandoned_by_caller_is_cleaned_up() {
-    // A target that accepts nothing: a listener with a backlog we fill is not portable, so use a dial that the
-    // caller abandons before the agent answers by dialing through a tunnel and dropping the future at once.
+    // Callers that give up on a dial at varying moments (before the DIAL_REQ leaves, while the agent dials,
+    // just after the answer): whatever the moment, no dial, connection or target socket may be left behind.
     let stack = Stack::new().expect("pki");
     let (server, agent) = server_and_agent(&stack, Frontend::Uds).await.expect("stack");
     let target = http_target("127.0.0.1:0").await.expect("target");
