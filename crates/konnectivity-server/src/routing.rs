@@ -2,8 +2,10 @@
 //! `--proxy-strategies` order, and `destCIDR`, which the reference parses identifiers for but never uses.
 //!
 //! Among the agents a strategy allows, agents that sent DRAIN are used only when no other is left (as the
-//! reference), and beyond the reference the least-loaded one (fewest open connections) wins, ties broken at
-//! random, instead of a purely random pick.
+//! reference; a strategy never falls through to the next one because its agents are draining), and beyond the
+//! reference the least-loaded one (fewest open connections) wins, ties broken at random, instead of a purely
+//! random pick. For `destCIDR`, draining outweighs specificity: a non-draining agent with a wider matching
+//! prefix is preferred to a draining one with a narrower prefix.
 
 use crate::backend::Backend;
 use rand::Rng;
@@ -110,11 +112,15 @@ pub(crate) fn pick(strategies: &[Strategy], agents: &[Arc<Backend>], address: &s
     for strategy in strategies {
         let ranked: Vec<(u8, &Arc<Backend>)> =
             agents.iter().filter_map(|a| strategy.rank(a, host, ip).map(|r| (r, a))).collect();
-        let Some(best_rank) = ranked.iter().map(|(r, _)| *r).max() else { continue };
-        let best: Vec<&Arc<Backend>> = ranked.into_iter().filter(|(r, _)| *r == best_rank).map(|(_, a)| a).collect();
-        let live: Vec<&Arc<Backend>> = best.iter().copied().filter(|a| !a.is_draining()).collect();
-        let pool = if live.is_empty() { best } else { live };
-        return least_loaded(&pool);
+        if ranked.is_empty() {
+            continue;
+        }
+        let live: Vec<(u8, &Arc<Backend>)> = ranked.iter().copied().filter(|(_, a)| !a.is_draining()).collect();
+        let eligible = if live.is_empty() { ranked } else { live };
+        let best_rank = eligible.iter().map(|(r, _)| *r).max().unwrap_or(0);
+        let best: Vec<&Arc<Backend>> =
+            eligible.into_iter().filter(|(r, _)| *r == best_rank).map(|(_, a)| a).collect();
+        return least_loaded(&best);
     }
     None
 }

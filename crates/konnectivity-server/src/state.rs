@@ -330,6 +330,17 @@ impl Tunnels {
         if !self.add_pending(random, pending) {
             return Err(DialStartError::DuplicateId);
         }
+        if backend.closed.is_cancelled() {
+            // The agent went away between the pick and the record: its cleanup, which fails every dial pending
+            // on it, may have run already, and this dial would wait for an answer that cannot come.
+            let me = frontend.serial;
+            if self.take_pending(random, |d| d.frontend.serial == me).is_none() {
+                // The cleanup got it first and has already told the frontend.
+                return Ok(backend);
+            }
+            self.metrics.dial_failure(DialFailureReason::BackendClose);
+            return Err(DialStartError::AgentGone(format!("agent {} disconnected", backend.agent_id)));
+        }
         tracing::debug!(random, %address, agent_id = %backend.agent_id, "dialing");
         let send = backend.send(Packet::dial_request(address, random), self);
         let sent = match send_timeout {
