@@ -130,6 +130,7 @@ PROBES = {
         "agent-id": ["agent-a"], "alpn-proto": ["konnectivity"], "health-server-host": ["127.0.0.1"],
         "admin-bind-address": ["0.0.0.0"], "proxy-server-host": ["konnectivity.example.invalid"],
         "lease-label-selector": ["k8s-app=konnectivity-server"],
+        "proxy-server-addresses": ["a.example.invalid:8091,[2001:db8::1]:8091"], "drain-timeout": ["50s", "0"],
     },
 }
 COMMON = {  # klog flags, both binaries

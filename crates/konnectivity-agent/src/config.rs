@@ -3,13 +3,61 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// One proxy-server address the agent dials: a host (name or IP literal) and a port. The host is also the TLS
+/// server name checked against the server's certificate, and a name is resolved again at every dial.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerAddress {
+    /// Host name or IP literal (IPv6 without brackets).
+    pub host: String,
+    /// The server's agent port.
+    pub port: u16,
+}
+
+impl ServerAddress {
+    /// An address from its parts.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self { host: host.into(), port }
+    }
+
+    /// Parses `host:port`, `1.2.3.4:port` or `[v6]:port`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            rest.split_once("]:").ok_or_else(|| format!("{text:?}: want [IPv6]:port"))?
+        } else {
+            let (host, port) =
+                text.rsplit_once(':').ok_or_else(|| format!("{text:?}: missing port (want host:port)"))?;
+            if host.contains(':') {
+                return Err(format!("{text:?}: an IPv6 address needs brackets, as in [{host}]:{port}"));
+            }
+            (host, port)
+        };
+        if host.is_empty() {
+            return Err(format!("{text:?}: missing host"));
+        }
+        if text.starts_with('[') && host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{text:?}: {host:?} is not an IPv6 address"));
+        }
+        let port: u16 = port.parse().map_err(|_| format!("{text:?}: invalid port {port:?}"))?;
+        if port == 0 {
+            return Err(format!("{text:?}: port must be greater than 0"));
+        }
+        Ok(Self::new(host, port))
+    }
+}
+
+impl std::fmt::Display for ServerAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&konnectivity_transport::listen::join_host_port(&self.host, self.port))
+    }
+}
+
 /// Everything `proxy-agent` needs to run.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// Proxy-server host (name or IP) to dial; also the TLS server name checked.
-    pub server_host: String,
-    /// Proxy-server agent port.
-    pub server_port: u16,
+    /// Proxy-server addresses to dial (at least one). The agent keeps one stream to every distinct server
+    /// they reach (see `docs/deployment.md`); an address may also be a load balancer in front of several.
+    pub servers: Vec<ServerAddress>,
     /// CA for the server's certificate.
     pub ca_cert: PathBuf,
     /// Optional client certificate and key (mTLS).
@@ -40,14 +88,20 @@ pub struct AgentConfig {
     pub enable_profiling: bool,
     /// Egress policy checked against every address a dial resolves to (default: allow everything).
     pub egress_policy: std::sync::Arc<konnectivity_transport::egress_policy::EgressPolicy>,
+    /// After a drain starts, how long open connections may take to end before the agent closes them and
+    /// stops. `None`: no limit (the agent stops once they have ended, or when its shutdown token fires).
+    pub drain_timeout: Option<Duration>,
 }
 
+/// The default `--drain-timeout`: under Kubernetes' default termination grace period (30 s), so that the agent
+/// closes what is left itself, with an error each frontend sees, before the kubelet's SIGKILL.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
 impl AgentConfig {
-    /// A configuration with the reference's defaults.
+    /// A configuration with the reference's defaults, dialing one server address.
     pub fn new(server_host: impl Into<String>, server_port: u16, ca_cert: PathBuf) -> Self {
         Self {
-            server_host: server_host.into(),
-            server_port,
+            servers: vec![ServerAddress::new(server_host, server_port)],
             ca_cert,
             agent_cert: None,
             alpn_protos: Vec::new(),
@@ -63,6 +117,7 @@ impl AgentConfig {
             admin: Some(("127.0.0.1".into(), 8094)),
             enable_profiling: false,
             egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
+            drain_timeout: Some(DEFAULT_DRAIN_TIMEOUT),
         }
     }
 }
@@ -94,7 +149,21 @@ pub fn validate_identifiers(query: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::validate_identifiers;
+    use super::{ServerAddress, validate_identifiers};
+
+    #[test]
+    fn server_addresses() {
+        let ok = |s: &str| ServerAddress::parse(s).expect(s);
+        assert_eq!(ok("konnectivity.example:8091"), ServerAddress::new("konnectivity.example", 8091));
+        assert_eq!(ok(" 10.0.0.1:8132"), ServerAddress::new("10.0.0.1", 8132));
+        assert_eq!(ok("[fd00::1]:8091"), ServerAddress::new("fd00::1", 8091));
+        assert_eq!(ok("[fd00::1]:8091").to_string(), "[fd00::1]:8091");
+        assert_eq!(ok("a:1").to_string(), "a:1");
+        for bad in ["nohost", ":8091", "a:0", "a:x", "a:70000", "fd00::1:8091", "[fd00::1]", "[node]:1", "[]:1"] {
+            assert!(ServerAddress::parse(bad).is_err(), "{bad} accepted");
+        }
+        assert!(ServerAddress::parse("fd00::1:8091").unwrap_err().contains("brackets"));
+    }
 
     #[test]
     fn identifiers() {

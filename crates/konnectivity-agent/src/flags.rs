@@ -1,8 +1,9 @@
 //! `proxy-agent` command-line flags: the reference's names, defaults and Go syntax, validated into an
 //! [`AgentConfig`]. Flags whose feature is not built yet are refused at start with "not supported yet".
 
-use crate::config::{AgentConfig, validate_identifiers};
-use clap::{ArgAction, Parser};
+use crate::config::{AgentConfig, ServerAddress, validate_identifiers};
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,12 +25,21 @@ pub struct AgentFlags {
     /// Path of a ServiceAccount token sent as a bearer token (re-read at every connect).
     #[arg(long, default_value = "")]
     pub service_account_token_path: String,
-    /// Proxy-server host to dial (also the TLS server name checked).
+    /// Proxy-server host to dial (also the TLS server name checked). With --proxy-server-addresses, used only
+    /// if given explicitly (it is then dialed too).
     #[arg(long, default_value = "127.0.0.1")]
     pub proxy_server_host: String,
-    /// Proxy-server agent port.
+    /// Proxy-server agent port (see --proxy-server-host).
     #[arg(long, default_value_t = 8091)]
     pub proxy_server_port: u16,
+    /// Proxy-server addresses to dial, without a load balancer: host:port or [IPv6]:port, comma-separated or
+    /// repeated. The agent keeps one stream to every distinct server they reach (two addresses reaching one
+    /// server count once), redials each address that drops with the usual backoff, and resolves names again at
+    /// every dial (a name with several addresses is tried in random order, like a load balancer). Each host is
+    /// the TLS name checked against that server's certificate. Replaces --proxy-server-host/-port unless those
+    /// are given too. konnectivity-rs only.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT,...")]
+    pub proxy_server_addresses: Vec<String>,
     /// Extra ALPN protocols to offer before h2 (repeatable or comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub alpn_proto: Vec<String>,
@@ -102,9 +112,19 @@ pub struct AgentFlags {
     /// Egress policy file (JSON; see docs/security.md), checked after names are resolved. Default: all.
     #[arg(long, default_value = "")]
     pub egress_policy_file: String,
+    /// After the first SIGTERM/SIGINT (which sends DRAIN to every server), how long open connections may run
+    /// before the agent closes them, with an error their clients see, and exits; it exits earlier once none is
+    /// left. 0: no limit (a second signal still exits at once). Keep it below the pod's
+    /// terminationGracePeriodSeconds. konnectivity-rs only; the reference waits for a second signal.
+    #[arg(long, value_parser = go_duration, default_value = "25s")]
+    pub drain_timeout: Duration,
     /// klog flags.
     #[command(flatten)]
     pub klog: KlogFlags,
+    /// Whether --proxy-server-host or --proxy-server-port was given on the command line (not defaulted): with
+    /// --proxy-server-addresses, that address is then dialed too. Set by [`AgentFlags::parse_args`].
+    #[arg(skip)]
+    pub host_port_given: bool,
 }
 
 /// Why the flags do not form a valid configuration.
@@ -119,6 +139,44 @@ pub enum FlagError {
 }
 
 impl AgentFlags {
+    /// Parses a command line (after [`konnectivity_transport::flags::normalize_args`]), noting which flags were
+    /// given rather than defaulted where that matters.
+    pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Self, clap::Error> {
+        let matches = Self::command().try_get_matches_from(args)?;
+        let mut flags = Self::from_arg_matches(&matches)?;
+        let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        flags.host_port_given = given("proxy_server_host") || given("proxy_server_port");
+        Ok(flags)
+    }
+
+    /// The addresses to dial: --proxy-server-addresses (plus --proxy-server-host:port if given explicitly),
+    /// else --proxy-server-host:port. Listed twice means dialed once.
+    fn server_addresses(&self) -> Result<Vec<ServerAddress>, FlagError> {
+        let listed: Vec<&str> =
+            self.proxy_server_addresses.iter().map(|a| a.trim()).filter(|a| !a.is_empty()).collect();
+        let mut addresses = Vec::new();
+        if listed.is_empty() || self.host_port_given {
+            if self.proxy_server_port == 0 {
+                return Err(FlagError::Invalid("--proxy-server-port must be greater than 0".into()));
+            }
+            if self.proxy_server_host.is_empty() {
+                return Err(FlagError::Invalid("--proxy-server-host must not be empty".into()));
+            }
+            let host = self.proxy_server_host.trim_start_matches('[').trim_end_matches(']');
+            addresses.push(ServerAddress::new(host, self.proxy_server_port));
+        }
+        for text in listed {
+            let address =
+                ServerAddress::parse(text).map_err(|e| FlagError::Invalid(format!("--proxy-server-addresses: {e}")))?;
+            if addresses.contains(&address) {
+                tracing::warn!(%address, "proxy-server address listed twice; dialing it once");
+            } else {
+                addresses.push(address);
+            }
+        }
+        Ok(addresses)
+    }
+
     /// Validates the flags as the reference does and builds the configuration.
     pub fn into_config(self) -> Result<AgentConfig, FlagError> {
         let invalid = |m: String| FlagError::Invalid(m);
@@ -129,9 +187,7 @@ impl AgentFlags {
         if self.agent_cert.is_empty() != self.agent_key.is_empty() {
             return Err(invalid("--agent-cert and --agent-key go together".into()));
         }
-        if self.proxy_server_port == 0 {
-            return Err(invalid("--proxy-server-port must be greater than 0".into()));
-        }
+        let servers = self.server_addresses()?;
         if self.sync_interval > self.sync_interval_cap {
             return Err(invalid(format!(
                 "--sync-interval ({:?}) must not exceed --sync-interval-cap ({:?})",
@@ -173,6 +229,8 @@ impl AgentFlags {
             );
         }
         let mut config = AgentConfig::new(self.proxy_server_host, self.proxy_server_port, PathBuf::from(self.ca_cert));
+        config.servers = servers;
+        config.drain_timeout = (!self.drain_timeout.is_zero()).then_some(self.drain_timeout);
         if !self.agent_cert.is_empty() {
             config.agent_cert = Some((PathBuf::from(self.agent_cert), PathBuf::from(self.agent_key)));
         }
@@ -203,12 +261,41 @@ impl AgentFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_DRAIN_TIMEOUT;
 
     fn parse(args: &[&str]) -> Result<AgentConfig, String> {
         let mut all = vec!["proxy-agent".to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
         let all = konnectivity_transport::flags::normalize_args(all);
-        AgentFlags::try_parse_from(all).map_err(|e| e.to_string())?.into_config().map_err(|e| e.to_string())
+        AgentFlags::parse_args(all).map_err(|e| e.to_string())?.into_config().map_err(|e| e.to_string())
+    }
+
+    fn addresses(c: &AgentConfig) -> Vec<String> {
+        c.servers.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn server_addresses_and_drain_timeout() {
+        let c = parse(&["--ca-cert=/ca"]).expect("defaults");
+        assert_eq!(addresses(&c), ["127.0.0.1:8091"]);
+        assert_eq!(c.drain_timeout, Some(DEFAULT_DRAIN_TIMEOUT));
+        let c = parse(&["--ca-cert=/ca", "--proxy-server-addresses=a:1,[::1]:2", "--proxy-server-addresses=b:3"])
+            .expect("list");
+        assert_eq!(addresses(&c), ["a:1", "[::1]:2", "b:3"]);
+        // Given explicitly, --proxy-server-host/-port is dialed too; a duplicate is dialed once.
+        let c = parse(&["--ca-cert=/ca", "--proxy-server-host=lb", "--proxy-server-addresses=a:1,lb:8091,a:1"])
+            .expect("both");
+        assert_eq!(addresses(&c), ["lb:8091", "a:1"]);
+        let c = parse(&["--ca-cert=/ca", "--proxy-server-port=9000", "--proxy-server-addresses=a:1"]).expect("port");
+        assert_eq!(addresses(&c), ["127.0.0.1:9000", "a:1"]);
+        let c = parse(&["--ca-cert=/ca", "--proxy-server-host=::1"]).expect("v6 host");
+        assert_eq!(addresses(&c), ["[::1]:8091"]);
+        assert!(parse(&["--ca-cert=/ca", "--proxy-server-addresses=fd00::1:80"]).unwrap_err().contains("brackets"));
+        assert!(parse(&["--ca-cert=/ca", "--proxy-server-addresses=a"]).unwrap_err().contains("missing port"));
+        assert!(parse(&["--ca-cert=/ca", "--proxy-server-port=0"]).unwrap_err().contains("greater than 0"));
+        let c = parse(&["--ca-cert=/ca", "--drain-timeout=1m30s"]).expect("drain");
+        assert_eq!(c.drain_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(parse(&["--ca-cert=/ca", "--drain-timeout=0"]).expect("no limit").drain_timeout, None);
     }
 
     #[test]
@@ -229,7 +316,7 @@ mod tests {
         ])
         .expect("parses");
         assert_eq!(c.agent_id, "a1");
-        assert_eq!(c.server_port, 8132);
+        assert_eq!(addresses(&c), ["konnectivity.example:8132"]);
         assert_eq!(c.sync_interval_cap, Duration::from_secs(60));
         assert!(c.sync_forever);
         assert_eq!(c.alpn_protos, ["konnectivity"]);

@@ -10,9 +10,13 @@
 
 mod agent;
 pub mod config;
+mod dialer;
+mod drain;
 pub mod flags;
 pub mod metrics;
+mod server_set;
 mod session;
 
 pub use agent::{AgentError, AgentHandle, RunningAgent, run, start};
-pub use config::AgentConfig;
+pub use config::{AgentConfig, ServerAddress};
+pub use server_set::AddressStatus;

@@ -23,6 +23,7 @@ pub struct AgentMetrics {
     pub(crate) bytes_to_server: prometheus::IntCounter,
     pub(crate) flow_control_waits: prometheus::IntCounter,
     pub(crate) egress_denials: prometheus::IntCounter,
+    pub(crate) server_dials: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -59,7 +60,16 @@ impl AgentMetrics {
             "Dials refused by the egress policy after resolving the destination.",
         ))?;
         registry.register(Box::new(egress_denials.clone()))?;
+        let server_dials = IntCounterVec::new(
+            opts(
+                "server_dials_total",
+                "Attempts to open a stream to a proxy-server address, by result: new_server, duplicate (the address reached a server the agent already holds a stream to; the new stream is closed) or error.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(server_dials.clone()))?;
         let m = Self {
+            server_dials,
             bytes_to_endpoint: tunnel_bytes.with_label_values(&["to_endpoint"]),
             bytes_to_server: tunnel_bytes.with_label_values(&["to_server"]),
             flow_control_waits,
@@ -156,6 +166,10 @@ impl AgentMetrics {
     /// Current `open_endpoint_connections`.
     pub fn open_endpoint_connections(&self) -> f64 {
         self.open_endpoint_connections.get()
+    }
+    /// How many server dials ended with `result` (`new_server`, `duplicate`, `error`).
+    pub fn server_dials(&self, result: &str) -> u64 {
+        self.server_dials.with_label_values(&[result]).get()
     }
     /// Current `open_server_connections`.
     pub fn open_server_connections(&self) -> f64 {

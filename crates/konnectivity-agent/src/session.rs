@@ -15,7 +15,8 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -67,11 +68,18 @@ impl ConnShared {
 /// One server stream's state.
 pub(crate) struct Session {
     pub(crate) server_id: String,
+    /// The configured address this stream was opened through.
+    pub(crate) address: String,
     to_server: mpsc::Sender<Packet>,
     conns: Mutex<HashMap<i64, EndpointConn>>,
     /// Dials in flight by dial ID, so a DIAL_CLS can stop them.
     dials: Mutex<HashMap<i64, CancellationToken>>,
     next_connect_id: AtomicI64,
+    /// Dials and connections whose task is still running: from the DIAL_REQ until its DIAL_RSP error or the
+    /// connection's CLOSE_RSP is queued. The agent's drain waits for this to reach zero.
+    in_progress: AtomicUsize,
+    /// Set by [`Session::close_all`]: the error every connection still open (or opening) is closed with.
+    closing_reason: OnceLock<String>,
     /// Cancelled when the stream ends: every connection on it stops.
     pub(crate) closed: CancellationToken,
     metrics: AgentMetrics,
@@ -86,8 +94,10 @@ pub(crate) struct Session {
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         server_id: String,
+        address: String,
         to_server: mpsc::Sender<Packet>,
         closed: CancellationToken,
         metrics: AgentMetrics,
@@ -97,10 +107,13 @@ impl Session {
     ) -> Arc<Self> {
         Arc::new(Self {
             server_id,
+            address,
             to_server,
             conns: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
             next_connect_id: AtomicI64::new(1),
+            in_progress: AtomicUsize::new(0),
+            closing_reason: OnceLock::new(),
             closed,
             metrics,
             dial_timeout: config.dial_timeout,
@@ -116,6 +129,23 @@ impl Session {
     /// Endpoint connections open on this stream.
     pub(crate) fn connection_count(&self) -> usize {
         self.conns.lock().len()
+    }
+
+    /// Dials in flight and connections not yet closed towards the server.
+    pub(crate) fn in_progress(&self) -> usize {
+        self.in_progress.load(Ordering::SeqCst)
+    }
+
+    /// Closes every connection on this stream, and any that is still being dialed, telling the server
+    /// `reason` as the CLOSE_RSP (or DIAL_RSP) error so that each frontend sees an error, not a clean end.
+    pub(crate) fn close_all(&self, reason: &str) {
+        let _ = self.closing_reason.set(reason.to_string());
+        for conn in self.conns.lock().values() {
+            conn.kill.cancel();
+        }
+        for dial in self.dials.lock().values() {
+            dial.cancel();
+        }
     }
 
     /// This stream and its connections, for `/debug/connections`.
@@ -139,6 +169,7 @@ impl Session {
             .collect();
         serde_json::json!({
             "server_id": self.server_id,
+            "address": self.address,
             "flow_control": self.flow_control,
             "dials_in_flight": self.dials.lock().len(),
             "connections": connections,
@@ -231,6 +262,10 @@ impl Session {
             PacketKind::DialRequest(req) => {
                 let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed);
                 let cancel = self.closed.child_token();
+                if self.closing_reason.get().is_some() {
+                    cancel.cancel();
+                }
+                self.in_progress.fetch_add(1, Ordering::SeqCst);
                 self.dials.lock().insert(req.random, cancel.clone());
                 let span = tracing::debug_span!("conn", connect_id, dial_id = req.random, address = %req.address);
                 self.tracker.spawn(
@@ -309,8 +344,21 @@ impl Session {
         }
     }
 
+    /// One dial and then its connection, to the end; counted in `in_progress` (from the DIAL_REQ) until then.
     async fn dial(
         self: Arc<Self>,
+        random: i64,
+        address: String,
+        protocol: String,
+        connect_id: i64,
+        cancel: CancellationToken,
+    ) {
+        self.dial_and_pipe(random, address, protocol, connect_id, cancel).await;
+        self.in_progress.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    async fn dial_and_pipe(
+        self: &Arc<Self>,
         random: i64,
         address: String,
         protocol: String,
@@ -331,6 +379,9 @@ impl Session {
             Ok(s) => s,
             Err(DialFailure::Cancelled) => {
                 tracing::debug!("dial cancelled");
+                if let Some(reason) = self.closing_reason.get() {
+                    self.send(Packet::dial_response(random, 0, reason.as_str())).await;
+                }
                 return;
             }
             Err(failure) => {
@@ -358,6 +409,10 @@ impl Session {
             to_server: AtomicU64::new(0),
         });
         self.conns.lock().insert(connect_id, EndpointConn { to_endpoint, shared: shared.clone(), kill: kill.clone() });
+        if self.closing_reason.get().is_some() {
+            // `close_all` ran between the dial and the registration: this one closes at once too.
+            kill.cancel();
+        }
         self.metrics.open_endpoint_connections.inc();
         if !self.send(Packet::dial_response(random, connect_id, "")).await {
             self.conns.lock().remove(&connect_id);
@@ -433,7 +488,11 @@ impl Session {
         self.conns.lock().remove(&connect_id);
         tracing::debug!("connection closed: {why}");
         if !self.closed.is_cancelled() {
-            self.send(Packet::close_response(connect_id, "")).await;
+            let error = match (kill.is_cancelled(), self.closing_reason.get()) {
+                (true, Some(reason)) => reason.as_str(),
+                _ => "",
+            };
+            self.send(Packet::close_response(connect_id, error)).await;
         }
     }
 }

@@ -118,8 +118,7 @@ pub(crate) fn pick(strategies: &[Strategy], agents: &[Arc<Backend>], address: &s
         let live: Vec<(u8, &Arc<Backend>)> = ranked.iter().copied().filter(|(_, a)| !a.is_draining()).collect();
         let eligible = if live.is_empty() { ranked } else { live };
         let best_rank = eligible.iter().map(|(r, _)| *r).max().unwrap_or(0);
-        let best: Vec<&Arc<Backend>> =
-            eligible.into_iter().filter(|(r, _)| *r == best_rank).map(|(_, a)| a).collect();
+        let best: Vec<&Arc<Backend>> = eligible.into_iter().filter(|(r, _)| *r == best_rank).map(|(_, a)| a).collect();
         return least_loaded(&best);
     }
     None

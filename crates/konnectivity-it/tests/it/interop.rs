@@ -710,6 +710,8 @@ async fn our_agent_drains_from_the_go_server_on_sigterm() {
             format!("--health-server-port={health}"),
             format!("--admin-server-port={}", free_port()),
             "--sync-interval=200ms".into(),
+            // The 1 GiB transfer below must not be cut by the default 25s.
+            "--drain-timeout=5m".into(),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -4,6 +4,7 @@ mod bad_input;
 mod connect;
 mod faults;
 mod flow;
+mod ha;
 mod interop;
 mod observability;
 mod policy;

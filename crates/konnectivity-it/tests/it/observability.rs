@@ -211,6 +211,7 @@ const EXTENSIONS: &[(&str, &str, &[&str])] = &[
     ("konnectivity_network_proxy_agent_flow_control_waits_total", "counter", &[]),
     ("konnectivity_network_proxy_server_egress_policy_denials_total", "counter", &[]),
     ("konnectivity_network_proxy_agent_egress_policy_denials_total", "counter", &[]),
+    ("konnectivity_network_proxy_agent_server_dials_total", "counter", &["result"]),
 ];
 
 /// client_golang's process collector families.

@@ -1,0 +1,166 @@
+//! Opening one `/AgentService/Connect` stream to a proxy-server address: TCP (the name resolved again at every
+//! dial), TLS with ALPN h2, the agent's metadata, and the server's `serverid`/`servercount` answer.
+
+use crate::agent::AgentError;
+use crate::config::{AgentConfig, ServerAddress};
+use hyper_util::rt::TokioIo;
+use konnectivity_proto::agent::AgentServiceClient;
+use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
+use konnectivity_proto::{Packet, flow};
+use konnectivity_transport::error_chain::error_chain;
+use konnectivity_transport::tls;
+use rand::seq::SliceRandom;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long the agent waits for a server's response headers (the reference waits forever).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long TCP connect plus the TLS and HTTP/2 handshakes may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Packets queued towards one server stream.
+const SERVER_QUEUE_PACKETS: usize = 256;
+
+/// A configured server address, ready to dial.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub(crate) address: ServerAddress,
+    /// The TLS name the server's certificate must carry: the address's host.
+    server_name: rustls_pki_types::ServerName<'static>,
+}
+
+impl Target {
+    /// Checks that the address's host can be a TLS server name.
+    pub(crate) fn new(address: ServerAddress) -> Result<Self, AgentError> {
+        let server_name = rustls_pki_types::ServerName::try_from(address.host.clone())
+            .map_err(|e| AgentError::Config(format!("proxy-server address {address}: {e}")))?;
+        Ok(Self { address, server_name })
+    }
+}
+
+/// What every dial shares.
+pub(crate) struct Dialer {
+    pub(crate) config: Arc<AgentConfig>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+}
+
+/// An open stream, before it is known whether its server is new.
+pub(crate) struct Opened {
+    pub(crate) server_id: String,
+    pub(crate) flow_control: bool,
+    pub(crate) server_count: u32,
+    pub(crate) to_server: mpsc::Sender<Packet>,
+    pub(crate) inbound: tonic::Streaming<Packet>,
+}
+
+/// Resolves `address` now (names are not cached between dials: servers move) and connects to one of its IPs,
+/// trying them in random order, so that a name listing several servers spreads agents like a load balancer.
+async fn connect_tcp(address: &ServerAddress) -> std::io::Result<tokio::net::TcpStream> {
+    let mut ips: Vec<SocketAddr> = tokio::net::lookup_host((address.host.as_str(), address.port)).await?.collect();
+    ips.shuffle(&mut rand::rng());
+    let mut last = None;
+    for ip in ips {
+        match tokio::net::TcpStream::connect(ip).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(std::io::Error::new(e.kind(), format!("{ip}: {e}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{} resolves to no address", address.host))))
+}
+
+impl Dialer {
+    /// Opens a stream to `target`. Its outbound half ends cleanly once `finish` fires.
+    pub(crate) async fn open(&self, target: &Target, finish: &CancellationToken) -> Result<Opened, AgentError> {
+        let addr = target.address.to_string();
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let server_name = target.server_name.clone();
+        let address = target.address.clone();
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let tls = tls.clone();
+            let server_name = server_name.clone();
+            let address = address.clone();
+            async move {
+                let tcp = connect_tcp(&address).await?;
+                konnectivity_transport::listen::tune_tcp(&tcp);
+                let stream = tls.connect(server_name, tcp).await?;
+                if stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
+                    return Err(std::io::Error::other("server did not negotiate ALPN h2"));
+                }
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| AgentError::Connect { addr: addr.clone(), cause: error_chain(&e) })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(self.config.keepalive_time)
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(8 << 20));
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| AgentError::Connect { addr: addr.clone(), cause: error_chain(&e) })?;
+        let mut client = AgentServiceClient::new(channel).max_decoding_message_size(4 << 20);
+
+        let (to_server, rx) = mpsc::channel(SERVER_QUEUE_PACKETS);
+        let mut request = tonic::Request::new(outbound_until_finished(rx, finish.clone()));
+        let bad = |what: String| AgentError::BadHeaders { addr: addr.clone(), what };
+        let md = request.metadata_mut();
+        md.insert(
+            AGENT_ID,
+            self.config
+                .agent_id
+                .parse()
+                .map_err(|_| AgentError::Config("--agent-id is not a valid header value".into()))?,
+        );
+        md.insert(
+            AGENT_IDENTIFIERS,
+            self.config
+                .agent_identifiers
+                .parse()
+                .map_err(|_| AgentError::Config("--agent-identifiers is not a valid header value".into()))?,
+        );
+        md.insert(flow::METADATA_KEY, tonic::metadata::MetadataValue::from_static(flow::VERSION));
+        let response = match tokio::time::timeout(HEADER_TIMEOUT, client.connect(request)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(status)) => return Err(AgentError::Stream { addr, status }),
+            Err(_) => return Err(AgentError::HeaderTimeout(addr)),
+        };
+        let header = |key: &str| -> Result<String, AgentError> {
+            let values: Vec<_> = response.metadata().get_all(key).iter().collect();
+            match values.as_slice() {
+                [v] => v.to_str().map(str::to_string).map_err(|_| bad(format!("header {key} is not text"))),
+                other => Err(bad(format!("expected one {key} header, got {}", other.len()))),
+            }
+        };
+        let server_id = header(SERVER_ID)?;
+        let server_count: u32 =
+            header(SERVER_COUNT)?.parse().map_err(|_| bad(format!("{SERVER_COUNT} is not a number")))?;
+        let flow_control =
+            response.metadata().get(flow::METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(flow::VERSION);
+        Ok(Opened { server_id, flow_control, server_count, to_server, inbound: response.into_inner() })
+    }
+}
+
+/// The packets for one server as a request stream that, once `finish` fires, still yields what is queued and
+/// then ends (a clean half-close), instead of being dropped mid-queue.
+fn outbound_until_finished(
+    rx: mpsc::Receiver<Packet>,
+    finish: CancellationToken,
+) -> impl futures_util::Stream<Item = Packet> + Send + 'static {
+    futures_util::stream::unfold((rx, finish, false), |(mut rx, finish, mut closing)| async move {
+        if !closing {
+            tokio::select! {
+                biased;
+                m = rx.recv() => return m.map(|m| (m, (rx, finish, closing))),
+                _ = finish.cancelled() => {
+                    rx.close();
+                    closing = true;
+                }
+            }
+        }
+        rx.recv().await.map(|m| (m, (rx, finish, closing)))
+    })
+}

@@ -1,0 +1,249 @@
+//! The set of proxy-servers the agent holds streams to, kept by one loop (the reference's ClientSet "sync").
+//!
+//! The agent has one or more configured addresses (`--proxy-server-addresses`, or `--proxy-server-host:port`).
+//! Each is a server or a load balancer in front of several. The loop keeps one [`Session`] per distinct server
+//! ID. The goal is:
+//!
+//! 1. **Every address reaches a server whose stream is open.** An address without one is dialed, and redialed
+//!    after errors with jittered exponential backoff (from `--sync-interval`, factor 1.5, up to
+//!    `--sync-interval-cap`). Addresses are dialed concurrently, so an address that hangs holds up no other.
+//!    If an address answers with a server the agent already holds a stream to (two addresses for one server),
+//!    the new stream is closed and the address counts as reaching that server: one server counts once.
+//! 2. **At least `servercount` distinct servers.** Once every address is served, and while fewer distinct
+//!    servers are connected than the servers announce (the `servercount` header of the latest new server, at
+//!    least 1), or always with `--sync-forever`, the addresses are dialed again every `--sync-interval`: a load
+//!    balancer may lead to a server not seen yet. With one address this is exactly the reference's behaviour.
+//!
+//! Draining (or finishing) stops all dialing; a stream that opens meanwhile is closed at once.
+
+use crate::agent::AgentHandle;
+use crate::config::AgentConfig;
+use crate::dialer::{Dialer, Opened, Target};
+use crate::session::Session;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use rand::Rng;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+/// One configured server address, as [`AgentHandle::addresses`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressStatus {
+    /// The address as configured (`host:port`, `[v6]:port`).
+    pub address: String,
+    /// IDs of the servers reached through it whose stream is open (several if it is a load balancer).
+    pub servers: Vec<String>,
+    /// Whether a dial to it is in progress.
+    pub dialing: bool,
+    /// Why its latest dial failed, if it did (cleared by the next success).
+    pub last_error: Option<String>,
+}
+
+/// What the loop knows about one address.
+struct Slot {
+    target: Target,
+    /// Servers reached through this address (opened here, or found already connected) with an open stream.
+    reached: Vec<String>,
+    /// The next delay after an error.
+    backoff: Duration,
+    /// Not dialed before this.
+    next_dial: Instant,
+    dialing: bool,
+    last_error: Option<String>,
+}
+
+fn jitter(d: Duration, factor: f64) -> Duration {
+    d.mul_f64(1.0 + rand::rng().random_range(0.0..factor))
+}
+
+/// Keeps the agent's server streams until `shutdown`.
+pub(crate) async fn sync_loop(
+    dialer: Arc<Dialer>,
+    targets: Vec<Target>,
+    handle: AgentHandle,
+    drain: CancellationToken,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let config = dialer.config.clone();
+    let metrics = handle.metrics().clone();
+    let now = Instant::now();
+    let mut slots: Vec<Slot> = targets
+        .into_iter()
+        .map(|target| Slot {
+            target,
+            reached: Vec::new(),
+            backoff: config.sync_interval,
+            next_dial: now,
+            dialing: false,
+            last_error: None,
+        })
+        .collect();
+    let mut server_count: u32 = 1;
+    let mut short_of_count_logged = false;
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        let now = Instant::now();
+        let stopping = drain.is_cancelled() || handle.finish.is_cancelled();
+        let mut wake = now + jitter(config.sync_interval, 0.1);
+        if !stopping {
+            let live: HashSet<String> = handle.sessions.lock().keys().cloned().collect();
+            for slot in &mut slots {
+                slot.reached.retain(|id| live.contains(id));
+            }
+            let every_address_served = slots.iter().all(|s| !s.reached.is_empty());
+            let short_of_count = (live.len() as u64) < u64::from(server_count);
+            if every_address_served && short_of_count && slots.len() > 1 && !short_of_count_logged {
+                tracing::info!(
+                    connected = live.len(),
+                    server_count,
+                    addresses = slots.len(),
+                    "every proxy-server address is connected, but the servers announce more servers; dialing the \
+                     addresses again every --sync-interval to find them (they may be load balancers)"
+                );
+            }
+            short_of_count_logged = every_address_served && short_of_count;
+            let explore = every_address_served && (config.sync_forever || short_of_count);
+            for (index, slot) in slots.iter_mut().enumerate() {
+                if slot.dialing || !(slot.reached.is_empty() || explore) {
+                    continue;
+                }
+                if slot.next_dial > now {
+                    wake = wake.min(slot.next_dial);
+                    continue;
+                }
+                slot.dialing = true;
+                let dialer = dialer.clone();
+                let target = slot.target.clone();
+                let finish = handle.finish.clone();
+                in_flight.push(async move { (index, dialer.open(&target, &finish).await) });
+            }
+        }
+        metrics.known_server_count.set(f64::from(server_count));
+        publish(&handle, &slots);
+
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            Some((index, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let slot = &mut slots[index];
+                slot.dialing = false;
+                let now = Instant::now();
+                match result {
+                    Ok(opened) => {
+                        slot.backoff = config.sync_interval;
+                        slot.last_error = None;
+                        slot.next_dial = now + jitter(config.sync_interval, 0.1);
+                        if drain.is_cancelled() || handle.finish.is_cancelled() {
+                            tracing::info!(address = %slot.target.address, "draining; closing the stream just opened");
+                            continue;
+                        }
+                        if let Some(count) = adopt(opened, slot, &config, &handle, &drain, &shutdown, &tracker) {
+                            server_count = count;
+                        }
+                    }
+                    Err(e) => {
+                        metrics.server_connection_failures.with_label_values(&["to_server"]).inc();
+                        metrics.server_dials.with_label_values(&["error"]).inc();
+                        tracing::warn!(address = %slot.target.address, "{e}; retrying in about {:?}", slot.backoff);
+                        slot.last_error = Some(e.to_string());
+                        slot.next_dial = now + jitter(slot.backoff, 0.1);
+                        slot.backoff = slot.backoff.mul_f64(1.5).min(config.sync_interval_cap);
+                    }
+                }
+            }
+            _ = handle.session_ended.notified() => {}
+            _ = drain.cancelled(), if !stopping => {}
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+}
+
+/// Takes a newly opened stream: starts a session if its server is new (returning the `servercount` it
+/// announced), or closes it if the agent already holds a stream to that server. Either way the address now
+/// counts as reaching that server.
+fn adopt(
+    opened: Opened,
+    slot: &mut Slot,
+    config: &AgentConfig,
+    handle: &AgentHandle,
+    drain: &CancellationToken,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Option<u32> {
+    let metrics = handle.metrics();
+    let address = slot.target.address.to_string();
+    let server_id = opened.server_id.clone();
+    let mut sessions = handle.sessions.lock();
+    if let Some(existing) = sessions.get(&server_id) {
+        metrics.server_dials.with_label_values(&["duplicate"]).inc();
+        if existing.address == address || slot.reached.contains(&server_id) {
+            // The reference's case: a load balancer led to a server already connected.
+            tracing::debug!(%address, %server_id, "already connected to this server; closing the duplicate");
+        } else {
+            tracing::info!(
+                %address,
+                %server_id,
+                connected_through = %existing.address,
+                "this address reaches a server already connected through another address; closing the new \
+                 stream (the server counts once)"
+            );
+        }
+        if !slot.reached.contains(&server_id) {
+            slot.reached.push(server_id);
+        }
+        return None;
+    }
+    let session = Session::new(
+        server_id.clone(),
+        address.clone(),
+        opened.to_server,
+        shutdown.child_token(),
+        metrics.clone(),
+        config,
+        opened.flow_control,
+        tracker.clone(),
+    );
+    sessions.insert(server_id.clone(), session.clone());
+    metrics.open_server_connections.set(sessions.len() as f64);
+    metrics.server_dials.with_label_values(&["new_server"]).inc();
+    let server_count = opened.server_count.max(1);
+    tracing::info!(%address, %server_id, server_count, flow_control = opened.flow_control, "connected to proxy-server");
+    slot.reached.push(server_id.clone());
+
+    let sessions = handle.sessions.clone();
+    let ended = handle.session_ended.clone();
+    let metrics = metrics.clone();
+    let drain = drain.clone();
+    let span = tracing::info_span!("server", server_id = %server_id, address = %address);
+    tracker.spawn(
+        async move {
+            session.serve(opened.inbound, drain).await;
+            let mut sessions = sessions.lock();
+            sessions.remove(&server_id);
+            metrics.open_server_connections.set(sessions.len() as f64);
+            drop(sessions);
+            ended.notify_one();
+        }
+        .instrument(span),
+    );
+    Some(server_count)
+}
+
+/// Publishes each address's state for [`AgentHandle::addresses`] and `/debug/connections`.
+fn publish(handle: &AgentHandle, slots: &[Slot]) {
+    let statuses = slots
+        .iter()
+        .map(|s| AddressStatus {
+            address: s.target.address.to_string(),
+            servers: s.reached.clone(),
+            dialing: s.dialing,
+            last_error: s.last_error.clone(),
+        })
+        .collect();
+    *handle.addresses.lock() = statuses;
+}
