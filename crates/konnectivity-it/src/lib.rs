@@ -1,10 +1,13 @@
 //! Test support for konnectivity-rs, shared by the integration tests (`tests/it`) and the demo: a throwaway
-//! PKI, HTTP and TCP targets, and a builder that starts a real server and agent on loopback.
+//! PKI, HTTP and TCP targets, a builder that starts a real server and agent on loopback, and a real Kubernetes
+//! control plane in isolated network namespaces (`controlplane`).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod controlplane;
 pub mod fake_agent;
 pub mod http;
+pub mod netns;
 pub mod pki;
 pub mod stack;
 pub mod targets;

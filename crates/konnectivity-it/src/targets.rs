@@ -60,7 +60,15 @@ where
     F: Fn(tokio::net::TcpStream, CancellationToken) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind(bind).await?;
+    serve_listener(TcpListener::bind(bind).await?, handle)
+}
+
+/// Like `serve_each`, on a listener the caller bound (e.g. inside a network namespace).
+pub fn serve_listener<F, Fut>(listener: TcpListener, handle: F) -> std::io::Result<Target>
+where
+    F: Fn(tokio::net::TcpStream, CancellationToken) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let addr = listener.local_addr()?;
     let open = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();

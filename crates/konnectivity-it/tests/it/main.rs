@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod connect;
+mod e2e;
 mod faults;
 mod flow;
 mod ha;

@@ -1,0 +1,172 @@
+//! End to end with a real kube-apiserver (and etcd), in two network namespaces whose only link is the agent's
+//! connection to proxy-server, with the cluster's addresses duplicated as decoys in the control network (see
+//! `konnectivity_it::controlplane`). kube-apiserver's egress selector sends its cluster traffic to our
+//! proxy-server in each of its three configurations.
+
+use http_body_util::BodyExt;
+use konnectivity_it::controlplane::{ControlPlane, EgressMode, NODE_IP, NODE_NAME, Options, POD_IP, WEBHOOK_IP};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Node proxy, service proxy and a validating webhook, all through the tunnel; a log stream cut by the client.
+async fn kube_apiserver_reaches_the_cluster(mode: EgressMode, stream_for: Duration) {
+    let mut cp = ControlPlane::start(Options::new(mode)).await.expect("control plane");
+
+    // Node proxy → the kubelet-like server (HTTPS, client certificate checked) at the node's InternalIP.
+    let (status, body) = cp
+        .kas_request("GET", &format!("/api/v1/nodes/{NODE_NAME}:10250/proxy/healthz"), None)
+        .await
+        .expect("node proxy");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(
+        status,
+        200,
+        "node proxy: {body}\nserver log:\n{}",
+        cp.server.as_ref().map(|s| s.log_tail(20)).unwrap_or_default()
+    );
+    assert_eq!(body, format!("kubelet {NODE_NAME} at {NODE_IP} served /healthz\n"));
+    assert_eq!(cp.counters.kubelet_requests.load(Ordering::SeqCst), 1);
+
+    // Service proxy → the pod behind the Service's EndpointSlice.
+    // (kube-apiserver finds endpoints through an informer: it may take a moment to see the new slice.)
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (status, body) = loop {
+        let (status, body) = cp
+            .kas_request("GET", "/api/v1/namespaces/default/services/http:pod-svc:main/proxy/hello", None)
+            .await
+            .expect("service proxy");
+        if status != 503 || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200, "service proxy: {body}");
+    assert_eq!(body, format!("pod at {POD_IP} served /hello\n"));
+
+    // A validating webhook referenced by Service: kube-apiserver calls it through the tunnel.
+    cp.register_webhook().await.expect("webhook configuration");
+    let configmap = |name: &str| {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "labels": {"konnectivity-e2e": "webhook"}},
+            "data": {"k": "v"}
+        })
+    };
+    // The configuration takes effect once kube-apiserver's informer has it: retry until the webhook is called.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while cp.counters.webhook_reviews.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the webhook was never called");
+        n += 1;
+        let (status, body) = cp
+            .kas_request("POST", "/api/v1/namespaces/default/configmaps", Some(&configmap(&format!("allowed-{n}"))))
+            .await
+            .expect("create configmap");
+        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = cp
+        .kas_request("POST", "/api/v1/namespaces/default/configmaps", Some(&configmap("deny-me")))
+        .await
+        .expect("create configmap");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains(&format!("the e2e webhook at {WEBHOOK_IP} (reached through the tunnel) denies deny-me")),
+        "{body}"
+    );
+    let (status, _) = cp
+        .kas_request("POST", "/api/v1/namespaces/default/configmaps", Some(&configmap("allowed-last")))
+        .await
+        .expect("create configmap");
+    assert_eq!(status, 201);
+
+    // A long streaming response (kubectl logs -f): lines keep flowing, and the stream ends at both ends when
+    // the client goes away.
+    let resp = cp
+        .kas_send(
+            "GET",
+            &format!("/api/v1/nodes/{NODE_NAME}:10250/proxy/containerLogs/default/pod/c?follow=true"),
+            None,
+        )
+        .await
+        .expect("log stream");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let start = Instant::now();
+    let (mut lines, mut last_line_at) = (0usize, Instant::now());
+    let mut longest_gap = Duration::ZERO;
+    while start.elapsed() < stream_for {
+        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the log stream stalled for 5 s")
+            .expect("the log stream ended")
+            .expect("log stream error");
+        if let Some(data) = frame.data_ref() {
+            lines += data.iter().filter(|&&b| b == b'\n').count();
+            longest_gap = longest_gap.max(last_line_at.elapsed());
+            last_line_at = Instant::now();
+        }
+    }
+    let expected = (stream_for.as_millis() / 100) as usize;
+    assert!(lines * 10 >= expected * 8, "{lines} lines in {stream_for:?}, expected about {expected}");
+    assert!(longest_gap < Duration::from_secs(2), "the stream paused for {longest_gap:?}");
+    assert_eq!(cp.counters.log_streams_open.load(Ordering::SeqCst), 1);
+    drop(body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cp.counters.log_streams_open.load(Ordering::SeqCst) != 0 {
+        assert!(Instant::now() < deadline, "the kubelet's log stream outlived its client by 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    cp.assert_no_decoy_hits();
+    // kube-apiserver keeps idle connections to the kubelet, the pod and the webhook; once it is gone, every
+    // tunneled connection must be gone too.
+    let established =
+        cp.server_metric("konnectivity_network_proxy_server_established_connections").await.expect("metric");
+    assert!(cp.stop_kube_apiserver(), "kube-apiserver needed SIGKILL");
+    cp.assert_settled(Duration::from_secs(10)).await.expect("settled");
+    eprintln!("{mode:?}: {established} tunneled connections held by kube-apiserver before it stopped, none after");
+    eprintln!(
+        "{mode:?}: kubelet requests {}, pod requests {}, webhook reviews {}, {lines} log lines in {stream_for:?}",
+        cp.counters.kubelet_requests.load(Ordering::SeqCst),
+        cp.counters.pod_requests.load(Ordering::SeqCst),
+        cp.counters.webhook_reviews.load(Ordering::SeqCst),
+    );
+    let slow = cp.shutdown();
+    assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_through_grpc_over_uds() {
+    kube_apiserver_reaches_the_cluster(EgressMode::GrpcUds, Duration::from_secs(30)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_through_http_connect_over_uds() {
+    kube_apiserver_reaches_the_cluster(EgressMode::ConnectUds, Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_through_http_connect_over_mtls_tcp() {
+    kube_apiserver_reaches_the_cluster(EgressMode::ConnectMtls, Duration::from_secs(3)).await;
+}
+
+/// Without an agent, kube-apiserver's cluster requests fail clearly (and still never reach the decoys).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_agent_kube_apiserver_gets_an_error_not_the_decoy() {
+    let mut options = Options::new(EgressMode::GrpcUds);
+    options.agent = false;
+    let mut cp = ControlPlane::start(options).await.expect("control plane");
+    let (status, body) =
+        cp.kas_request("GET", &format!("/api/v1/nodes/{NODE_NAME}:10250/proxy/healthz"), None).await.expect("request");
+    let body = String::from_utf8_lossy(&body);
+    assert!(status >= 500, "{status}: {body}");
+    assert!(body.contains("No agent available"), "{body}");
+    cp.assert_no_decoy_hits();
+    assert!(cp.stop_kube_apiserver(), "kube-apiserver needed SIGKILL");
+    cp.assert_settled(Duration::from_secs(10)).await.expect("settled");
+    let slow = cp.shutdown();
+    assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
+}
