@@ -149,7 +149,11 @@ pub(crate) async fn sync_loop(
                     Err(e) => {
                         metrics.server_connection_failures.with_label_values(&["to_server"]).inc();
                         metrics.server_dials.with_label_values(&["error"]).inc();
-                        tracing::warn!(address = %slot.target.address, "{e}; retrying in about {:?}", slot.backoff);
+                        if drain.is_cancelled() || handle.finish.is_cancelled() {
+                            tracing::info!(address = %slot.target.address, "{e} (draining: not retried)");
+                        } else {
+                            tracing::warn!(address = %slot.target.address, "{e}; retrying in about {:?}", slot.backoff);
+                        }
                         slot.last_error = Some(e.to_string());
                         slot.next_dial = now + jitter(slot.backoff, 0.1);
                         slot.backoff = slot.backoff.mul_f64(1.5).min(config.sync_interval_cap);

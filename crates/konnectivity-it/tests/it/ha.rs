@@ -175,6 +175,29 @@ async fn two_addresses_reaching_one_server_count_once() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn an_address_that_hangs_delays_no_other() {
+    let stack = Stack::new().expect("pki");
+    // Accepts TCP (the kernel does, from the backlog) and never answers the TLS handshake.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let server = tcp_server(&stack, "server-a", 2, "127.0.0.1", 0).await;
+    let addresses = [
+        ServerAddress::new("127.0.0.1", silent_addr.port()),
+        ServerAddress::new("127.0.0.1", server.agent_addr.port()),
+    ];
+    let started = Instant::now();
+    let agent = stack.start_agent(agent_for(&stack, &addresses)).await.expect("agent");
+    konnectivity_it::eventually!(3, server.handle.ready(), "addresses: {:?}", agent.handle.addresses());
+    eprintln!("connected past a hanging address in {:?}", started.elapsed());
+    let status = agent.handle.addresses();
+    assert!(status[0].dialing && status[0].servers.is_empty(), "{status:?}");
+    assert_eq!(agent.handle.connected_servers(), ["server-a"]);
+    agent.stop().await;
+    server.stop().await;
+    drop(silent);
+}
+
 /// A `proxy-agent` process, killed if the test ends first.
 struct AgentProcess {
     child: Child,
