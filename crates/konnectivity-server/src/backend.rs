@@ -4,6 +4,7 @@
 //! The loop never writes to a frontend socket itself: it queues packets on the frontend's own queue, so one
 //! slow frontend costs the others on this agent at most [`crate::state::FRONTEND_STALL_LIMIT`], once.
 
+use crate::audit::{CloseReason, DialFailure};
 use crate::metrics::{DialFailureReason, Segment};
 use crate::state::{Delivery, Frontend, Link, Tunnels};
 use futures_util::{Stream, StreamExt};
@@ -73,7 +74,19 @@ pub(crate) enum ConnState {
         link: Arc<Link>,
     },
     /// Its frontend is gone; CLOSE_REQ was sent and the agent's CLOSE_RSP is awaited. DATA is dropped.
-    Closing,
+    Closing {
+        /// Its state until then (byte counts and close reason for the audit log).
+        link: Arc<Link>,
+    },
+}
+
+impl ConnState {
+    /// The connection's link, whatever its state.
+    pub(crate) fn link(&self) -> &Arc<Link> {
+        match self {
+            Self::Open { link, .. } | Self::Closing { link } => link,
+        }
+    }
 }
 
 /// One agent stream.
@@ -133,10 +146,13 @@ impl Backend {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Marks the connection `connect_id` closing and asks the agent to close it.
-    pub(crate) fn close_conn(&self, connect_id: i64, tunnels: &Tunnels) {
+    /// Marks the connection `connect_id` closing (for `reason`, unless it has a cause already) and asks the
+    /// agent to close it.
+    pub(crate) fn close_conn(&self, connect_id: i64, reason: CloseReason, tunnels: &Tunnels) {
         if let Some(state) = self.conns.lock().get_mut(&connect_id) {
-            *state = ConnState::Closing;
+            let link = state.link().clone();
+            link.closing_because(reason);
+            *state = ConnState::Closing { link };
         }
         self.send_control(Packet::close_request(connect_id), tunnels);
     }
@@ -358,10 +374,11 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
             let connect_id = rsp.connect_id;
             if dial.frontend.closed.is_cancelled() {
                 tunnels.metrics.dial_failure(DialFailureReason::SendResponse);
+                tunnels.audit_pending_failed(random, &dial, DialFailure::FrontendGone, "");
                 backend.send_control(Packet::close_request(connect_id), tunnels);
                 return;
             }
-            {
+            let link = {
                 let mut conns = backend.conns.lock();
                 if conns.contains_key(&connect_id) {
                     drop(conns);
@@ -369,40 +386,46 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                     tunnels.fail_dial(random, &dial, DialFailureReason::ErrorResponse, "agent reused a connection ID");
                     return;
                 }
-                let link = Link::new(backend.clone(), connect_id, random, dial.address.clone());
+                let link = Link::new(backend.clone(), connect_id, random, dial.address.clone(), &dial.frontend);
                 dial.frontend.links.lock().push(link.clone());
-                conns.insert(connect_id, ConnState::Open { frontend: dial.frontend.clone(), link });
-            }
+                conns.insert(connect_id, ConnState::Open { frontend: dial.frontend.clone(), link: link.clone() });
+                link
+            };
+            // Its close can only be audited later: by this same loop (CLOSE_RSP, or the stream's end).
+            tunnels.audit.connection_opened(&link, dial.started.elapsed());
             tunnels.metrics.established(1.0);
             tracing::debug!(random, connect_id, address = %dial.address, "connection established");
             dial.frontend.send_control(Packet::dial_response(random, connect_id, ""), &tunnels.metrics);
             if dial.frontend.closed.is_cancelled() {
                 // The frontend ended while we answered; its cleanup may have run before the link existed.
                 tunnels.metrics.dial_failure(DialFailureReason::SendResponse);
-                backend.close_conn(connect_id, tunnels);
+                backend.close_conn(connect_id, CloseReason::FrontendEnded, tunnels);
             }
         }
         PacketKind::Data(data) => {
             let connect_id = data.connect_id;
-            let frontend = match backend.conns.lock().get(&connect_id) {
-                Some(ConnState::Open { frontend, .. }) => Some(frontend.clone()),
-                Some(ConnState::Closing) => return,
+            let open = match backend.conns.lock().get(&connect_id) {
+                Some(ConnState::Open { frontend, link }) => Some((frontend.clone(), link.clone())),
+                Some(ConnState::Closing { .. }) => return,
                 None => None,
             };
-            let Some(frontend) = frontend else {
+            let Some((frontend, link)) = open else {
                 tracing::debug!(connect_id, "DATA for unknown connection; asking the agent to close it");
                 backend.send_control(Packet::close_request(connect_id), tunnels);
                 return;
             };
+            let len = data.data.len() as u64;
             let packet = Packet::data(connect_id, data.data);
             let agent_gone = backend.transport_closed.cancelled();
             match frontend.deliver_data(packet, backend.flow_control, &tunnels.metrics, agent_gone).await {
-                Delivery::Queued => {}
-                Delivery::Gone => backend.close_conn(connect_id, tunnels),
+                Delivery::Queued => {
+                    link.relayed_to_frontend.fetch_add(len, Ordering::Relaxed);
+                }
+                Delivery::Gone => backend.close_conn(connect_id, CloseReason::FrontendEnded, tunnels),
                 Delivery::Stalled => {
                     tunnels.metrics.frontend_stall_close();
                     tracing::warn!(connect_id, "frontend stopped reading; closing its connection");
-                    backend.close_conn(connect_id, tunnels);
+                    backend.close_conn(connect_id, CloseReason::FrontendStalled, tunnels);
                     frontend.abort(Status::resource_exhausted(format!(
                         "frontend did not read for {:?}; connection {connect_id} closed",
                         crate::state::FRONTEND_STALL_LIMIT
@@ -415,6 +438,7 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
             match removed {
                 Some(state) => {
                     tunnels.metrics.established(-1.0);
+                    tunnels.audit.connection_closed(state.link(), CloseReason::AgentClosed, &rsp.error);
                     if let ConnState::Open { frontend, .. } = state {
                         frontend.forget(backend.serial, rsp.connect_id);
                         frontend.send_control(Packet::close_response(rsp.connect_id, rsp.error), &tunnels.metrics);
@@ -432,6 +456,7 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
         }
         PacketKind::CloseDial(cls) => {
             if let Some(dial) = tunnels.take_pending(cls.random, |d| d.backend.serial == backend.serial) {
+                tunnels.audit_pending_failed(cls.random, &dial, DialFailure::AgentCancelled, "");
                 dial.frontend.send_control(Packet::close_dial(cls.random), &tunnels.metrics);
             }
         }
@@ -453,10 +478,12 @@ fn agent_gone(backend: &Arc<Backend>, tunnels: &Tunnels) {
     tunnels.metrics.grpc_connections("Connect", -1.0);
     let conns: Vec<_> = backend.conns.lock().drain().collect();
     tunnels.metrics.established(-(conns.len() as f64));
+    let reason = tunnels.close_reason(CloseReason::AgentDisconnected);
     for (connect_id, state) in conns {
+        let error = format!("agent {} disconnected", backend.agent_id);
+        tunnels.audit.connection_closed(state.link(), reason, &error);
         if let ConnState::Open { frontend, .. } = state {
             frontend.forget(backend.serial, connect_id);
-            let error = format!("agent {} disconnected", backend.agent_id);
             frontend.send_control(Packet::close_response(connect_id, error), &tunnels.metrics);
         }
     }

@@ -37,6 +37,35 @@ pub enum FrontendMode {
     HttpConnect,
 }
 
+/// Where the audit log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    /// The process's standard output (logs go to stderr).
+    Stdout,
+    /// A file, appended to and rotated by size.
+    File(PathBuf),
+}
+
+/// The audit log: one JSON line per tunneled connection opened, refused or failed, and closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// Where the lines go.
+    pub output: AuditOutput,
+    /// Rotate the file when it would grow past this many bytes; 0 never rotates. Ignored for stdout.
+    pub max_size: u64,
+    /// Rotated files kept (`<path>.1` newest … `<path>.N`); 0 keeps none.
+    pub max_backups: u32,
+    /// Records that may wait for the writer; beyond that they are dropped and counted.
+    pub queue_capacity: usize,
+}
+
+impl AuditConfig {
+    /// An audit log to `output` with the defaults of the flags (100 MiB files, 5 backups).
+    pub fn new(output: AuditOutput) -> Self {
+        Self { output, max_size: 100 << 20, max_backups: 5, queue_capacity: crate::audit::DEFAULT_QUEUE_CAPACITY }
+    }
+}
+
 /// Everything `proxy-server` needs to run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -78,6 +107,8 @@ pub struct ServerConfig {
     pub tls_min_version: konnectivity_transport::tls::MinVersion,
     /// Egress policy checked before each dial (default: allow everything, as the reference).
     pub egress_policy: std::sync::Arc<konnectivity_transport::egress_policy::EgressPolicy>,
+    /// The audit log, if enabled (off by default).
+    pub audit: Option<AuditConfig>,
 }
 
 impl ServerConfig {
@@ -103,6 +134,7 @@ impl ServerConfig {
             proxy_strategies: vec![crate::routing::Strategy::Default],
             tls_min_version: konnectivity_transport::tls::MinVersion::Tls12,
             egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
+            audit: None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! is written to the socket here and never in the agent's receive loop, so one slow client cannot stall the
 //! others; and a client that disconnects while its dial is pending is noticed and its dial abandoned.
 
+use crate::audit::{ClientIdentity, CloseReason, DialFailure};
 use crate::backend::Backend;
 use crate::state::{DialStartError, Frontend, Tunnels};
 use bytes::BytesMut;
@@ -75,7 +76,7 @@ impl Drop for ConnectionGauge {
 
 impl ConnectFrontend {
     /// Serves one client connection until it ends.
-    pub(crate) async fn handle<IO>(self: Arc<Self>, mut io: IO, peer: String)
+    pub(crate) async fn handle<IO>(self: Arc<Self>, mut io: IO, peer: ClientIdentity)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -115,12 +116,13 @@ impl ConnectFrontend {
         self.connect(io, target, early, peer).await;
     }
 
-    async fn connect<IO>(&self, mut io: IO, target: String, mut early: BytesMut, peer: String)
+    async fn connect<IO>(&self, mut io: IO, target: String, mut early: BytesMut, peer: ClientIdentity)
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let tunnels = &self.tunnels;
-        let (frontend, mut rx) = Frontend::new(tunnels.next_serial(), "http-connect");
+        let (frontend, mut rx) = Frontend::new(tunnels.next_serial(), "http-connect", peer);
+        let peer = &frontend.client;
         let random: i64 = rand::rng().random_range(1..i64::MAX);
         let backend = match tunnels.start_dial(&frontend, &target, random, self.backend_dial_timeout).await {
             Ok(b) => b,
@@ -157,7 +159,7 @@ impl ConnectFrontend {
             };
             tokio::select! {
                 packet = rx.recv() => {
-                    let Some((_, packet)) = packet else { return tunnels.frontend_ended(&frontend, [random]) };
+                    let Some((_, packet)) = packet else { return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded) };
                     match packet.kind() {
                         Ok(PacketKind::DialResponse(rsp)) if rsp.random == random => {
                             if rsp.error.is_empty() {
@@ -165,39 +167,40 @@ impl ConnectFrontend {
                             }
                             let status = dial_error_status(&rsp.error);
                             let _ = write_response(&mut io, status, "text/plain; charset=utf-8", &[("Connection", "close")], &rsp.error).await;
-                            return tunnels.frontend_ended(&frontend, [random]);
+                            return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded);
                         }
-                        Ok(PacketKind::CloseDial(_)) => return tunnels.frontend_ended(&frontend, [random]),
+                        Ok(PacketKind::CloseDial(_)) => return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded),
                         _ => {}
                     }
                 }
                 read = io.read_buf(&mut early), if early.len() < MAX_EARLY_DATA => {
                     if matches!(read, Ok(0) | Err(_)) {
                         tracing::debug!(%peer, %target, "client left before its dial was answered");
-                        return tunnels.frontend_ended(&frontend, [random]);
+                        return tunnels.frontend_ended(&frontend, [random], CloseReason::ClientClosed);
                     }
                 }
                 _ = backend.closed.cancelled() => {
                     let body = "Backend context error: context canceled\r\n";
                     let _ = write_response(&mut io, 502, "text/plain; charset=utf-8", &[], body).await;
-                    return tunnels.frontend_ended(&frontend, [random]);
+                    return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded);
                 }
                 _ = timer => {
                     let me = frontend.serial;
-                    if tunnels.take_pending(random, |d| d.frontend.serial == me).is_some() {
+                    if let Some(dial) = tunnels.take_pending(random, |d| d.frontend.serial == me) {
                         tunnels.metrics.dial_failure(crate::metrics::DialFailureReason::BackendDialTimeout);
+                        tunnels.audit_pending_failed(random, &dial, DialFailure::Timeout, BACKEND_DIAL_TIMEOUT);
                         backend.send_control(Packet::close_dial(random), tunnels);
                     }
                     let body = format!("Backend dial timeout: {BACKEND_DIAL_TIMEOUT}\r\n");
                     let _ = write_response(&mut io, 504, "text/plain; charset=utf-8", &[], &body).await;
-                    return tunnels.frontend_ended(&frontend, [random]);
+                    return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded);
                 }
-                _ = self.shutdown.cancelled() => return tunnels.frontend_ended(&frontend, [random]),
+                _ = self.shutdown.cancelled() => return tunnels.frontend_ended(&frontend, [random], CloseReason::ServerShutdown),
             }
         };
 
         if io.write_all(CONNECTION_ESTABLISHED).await.is_err() {
-            return tunnels.frontend_ended(&frontend, [random]);
+            return tunnels.frontend_ended(&frontend, [random], CloseReason::ClientClosed);
         }
         tracing::debug!(%peer, %target, connect_id, "connection established");
         let link = frontend.link(backend.serial, connect_id);
@@ -220,14 +223,24 @@ impl ConnectFrontend {
                 }
             }
         };
-        tokio::select! {
-            _ = to_agent => tracing::debug!(connect_id, "client closed"),
-            _ = to_client => tracing::debug!(connect_id, "agent closed"),
-            _ = frontend.closed.cancelled() => tracing::debug!(connect_id, "connection stopped"),
-            _ = self.shutdown.cancelled() => {}
-        }
+        let reason = tokio::select! {
+            _ = to_agent => {
+                tracing::debug!(connect_id, "client closed");
+                CloseReason::ClientClosed
+            }
+            // The agent's CLOSE_RSP (its close is audited already), or the client socket failed.
+            _ = to_client => {
+                tracing::debug!(connect_id, "agent closed");
+                CloseReason::ClientClosed
+            }
+            _ = frontend.closed.cancelled() => {
+                tracing::debug!(connect_id, "connection stopped");
+                CloseReason::FrontendEnded
+            }
+            _ = self.shutdown.cancelled() => CloseReason::ServerShutdown,
+        };
         let _ = wr.shutdown().await;
-        tunnels.frontend_ended(&frontend, [random]);
+        tunnels.frontend_ended(&frontend, [random], reason);
     }
 }
 

@@ -2,7 +2,7 @@
 //! [`ServerConfig`]. Flags whose feature is not built yet are accepted by the parser and refused at start
 //! with "not supported yet", never silently ignored.
 
-use crate::config::{FrontendListen, FrontendMode, ServerConfig};
+use crate::config::{AuditConfig, AuditOutput, FrontendListen, FrontendMode, ServerConfig};
 use crate::routing::Strategy;
 use clap::{ArgAction, Parser};
 use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
@@ -137,6 +137,22 @@ pub struct ServerFlags {
     /// Egress policy file (JSON; see docs/security.md): which destinations dials may reach. Default: all.
     #[arg(long, default_value = "")]
     pub egress_policy_file: String,
+    /// Audit log: one JSON line per tunneled connection opened, per dial that failed or was refused, and per
+    /// connection closed (client identity, destination, agent, IDs, bytes each way, duration, close reason;
+    /// never payload; format in docs/security.md). A file path (appended to, mode 0600, rotated by
+    /// --audit-log-max-size), or '-' for standard output. Empty (the default): no audit log. Lines are written
+    /// by a thread of their own and never slow traffic: if it falls behind or the disk fails, lines are dropped
+    /// and counted in konnectivity_network_proxy_server_audit_events_dropped_total.
+    #[arg(long, default_value = "", value_name = "path")]
+    pub audit_log_path: String,
+    /// Rotate the audit log file when a line would take it past this many megabytes (MiB): the file becomes
+    /// <path>.1, older ones shift to <path>.2 and on. 0 never rotates. Not used for standard output.
+    #[arg(long, default_value_t = 100, value_name = "MB")]
+    pub audit_log_max_size: u64,
+    /// Rotated audit log files to keep (<path>.1 newest, up to <path>.N); older ones are deleted. 0 keeps none:
+    /// each rotation starts the file afresh.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub audit_log_max_backups: u32,
     /// klog flags.
     #[command(flatten)]
     pub klog: KlogFlags,
@@ -272,6 +288,20 @@ impl ServerFlags {
         config.enable_profiling = self.enable_profiling;
         config.proxy_strategies = strategies;
         config.tls_min_version = tls_min_version;
+        config.audit = match self.audit_log_path.as_str() {
+            "" => None,
+            "-" => Some(AuditConfig::new(AuditOutput::Stdout)),
+            file => {
+                let max_size = self
+                    .audit_log_max_size
+                    .checked_mul(1 << 20)
+                    .ok_or_else(|| invalid(format!("--audit-log-max-size={} is too large", self.audit_log_max_size)))?;
+                let mut audit = AuditConfig::new(AuditOutput::File(PathBuf::from(file)));
+                audit.max_size = max_size;
+                audit.max_backups = self.audit_log_max_backups;
+                Some(audit)
+            }
+        };
         if let Some(path) = path(&self.egress_policy_file) {
             let policy =
                 konnectivity_transport::egress_policy::EgressPolicy::load(&path).map_err(|e| invalid(e.to_string()))?;
@@ -330,6 +360,29 @@ mod tests {
             let err = parse(&args).expect_err(flag);
             assert!(err.contains(needle), "{flag}: {err}");
         }
+    }
+
+    #[test]
+    fn audit_log_flags() {
+        assert_eq!(parse(&BASE).expect("default").audit, None);
+        let mut args = BASE.to_vec();
+        args.push("--audit-log-path=-");
+        assert_eq!(parse(&args).expect("stdout").audit.map(|a| a.output), Some(AuditOutput::Stdout));
+        let mut args = BASE.to_vec();
+        args.extend([
+            "--audit-log-path=/var/log/konnectivity/audit.log",
+            "--audit-log-max-size=10",
+            "--audit-log-max-backups=0",
+        ]);
+        let audit = parse(&args).expect("file").audit.expect("enabled");
+        assert_eq!(audit.output, AuditOutput::File("/var/log/konnectivity/audit.log".into()));
+        assert_eq!((audit.max_size, audit.max_backups), (10 << 20, 0));
+        let mut args = BASE.to_vec();
+        args.extend(["--audit-log-path=/a", "--audit-log-max-size=-1"]);
+        assert!(parse(&args).is_err());
+        let mut args = BASE.to_vec();
+        args.extend(["--audit-log-path=/a", "--audit-log-max-size=18446744073709551615"]);
+        assert!(parse(&args).expect_err("overflow").contains("too large"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The gRPC frontend (`/ProxyService/Proxy`): one task per stream, driving the dial and relaying DATA to the
 //! agent. Packets from the agent reach the stream through its own queue (see [`crate::state::Frontend`]).
 
+use crate::audit::{ClientIdentity, CloseReason, DialFailure};
 use crate::backend::Backend;
 use crate::metrics::{DialFailureReason, Segment};
 use crate::state::{DialStartError, Frontend, Tunnels};
@@ -34,7 +35,8 @@ impl ProxyService for ProxyEndpoint {
 
     async fn proxy(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::ProxyStream>, Status> {
         let user_agent = request.metadata().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let (frontend, rx) = Frontend::new(self.tunnels.next_serial(), "grpc");
+        let client = ClientIdentity::of_request(&request);
+        let (frontend, rx) = Frontend::new(self.tunnels.next_serial(), "grpc", client);
         let stream_end = frontend.closed.clone();
         let session = FrontendSession {
             frontend,
@@ -45,7 +47,12 @@ impl ProxyService for ProxyEndpoint {
             connect_id: 0,
             stopped: false,
         };
-        let span = tracing::debug_span!("frontend", serial = session.frontend.serial, %user_agent);
+        let span = tracing::debug_span!(
+            "frontend",
+            serial = session.frontend.serial,
+            client = %session.frontend.client,
+            %user_agent
+        );
         let shutdown = self.shutdown.clone();
         let final_frontend = session.frontend.clone();
         let session_frontend = session.frontend.clone();
@@ -149,7 +156,7 @@ impl FrontendSession {
                     tracing::warn!(first = self.connect_id, got = data.connect_id, "mismatched connection IDs");
                     for id in [self.connect_id, data.connect_id].into_iter().filter(|id| *id != 0) {
                         if self.frontend.owns(backend.serial, id) {
-                            backend.close_conn(id, &self.tunnels);
+                            backend.close_conn(id, CloseReason::ProtocolError, &self.tunnels);
                         }
                         self.reply(Packet::close_response(id, MISMATCHED_CONNECTION_IDS));
                     }
@@ -186,7 +193,8 @@ impl FrontendSession {
                     self.reply(Packet::close_response(req.connect_id, BACKEND_UNINITIALIZED));
                     return;
                 };
-                if self.frontend.owns(backend.serial, req.connect_id) {
+                if let Some(link) = self.frontend.link(backend.serial, req.connect_id) {
+                    link.closing_because(CloseReason::ClientClosed);
                     // The entry stays until the agent's CLOSE_RSP, which is relayed to this frontend.
                     let _ = backend.send(Packet::close_request(req.connect_id), &self.tunnels).await;
                     self.stopped = true;
@@ -196,7 +204,7 @@ impl FrontendSession {
             }
             PacketKind::CloseDial(cls) => {
                 if self.dials.iter().any(|(r, _)| *r == cls.random) {
-                    self.tunnels.abandon_dial(&self.frontend, cls.random);
+                    self.tunnels.abandon_dial(&self.frontend, cls.random, DialFailure::ClientCancelled);
                     self.dials.retain(|(r, _)| *r != cls.random);
                 }
             }
@@ -245,7 +253,7 @@ impl FrontendSession {
 
     /// The stream ended: abandon its pending dials and close its connections on the agent.
     fn cleanup(self) {
-        self.tunnels.frontend_ended(&self.frontend, self.dials.iter().map(|(r, _)| *r));
+        self.tunnels.frontend_ended(&self.frontend, self.dials.iter().map(|(r, _)| *r), CloseReason::FrontendEnded);
         self.tunnels.metrics.grpc_connections("Proxy", -1.0);
     }
 }

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+mod audit;
 mod backend;
 pub mod config;
 mod connect;
@@ -20,6 +21,6 @@ mod server;
 mod state;
 
 pub use backend::AgentIdentifiers;
-pub use config::{FrontendListen, FrontendMode, ServerConfig};
+pub use config::{AuditConfig, AuditOutput, FrontendListen, FrontendMode, ServerConfig};
 pub use connect::{CONNECTION_ESTABLISHED, dial_error_status};
 pub use server::{AgentInfo, FrontendAddr, RunningServer, ServerError, ServerHandle, run, start};

@@ -90,6 +90,8 @@ pub struct ServerMetrics {
     flow_control_waits: IntCounter,
     tls_handshake_failures: IntCounterVec,
     egress_denials: IntCounter,
+    audit_events: IntCounterVec,
+    audit_dropped: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -221,6 +223,23 @@ impl ServerMetrics {
             "Dials refused by the egress policy before being sent to an agent.",
         ))?;
         registry.register(Box::new(egress_denials.clone()))?;
+        // Families without samples are not exported: these appear only when the audit log is enabled.
+        let audit_events = IntCounterVec::new(
+            opts(
+                "audit_events_total",
+                "Audit log events, by event (open, dial_failed, close), including those that could not be written.",
+            ),
+            &["event"],
+        )?;
+        registry.register(Box::new(audit_events.clone()))?;
+        let audit_dropped = IntCounterVec::new(
+            opts(
+                "audit_events_dropped_total",
+                "Audit log lines lost, by reason: queue_full (the writer fell behind), write_error (the output failed), closed (after stop).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(audit_dropped.clone()))?;
         registry.register(Box::new(grpc_connections.clone()))?;
         registry.register(Box::new(http_connections.clone()))?;
         registry.register(Box::new(ready_backend_connections.clone()))?;
@@ -251,6 +270,8 @@ impl ServerMetrics {
             flow_control_waits,
             tls_handshake_failures,
             egress_denials,
+            audit_events,
+            audit_dropped,
         })
     }
 
@@ -270,6 +291,19 @@ impl ServerMetrics {
     }
     pub(crate) fn egress_denied(&self) {
         self.egress_denials.inc();
+    }
+    /// The audit log's counters (creating their series, so they export as 0 from the start).
+    pub(crate) fn audit_counters(&self) -> crate::audit::AuditCounters {
+        let event = |e: &str| self.audit_events.with_label_values(&[e]);
+        let dropped = |r: &str| self.audit_dropped.with_label_values(&[r]);
+        crate::audit::AuditCounters {
+            open: event("open"),
+            dial_failed: event("dial_failed"),
+            close: event("close"),
+            dropped_queue_full: dropped("queue_full"),
+            dropped_write_error: dropped("write_error"),
+            dropped_closed: dropped("closed"),
+        }
     }
     pub(crate) fn frontend_stall_close(&self) {
         self.frontend_stall_closes.inc();

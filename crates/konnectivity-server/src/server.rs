@@ -1,5 +1,6 @@
 //! Starting and stopping a proxy-server: listeners, the two gRPC services, health and admin ports.
 
+use crate::audit::{AuditLog, ClientIdentity};
 use crate::backend::{AgentEndpoint, BackendManager};
 use crate::config::{FrontendListen, FrontendMode, ServerConfig};
 use crate::connect::ConnectFrontend;
@@ -35,6 +36,9 @@ pub enum ServerError {
     /// The metrics registry refused a metric (a programming error).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// The audit log could not be opened, or its writer not started.
+    #[error("{0}")]
+    Audit(std::io::Error),
     /// A gRPC server failed.
     #[error("{what} gRPC server: {source}")]
     Grpc {
@@ -152,7 +156,7 @@ impl ServerHandle {
                         "bytes_to_agent": link.to_agent.load(Ordering::Relaxed),
                         "queued_bytes": frontend.queued(),
                     }),
-                    ConnState::Closing => {
+                    ConnState::Closing { .. } => {
                         json!({ "agent_id": b.agent_id, "connect_id": connect_id, "state": "closing" })
                     }
                 });
@@ -213,6 +217,8 @@ impl RunningServer {
                 left
             }
         };
+        // Every connection's last event is recorded by now: write what is queued, then stop the writer.
+        self.handle.tunnels.audit.stop(AUDIT_FLUSH_LIMIT).await;
         if let FrontendAddr::Uds(path) = &self.frontend_addr {
             let _ = std::fs::remove_file(path);
         }
@@ -220,11 +226,22 @@ impl RunningServer {
     }
 }
 
+/// How long a stopping server waits for the audit log writer to write what is queued.
+const AUDIT_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
 /// Starts a server: binds every listener, then serves until `shutdown` is cancelled.
 pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
     let metrics = ServerMetrics::new()?;
     let backends = BackendManager::new(metrics.clone(), config.proxy_strategies.clone());
-    let tunnels = Arc::new(Tunnels::new(backends, metrics.clone(), config.egress_policy.clone()));
+    // If starting fails later, dropping the log closes its queue and the writer thread ends by itself.
+    let audit = match &config.audit {
+        Some(audit) => {
+            AuditLog::start(audit, &config.server_id, metrics.audit_counters()).map_err(ServerError::Audit)?
+        }
+        None => AuditLog::disabled(),
+    };
+    let tunnels =
+        Arc::new(Tunnels::new(backends, metrics.clone(), config.egress_policy.clone(), audit, shutdown.clone()));
     let tracker = TaskTracker::new();
 
     // Agent port: always TLS; mTLS when a cluster CA is configured.
@@ -370,9 +387,17 @@ async fn start_frontend(
                         }
                     });
                 }
-                FrontendMode::HttpConnect => {
-                    serve_connect(incoming.map(|r| r.map(|s| (s, "unix".to_string()))), connect, token, tracker)
-                }
+                FrontendMode::HttpConnect => serve_connect(
+                    incoming.map(|r| {
+                        r.map(|s| {
+                            let client = ClientIdentity::unix(&s);
+                            (s, client)
+                        })
+                    }),
+                    connect,
+                    token,
+                    tracker,
+                ),
             }
             tracing::info!(path = %path.display(), mode = ?config.mode, "listening for frontends on unix socket");
             Ok(FrontendAddr::Uds(path.clone()))
@@ -408,8 +433,8 @@ async fn start_frontend(
                 FrontendMode::HttpConnect => serve_connect(
                     incoming.map(|r| {
                         r.map(|c| {
-                            let peer = c.info().remote_addr.to_string();
-                            (c, peer)
+                            let client = ClientIdentity::tls(c.info());
+                            (c, client)
                         })
                     }),
                     connect,
@@ -430,7 +455,7 @@ fn serve_connect<S, IO>(
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) where
-    S: futures_util::Stream<Item = std::io::Result<(IO, String)>> + Send + Unpin + 'static,
+    S: futures_util::Stream<Item = std::io::Result<(IO, ClientIdentity)>> + Send + Unpin + 'static,
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let handlers = tracker.clone();

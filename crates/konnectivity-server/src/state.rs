@@ -1,6 +1,7 @@
 //! The server's shared tunnel state: pending dials (keyed by dial ID), the frontends waiting on them, and how
 //! packets are handed to a frontend without letting one slow frontend hold up an agent's stream for long.
 
+use crate::audit::{AuditLog, ClientIdentity, CloseReason, DialAttempt, DialFailure};
 use crate::backend::{Backend, BackendManager};
 use crate::metrics::{DialFailureReason, Segment, ServerMetrics};
 use konnectivity_proto::Packet;
@@ -11,8 +12,8 @@ use konnectivity_transport::budget::QueueBudget;
 use konnectivity_transport::egress_policy::{EgressPolicy, Verdict};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,14 @@ pub(crate) struct Link {
     /// Bytes handed to the frontend, and sent to the agent.
     pub(crate) to_frontend: AtomicU64,
     pub(crate) to_agent: AtomicU64,
+    /// Bytes from the agent queued towards the frontend: final once the agent's CLOSE_RSP is read, unlike
+    /// `to_frontend`, which grows as the frontend takes them (the audit log's target-to-client count).
+    pub(crate) relayed_to_frontend: AtomicU64,
+    /// The frontend's protocol and client, for the audit log.
+    pub(crate) mode: &'static str,
+    pub(crate) client: ClientIdentity,
+    /// Why the connection is being closed, set by whoever starts the close (the first cause wins).
+    pub(crate) close_reason: OnceLock<CloseReason>,
     /// Credit for sending this connection's DATA to the agent (flow-controlled agents only).
     pub(crate) upload_window: Option<Arc<Semaphore>>,
     /// Counts what the frontend consumed, to return credit to the agent.
@@ -44,7 +53,13 @@ pub(crate) struct Link {
 }
 
 impl Link {
-    pub(crate) fn new(backend: Arc<Backend>, connect_id: i64, dial_id: i64, address: String) -> Arc<Self> {
+    pub(crate) fn new(
+        backend: Arc<Backend>,
+        connect_id: i64,
+        dial_id: i64,
+        address: String,
+        frontend: &Frontend,
+    ) -> Arc<Self> {
         let upload_window = backend.flow_control.then(|| Arc::new(Semaphore::new(flow::WINDOW as usize)));
         Arc::new(Self {
             backend,
@@ -54,9 +69,18 @@ impl Link {
             established: Instant::now(),
             to_frontend: AtomicU64::new(0),
             to_agent: AtomicU64::new(0),
+            relayed_to_frontend: AtomicU64::new(0),
+            mode: frontend.kind,
+            client: frontend.client.clone(),
+            close_reason: OnceLock::new(),
             upload_window,
             download_credit: CreditMeter::default(),
         })
+    }
+
+    /// Records why the connection is being closed, unless a cause was recorded already.
+    pub(crate) fn closing_because(&self, reason: CloseReason) {
+        let _ = self.close_reason.set(reason);
     }
 }
 
@@ -68,6 +92,8 @@ pub(crate) struct Frontend {
     pub(crate) serial: u64,
     /// `grpc` or `http-connect`.
     pub(crate) kind: &'static str,
+    /// Who the client is (for the audit log and logs).
+    pub(crate) client: ClientIdentity,
     /// Packets for the frontend, each with when it was queued (for `frontend_write_duration_seconds`).
     tx: mpsc::UnboundedSender<Queued>,
     /// What `tx` holds, in flow-control cost units. Bounded by the connection's window (flow-controlled
@@ -94,11 +120,16 @@ pub(crate) enum Delivery {
 }
 
 impl Frontend {
-    pub(crate) fn new(serial: u64, kind: &'static str) -> (Arc<Self>, mpsc::UnboundedReceiver<Queued>) {
+    pub(crate) fn new(
+        serial: u64,
+        kind: &'static str,
+        client: ClientIdentity,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Queued>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let frontend = Arc::new(Self {
             serial,
             kind,
+            client,
             tx,
             budget: QueueBudget::default(),
             links: Mutex::new(Vec::new()),
@@ -256,11 +287,49 @@ pub(crate) struct Tunnels {
     policy: Arc<EgressPolicy>,
     pending: Mutex<HashMap<i64, PendingDial>>,
     serials: AtomicU64,
+    pub(crate) audit: AuditLog,
+    /// The server's shutdown token: closes and failures while it is cancelled are the shutdown's doing.
+    stopping: CancellationToken,
 }
 
 impl Tunnels {
-    pub(crate) fn new(backends: BackendManager, metrics: ServerMetrics, policy: Arc<EgressPolicy>) -> Self {
-        Self { backends, metrics, policy, pending: Mutex::new(HashMap::new()), serials: AtomicU64::new(1) }
+    pub(crate) fn new(
+        backends: BackendManager,
+        metrics: ServerMetrics,
+        policy: Arc<EgressPolicy>,
+        audit: AuditLog,
+        stopping: CancellationToken,
+    ) -> Self {
+        Self {
+            backends,
+            metrics,
+            policy,
+            pending: Mutex::new(HashMap::new()),
+            serials: AtomicU64::new(1),
+            audit,
+            stopping,
+        }
+    }
+
+    /// `reason`, unless the server is stopping (then that is the reason).
+    pub(crate) fn close_reason(&self, reason: CloseReason) -> CloseReason {
+        if self.stopping.is_cancelled() { CloseReason::ServerShutdown } else { reason }
+    }
+
+    /// `failure`, unless the server is stopping and it is the stop's doing.
+    fn dial_failure(&self, failure: DialFailure) -> DialFailure {
+        match failure {
+            DialFailure::FrontendGone | DialFailure::AgentDisconnected if self.stopping.is_cancelled() => {
+                DialFailure::ServerShutdown
+            }
+            f => f,
+        }
+    }
+
+    /// Audits the failure of a dial that was pending.
+    pub(crate) fn audit_pending_failed(&self, random: i64, dial: &PendingDial, failure: DialFailure, error: &str) {
+        let attempt = DialAttempt { frontend: &dial.frontend, address: &dial.address, random, started: dial.started };
+        self.audit.dial_failed(&attempt, Some(&dial.backend), self.dial_failure(failure), error);
     }
 
     /// A process-unique serial for a stream.
@@ -293,9 +362,18 @@ impl Tunnels {
         Some(dial)
     }
 
-    /// Fails a pending dial: counts the reason and tells the frontend, with `error` as the DIAL_RSP error.
+    /// Fails a pending dial: counts and audits the reason and tells the frontend, with `error` as the DIAL_RSP
+    /// error.
     pub(crate) fn fail_dial(&self, random: i64, dial: &PendingDial, reason: DialFailureReason, error: &str) {
         self.metrics.dial_failure(reason);
+        let failure = match reason {
+            DialFailureReason::NoAgent => DialFailure::NoAgent,
+            DialFailureReason::BackendDialTimeout => DialFailure::Timeout,
+            DialFailureReason::BackendClose => DialFailure::AgentDisconnected,
+            DialFailureReason::FrontendClose | DialFailureReason::SendResponse => DialFailure::FrontendGone,
+            DialFailureReason::ErrorResponse | DialFailureReason::UnrecognizedResponse => DialFailure::DialError,
+        };
+        self.audit_pending_failed(random, dial, failure, error);
         tracing::debug!(random, address = %dial.address, agent_id = %dial.backend.agent_id, "dial failed: {error}");
         dial.frontend.send_control(Packet::dial_response(random, 0, error), &self.metrics);
     }
@@ -309,17 +387,41 @@ impl Tunnels {
         random: i64,
         send_timeout: Option<Duration>,
     ) -> Result<Arc<Backend>, DialStartError> {
+        let started = Instant::now();
+        let result = self.send_dial(frontend, address, random, send_timeout).await;
+        if let Err((e, backend)) = &result {
+            let failure = match e {
+                DialStartError::NoAgent => DialFailure::NoAgent,
+                DialStartError::DuplicateId => DialFailure::DuplicateDialId,
+                DialStartError::Timeout => DialFailure::Timeout,
+                DialStartError::AgentGone(_) => DialFailure::AgentDisconnected,
+                DialStartError::Denied(_) => DialFailure::Denied,
+            };
+            let attempt = DialAttempt { frontend, address, random, started };
+            self.audit.dial_failed(&attempt, backend.as_deref(), self.dial_failure(failure), &e.message());
+        }
+        result.map_err(|(e, _)| e)
+    }
+
+    /// [`Tunnels::start_dial`] without the audit; a failure comes with the agent picked, if one was.
+    async fn send_dial(
+        &self,
+        frontend: &Arc<Frontend>,
+        address: &str,
+        random: i64,
+        send_timeout: Option<Duration>,
+    ) -> Result<Arc<Backend>, (DialStartError, Option<Arc<Backend>>)> {
         let host = crate::routing::dial_host(address);
         let port = address.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
         if let Verdict::Deny(reason) = self.policy.check_before_resolution(host, port) {
             self.metrics.egress_denied();
             tracing::info!(%address, "dial refused: {reason}");
-            return Err(DialStartError::Denied(reason));
+            return Err((DialStartError::Denied(reason), None));
         }
         let Some(backend) = self.backends.pick(address) else {
             self.metrics.dial_failure(DialFailureReason::NoAgent);
             tracing::info!(%address, "dial failed: {NO_AGENT_AVAILABLE}");
-            return Err(DialStartError::NoAgent);
+            return Err((DialStartError::NoAgent, None));
         };
         let pending = PendingDial {
             frontend: frontend.clone(),
@@ -328,7 +430,8 @@ impl Tunnels {
             address: address.to_string(),
         };
         if !self.add_pending(random, pending) {
-            return Err(DialStartError::DuplicateId);
+            // Not sent: the agent has nothing to do with it.
+            return Err((DialStartError::DuplicateId, None));
         }
         if backend.closed.is_cancelled() {
             // The agent went away between the pick and the record: its cleanup, which fails every dial pending
@@ -339,7 +442,8 @@ impl Tunnels {
                 return Ok(backend);
             }
             self.metrics.dial_failure(DialFailureReason::BackendClose);
-            return Err(DialStartError::AgentGone(format!("agent {} disconnected", backend.agent_id)));
+            let error = format!("agent {} disconnected", backend.agent_id);
+            return Err((DialStartError::AgentGone(error), Some(backend)));
         }
         tracing::debug!(random, %address, agent_id = %backend.agent_id, "dialing");
         let send = backend.send(Packet::dial_request(address, random), self);
@@ -354,10 +458,11 @@ impl Tunnels {
                 self.take_pending(random, |d| d.frontend.serial == me);
                 if timed_out {
                     self.metrics.dial_failure(DialFailureReason::BackendDialTimeout);
-                    Err(DialStartError::Timeout)
+                    Err((DialStartError::Timeout, Some(backend)))
                 } else {
                     self.metrics.dial_failure(DialFailureReason::BackendClose);
-                    Err(DialStartError::AgentGone(format!("agent {} disconnected", backend.agent_id)))
+                    let error = format!("agent {} disconnected", backend.agent_id);
+                    Err((DialStartError::AgentGone(error), Some(backend)))
                 }
             }
         }
@@ -366,11 +471,12 @@ impl Tunnels {
     /// Abandons `frontend`'s pending dial `random` (the frontend cancelled or went away). The agent is told
     /// with DIAL_CLS, which the reference does not do: our agent stops the dial; a Go agent ignores it, and
     /// its late DIAL_RSP is answered with CLOSE_REQ. Returns whether the dial was still pending.
-    pub(crate) fn abandon_dial(&self, frontend: &Frontend, random: i64) -> bool {
+    pub(crate) fn abandon_dial(&self, frontend: &Frontend, random: i64, failure: DialFailure) -> bool {
         let me = frontend.serial;
         match self.take_pending(random, |d| d.frontend.serial == me) {
             Some(dial) => {
                 self.metrics.dial_failure(DialFailureReason::FrontendClose);
+                self.audit_pending_failed(random, &dial, failure, "");
                 dial.backend.send_control(Packet::close_dial(random), self);
                 true
             }
@@ -378,12 +484,19 @@ impl Tunnels {
         }
     }
 
-    /// A frontend is gone: its pending dials are abandoned and its connections closed on the agent.
-    pub(crate) fn frontend_ended(&self, frontend: &Frontend, dials: impl IntoIterator<Item = i64>) {
+    /// A frontend is gone: its pending dials are abandoned and its connections closed on the agent, for
+    /// `reason` (unless they recorded a cause already).
+    pub(crate) fn frontend_ended(
+        &self,
+        frontend: &Frontend,
+        dials: impl IntoIterator<Item = i64>,
+        reason: CloseReason,
+    ) {
         frontend.closed.cancel();
         for random in dials {
-            self.abandon_dial(frontend, random);
+            self.abandon_dial(frontend, random, DialFailure::FrontendGone);
         }
+        let reason = self.close_reason(reason);
         let links: Vec<_> = frontend.links.lock().drain(..).collect();
         for link in links {
             let still_ours = matches!(
@@ -391,7 +504,7 @@ impl Tunnels {
                 Some(crate::backend::ConnState::Open { frontend: f, .. }) if f.serial == frontend.serial
             );
             if still_ours {
-                link.backend.close_conn(link.connect_id, self);
+                link.backend.close_conn(link.connect_id, reason, self);
             }
         }
     }

@@ -350,9 +350,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     }
 }
 
+/// The socket's own connect info (peer credentials), as tonic gives it for a bare `UnixStream`.
 impl tonic::transport::server::Connected for AuthorityFix<tokio::net::UnixStream> {
-    type ConnectInfo = ();
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    type ConnectInfo = tonic::transport::server::UdsConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        tonic::transport::server::Connected::connect_info(self.get_ref())
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! konnectivity-rs integration tests: one binary, real sockets, real TLS, real server and agent.
 
+mod audit;
 mod bad_input;
 mod connect;
 mod e2e;
