@@ -422,3 +422,54 @@ async fn the_binary_writes_audit_lines_to_stdout_with_a_dash() {
     assert_eq!(line["frontend"]["pid"].as_u64(), Some(u64::from(std::process::id())), "{line}");
     child.kill().await.expect("kill");
 }
+
+#[tokio::test]
+async fn dials_left_unanswered_are_audited_as_timeout_or_frontend_gone() {
+    let stack = Stack::new().expect("pki");
+    let (mut config, path) = audited(&stack, Frontend::ConnectUds);
+    config.backend_dial_timeout = Some(std::time::Duration::from_millis(300));
+    let server = stack.start_server(config).await.expect("server");
+    // An agent that takes every DIAL_REQ and never answers.
+    let mut agent = FakeAgent::connect(&stack.pki, server.agent_addr, "silent").await.expect("fake agent");
+    konnectivity_it::eventually!(10, server.handle.ready(), "fake agent not registered");
+
+    // The client waits: --backend-dial-timeout fails the dial.
+    let proxy = stack.proxy_address(&server).expect("addr");
+    let error = http_connect::dial(&proxy, "10.0.0.1:443", "t").await.expect_err("timeout");
+    assert!(error.message.starts_with("504"), "{}", error.message);
+    assert!(matches!(agent.next().await.expect("DIAL_REQ").kind(), Ok(PacketKind::DialRequest(_))));
+
+    // The client leaves while its dial is pending.
+    let mut s = tokio::net::UnixStream::connect(&stack.uds).await.expect("connect");
+    s.write_all(b"CONNECT 10.0.0.2:443 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.expect("write");
+    loop {
+        // Past the first dial's DIAL_CLS to the second DIAL_REQ.
+        if matches!(agent.next().await.expect("packet").kind(), Ok(PacketKind::DialRequest(r)) if r.address == "10.0.0.2:443")
+        {
+            break;
+        }
+    }
+    drop(s);
+    assert_settled(&server, None).await;
+    server.stop().await;
+
+    let log = lines(&path);
+    let summary: Vec<(&str, &str, &str)> = log
+        .iter()
+        .map(|l| {
+            (
+                l["event"].as_str().unwrap_or("?"),
+                l["reason"].as_str().unwrap_or("?"),
+                l["destination"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("dial_failed", "timeout", "10.0.0.1:443"), ("dial_failed", "frontend gone", "10.0.0.2:443")],
+        "{log:#?}"
+    );
+    assert!(log.iter().all(|l| l["agent_id"] == "silent"), "{log:#?}");
+    assert_eq!(log[0]["error"], konnectivity_proto::names::BACKEND_DIAL_TIMEOUT, "{}", log[0]);
+    assert!(log[0]["duration_ms"].as_f64().is_some_and(|d| d >= 300.0), "{}", log[0]);
+}
