@@ -75,6 +75,8 @@ pub struct AgentHandle {
     /// Cancelled by [`AgentHandle::finish`]: every server stream is ended cleanly.
     pub(crate) finish: CancellationToken,
     pub(crate) agent_id: Arc<str>,
+    /// Valid proxy-server leases last counted (0: not counting, or no good list yet).
+    pub(crate) lease_count: Arc<std::sync::atomic::AtomicU32>,
     metrics: AgentMetrics,
 }
 
@@ -200,8 +202,25 @@ pub async fn start(
         session_ended: Arc::new(Notify::new()),
         finish: CancellationToken::new(),
         agent_id: config.agent_id.as_str().into(),
+        lease_count: Arc::new(std::sync::atomic::AtomicU32::new(0)),
         metrics: metrics.clone(),
     };
+    if let Some(leases) = &config.lease_count {
+        let kube_config = konnectivity_kube::Config::load(leases.kubeconfig.as_deref())
+            .map_err(|e| AgentError::Config(format!("--count-server-leases: {e}")))?;
+        tracing::info!(server = %kube_config.server, source = %kube_config.source, namespace = %leases.namespace,
+            selector = %leases.selector, "counting proxy-servers from their leases");
+        let client = konnectivity_kube::Client::new(kube_config, 0.0, 0)
+            .map_err(|e| AgentError::Config(format!("--count-server-leases: {e}")))?;
+        tracker.spawn(crate::lease_counter::run(
+            client,
+            leases.clone(),
+            metrics.clone(),
+            handle.lease_count.clone(),
+            handle.session_ended.clone(),
+            shutdown.clone(),
+        ));
+    }
 
     let health_addr = match &config.health {
         Some((bind, port)) => {

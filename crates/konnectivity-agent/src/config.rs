@@ -91,6 +91,27 @@ pub struct AgentConfig {
     /// After a drain starts, how long open connections may take to end before the agent closes them and
     /// stops. `None`: no limit (the agent stops once they have ended, or when its shutdown token fires).
     pub drain_timeout: Option<Duration>,
+    /// A ServiceAccount token file, sent as `authorization: Bearer <token>` on every connect (re-read each time:
+    /// projected tokens rotate).
+    pub service_account_token_path: Option<PathBuf>,
+    /// Count servers from their Leases instead of (or besides) the servers' `servercount` header.
+    pub lease_count: Option<LeaseCountConfig>,
+}
+
+/// Counting proxy-servers from their Leases (`--count-server-leases`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseCountConfig {
+    /// kubeconfig for kube-apiserver; `None` uses the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the server Leases.
+    pub namespace: String,
+    /// Label selector of the server Leases (`k=v,k=v`).
+    pub selector: String,
+    /// `--server-count-source=max`: the larger of the lease count and the servers' `servercount`; otherwise
+    /// the lease count alone.
+    pub source_max: bool,
+    /// How often the Leases are listed.
+    pub poll_interval: Duration,
 }
 
 /// The default `--drain-timeout`: under Kubernetes' default termination grace period (30 s), so that the agent
@@ -118,6 +139,8 @@ impl AgentConfig {
             enable_profiling: false,
             egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
             drain_timeout: Some(DEFAULT_DRAIN_TIMEOUT),
+            service_account_token_path: None,
+            lease_count: None,
         }
     }
 }

@@ -123,6 +123,18 @@ impl Dialer {
                 .map_err(|_| AgentError::Config("--agent-identifiers is not a valid header value".into()))?,
         );
         md.insert(flow::METADATA_KEY, tonic::metadata::MetadataValue::from_static(flow::VERSION));
+        if let Some(path) = &self.config.service_account_token_path {
+            // Re-read at every connect: kubelet rotates projected tokens in place.
+            let token = std::fs::read_to_string(path).map_err(|e| AgentError::Connect {
+                addr: addr.clone(),
+                cause: format!("reading --service-account-token-path {}: {e}", path.display()),
+            })?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| AgentError::Connect {
+                addr: addr.clone(),
+                cause: format!("the token in {} is not a valid header value", path.display()),
+            })?;
+            md.insert("authorization", value);
+        }
         let response = match tokio::time::timeout(HEADER_TIMEOUT, client.connect(request)).await {
             Ok(Ok(r)) => r,
             Ok(Err(status)) => return Err(AgentError::Stream { addr, status }),

@@ -1,11 +1,11 @@
 //! `proxy-agent` command-line flags: the reference's names, defaults and Go syntax, validated into an
 //! [`AgentConfig`]. Flags whose feature is not built yet are refused at start with "not supported yet".
 
-use crate::config::{AgentConfig, ServerAddress, validate_identifiers};
+use crate::config::{AgentConfig, LeaseCountConfig, ServerAddress, validate_identifiers};
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Konnectivity proxy-agent (konnectivity-rs): runs in the cluster network, dials out to the proxy-server and
@@ -103,10 +103,14 @@ pub struct AgentFlags {
     /// How to combine server counts: default or max.
     #[arg(long, default_value = "default")]
     pub server_count_source: String,
+    /// How often the server Leases are listed when counting them (ours; the reference watches them, resyncing
+    /// every 10s).
+    #[arg(long, value_parser = go_duration, default_value = "5s")]
+    pub lease_poll_interval: Duration,
     /// kubeconfig for the Lease client (empty: in-cluster).
     #[arg(long, default_value = "")]
     pub kubeconfig: String,
-    /// Content type of requests to kube-apiserver.
+    /// Content type the reference asks kube-apiserver for; accepted for compatibility (JSON is always used).
     #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
     pub kube_api_content_type: String,
     /// Egress policy file (JSON; see docs/security.md), checked after names are resolved. Default: all.
@@ -201,19 +205,37 @@ impl AgentFlags {
             return Err(invalid(format!("--xfr-channel-size must be greater than 0, got {}", self.xfr_channel_size)));
         }
         validate_identifiers(&self.agent_identifiers).map_err(|e| invalid(format!("--agent-identifiers: {e}")))?;
-        if !self.service_account_token_path.is_empty() {
-            return Err(NotSupported::flag("service-account-token-path").into());
+        if !self.service_account_token_path.is_empty() && !Path::new(&self.service_account_token_path).exists() {
+            return Err(invalid(format!(
+                "--service-account-token-path {:?}: no such file",
+                self.service_account_token_path
+            )));
         }
-        if self.count_server_leases {
-            return Err(NotSupported::flag("count-server-leases").into());
-        }
-        match self.server_count_source.as_str() {
-            "" | "default" => {}
-            "max" => return Err(NotSupported::value("server-count-source", "max").into()),
+        let source_max = match self.server_count_source.as_str() {
+            "" | "default" => false,
+            "max" => true,
             other => return Err(invalid(format!("--server-count-source must be 'default' or 'max', got {other:?}"))),
+        };
+        if !self.kubeconfig.is_empty() && !Path::new(&self.kubeconfig).exists() {
+            return Err(invalid(format!("checking --kubeconfig {:?}: no such file", self.kubeconfig)));
         }
-        if !self.kubeconfig.is_empty() {
-            return Err(NotSupported::flag("kubeconfig").into());
+        match self.kube_api_content_type.as_str() {
+            "application/vnd.kubernetes.protobuf" | "application/json" => {}
+            other => {
+                return Err(invalid(format!(
+                    "--kube-api-content-type={other:?}: want application/vnd.kubernetes.protobuf or application/json"
+                )));
+            }
+        }
+        let lease_selector = self.lease_label_selector.clone().unwrap_or_else(|| self.lease_label.clone());
+        if self.count_server_leases && lease_selector.trim().is_empty() {
+            return Err(invalid("--lease-label-selector (or --lease-label) must not be empty".into()));
+        }
+        if self.lease_poll_interval < Duration::from_millis(100) {
+            return Err(invalid(format!(
+                "--lease-poll-interval must be at least 100ms, got {:?}",
+                self.lease_poll_interval
+            )));
         }
         if self.enable_contention_profiling {
             if !self.enable_profiling {
@@ -231,6 +253,17 @@ impl AgentFlags {
         let mut config = AgentConfig::new(self.proxy_server_host, self.proxy_server_port, PathBuf::from(self.ca_cert));
         config.servers = servers;
         config.drain_timeout = (!self.drain_timeout.is_zero()).then_some(self.drain_timeout);
+        config.service_account_token_path =
+            (!self.service_account_token_path.is_empty()).then(|| PathBuf::from(&self.service_account_token_path));
+        if self.count_server_leases {
+            config.lease_count = Some(LeaseCountConfig {
+                kubeconfig: (!self.kubeconfig.is_empty()).then(|| PathBuf::from(&self.kubeconfig)),
+                namespace: self.lease_namespace.clone(),
+                selector: lease_selector.trim().to_string(),
+                source_max,
+                poll_interval: self.lease_poll_interval,
+            });
+        }
         if !self.agent_cert.is_empty() {
             config.agent_cert = Some((PathBuf::from(self.agent_cert), PathBuf::from(self.agent_key)));
         }
@@ -332,12 +365,30 @@ mod tests {
         );
         assert!(parse(&["--ca-cert=/ca", "--sync-interval=20s"]).unwrap_err().contains("must not exceed"));
         assert!(
-            parse(&["--ca-cert=/ca", "--count-server-leases"])
+            parse(&["--ca-cert=/ca", "--service-account-token-path=/nonexistent/t"])
                 .unwrap_err()
-                .contains("not supported yet: --count-server-leases")
+                .contains("no such file")
         );
+        assert!(parse(&["--ca-cert=/ca", "--server-count-source=min"]).unwrap_err().contains("'default' or 'max'"));
+        assert!(parse(&["--ca-cert=/ca", "--kubeconfig=/nonexistent/kc"]).unwrap_err().contains("no such file"));
+    }
+
+    #[test]
+    fn lease_counting_flags() {
+        let c = parse(&["--ca-cert=/ca"]).expect("defaults");
+        assert_eq!(c.lease_count, None);
+        let c = parse(&["--ca-cert=/ca", "--count-server-leases", "--server-count-source=max", "--lease-namespace=ns"])
+            .expect("leases");
+        let l = c.lease_count.expect("lease counting on");
+        assert!(l.source_max);
+        assert_eq!((l.namespace.as_str(), l.selector.as_str()), ("ns", "k8s-app=konnectivity-server"));
+        assert_eq!(l.kubeconfig, None);
+        let c = parse(&["--ca-cert=/ca", "--count-server-leases", "--lease-label-selector=app=x"]).expect("selector");
+        assert_eq!(c.lease_count.expect("on").selector, "app=x");
         assert!(
-            parse(&["--ca-cert=/ca", "--service-account-token-path=/t"]).unwrap_err().contains("not supported yet")
+            parse(&["--ca-cert=/ca", "--count-server-leases", "--lease-label="])
+                .unwrap_err()
+                .contains("must not be empty")
         );
     }
 }

@@ -13,10 +13,11 @@ pub mod config;
 mod dialer;
 mod drain;
 pub mod flags;
+mod lease_counter;
 pub mod metrics;
 mod server_set;
 mod session;
 
 pub use agent::{AgentError, AgentHandle, RunningAgent, run, start};
-pub use config::{AgentConfig, ServerAddress};
+pub use config::{AgentConfig, LeaseCountConfig, ServerAddress};
 pub use server_set::AddressStatus;

@@ -97,11 +97,16 @@ pub(crate) async fn sync_loop(
                 slot.reached.retain(|id| live.contains(id));
             }
             let every_address_served = slots.iter().all(|s| !s.reached.is_empty());
-            let short_of_count = (live.len() as u64) < u64::from(server_count);
+            let target_count = crate::lease_counter::effective_count(
+                config.lease_count.as_ref(),
+                server_count,
+                handle.lease_count.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let short_of_count = (live.len() as u64) < u64::from(target_count);
             if every_address_served && short_of_count && slots.len() > 1 && !short_of_count_logged {
                 tracing::info!(
                     connected = live.len(),
-                    server_count,
+                    server_count = target_count,
                     addresses = slots.len(),
                     "every proxy-server address is connected, but the servers announce more servers; dialing the \
                      addresses again every --sync-interval to find them (they may be load balancers)"
@@ -124,7 +129,11 @@ pub(crate) async fn sync_loop(
                 in_flight.push(async move { (index, dialer.open(&target, &finish).await) });
             }
         }
-        metrics.known_server_count.set(f64::from(server_count));
+        metrics.known_server_count.set(f64::from(crate::lease_counter::effective_count(
+            config.lease_count.as_ref(),
+            server_count,
+            handle.lease_count.load(std::sync::atomic::Ordering::Relaxed),
+        )));
         publish(&handle, &slots);
 
         tokio::select! {

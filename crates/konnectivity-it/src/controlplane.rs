@@ -359,6 +359,27 @@ impl ClusterPki {
     }
 }
 
+/// Agents authenticate with ServiceAccount tokens instead of client certificates.
+#[derive(Debug, Clone)]
+pub struct TokenAuth {
+    /// `--agent-namespace`.
+    pub namespace: String,
+    /// `--agent-service-account`.
+    pub service_account: String,
+    /// `--authentication-audience`.
+    pub audience: String,
+}
+
+impl Default for TokenAuth {
+    fn default() -> Self {
+        Self {
+            namespace: "kube-system".into(),
+            service_account: "konnectivity-agent".into(),
+            audience: "system:konnectivity-server".into(),
+        }
+    }
+}
+
 /// What the fixture starts.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -370,12 +391,15 @@ pub struct Options {
     pub agent: bool,
     /// Extra proxy-agent flags.
     pub agent_args: Vec<String>,
+    /// Token authentication of agents (the server gets the admin kubeconfig for its TokenReviews; the agent a
+    /// token from the TokenRequest API for that service account and audience, and no client certificate).
+    pub token_auth: Option<TokenAuth>,
 }
 
 impl Options {
     /// One server, one agent, the given mode, no extra flags.
     pub fn new(mode: EgressMode) -> Self {
-        Self { mode, server_args: Vec::new(), agent: true, agent_args: Vec::new() }
+        Self { mode, server_args: Vec::new(), agent: true, agent_args: Vec::new(), token_auth: None }
     }
 }
 
@@ -403,9 +427,9 @@ pub struct ControlPlane {
     /// Certificates.
     pub pki: ClusterPki,
     /// The control network (etcd, kube-apiserver, proxy-server, decoys).
-    pub control: NetNs,
+    pub control: Arc<NetNs>,
     /// The cluster network (proxy-agent, kubelet, pod, webhook).
-    pub cluster: NetNs,
+    pub cluster: Arc<NetNs>,
     /// The real binaries.
     pub bins: Binaries,
     /// Egress mode in use.
@@ -418,6 +442,8 @@ pub struct ControlPlane {
     pub server: Option<Proc>,
     /// proxy-agent (ours), if running.
     pub agent: Option<Proc>,
+    /// Servers started with [`ControlPlane::start_extra_server`].
+    pub extra_servers: Vec<Proc>,
     /// Endpoint and decoy counters.
     pub counters: Arc<Counters>,
     /// A kubeconfig (admin identity) usable in the control network.
@@ -443,8 +469,8 @@ impl ControlPlane {
         let dir = TempDir::new("krs-e2e")?;
         let pki = ClusterPki::generate(dir.path())?;
         let id = format!("{}{}", std::process::id() % 100_000, NEXT_ID.fetch_add(1, Ordering::Relaxed));
-        let control = NetNs::create(&format!("krs-c{id}"))?;
-        let cluster = NetNs::create(&format!("krs-k{id}"))?;
+        let control = Arc::new(NetNs::create(&format!("krs-c{id}"))?);
+        let cluster = Arc::new(NetNs::create(&format!("krs-k{id}"))?);
         let (veth_c, veth_k) = (format!("kc{id}"), format!("kk{id}"));
         ip(&[
             "link",
@@ -559,6 +585,7 @@ impl ControlPlane {
             kas,
             server: None,
             agent: None,
+            extra_servers: Vec::new(),
             counters,
             kubeconfig,
             options: options.clone(),
@@ -570,7 +597,7 @@ impl ControlPlane {
         cp.start_server()?;
         cp.wait_http(&cp.control, SERVER_HEALTH_PORT, "/healthz", Duration::from_secs(20)).await?;
         if options.agent {
-            cp.start_agent(&agent_kubeconfig)?;
+            cp.start_agent(&[]).await?;
             cp.wait_backends(1, Duration::from_secs(20)).await?;
         }
         cp.create_cluster_objects().await?;
@@ -583,7 +610,6 @@ impl ControlPlane {
         let mut args = vec![
             format!("--cluster-cert={}", pki.server.0.display()),
             format!("--cluster-key={}", pki.server.1.display()),
-            format!("--cluster-ca-cert={}", pki.ca.display()),
             "--agent-bind-address=0.0.0.0".into(),
             format!("--agent-port={AGENT_PORT}"),
             format!("--admin-port={SERVER_ADMIN_PORT}"),
@@ -608,8 +634,86 @@ impl ControlPlane {
                 args.push(format!("--server-ca-cert={}", pki.ca.display()));
             }
         }
+        match &self.options.token_auth {
+            Some(t) => {
+                args.push(format!("--agent-namespace={}", t.namespace));
+                args.push(format!("--agent-service-account={}", t.service_account));
+                args.push(format!("--authentication-audience={}", t.audience));
+            }
+            None => args.push(format!("--cluster-ca-cert={}", pki.ca.display())),
+        }
+        if self.options.token_auth.is_some()
+            || self.options.server_args.iter().any(|a| a.starts_with("--enable-lease-controller"))
+        {
+            args.push(format!("--kubeconfig={}", self.kubeconfig.display()));
+        }
         args.extend(self.options.server_args.iter().cloned());
         args
+    }
+
+    /// Starts another proxy-server (ours) in the control network, as server number `n` (2, 3, ...): agent port
+    /// `8132 + 100 (n-1)`, admin and health ports next to it, TCP frontend off (no UDS either: only agents use
+    /// it), the same agent authentication as the first, plus `extra` flags. Returns its agent port.
+    pub fn start_extra_server(&mut self, n: u16, extra: &[String]) -> anyhow::Result<u16> {
+        let base = AGENT_PORT + 100 * (n - 1);
+        let mut args: Vec<String> = self
+            .server_args()
+            .into_iter()
+            .filter(|a| {
+                a != "--delete-existing-uds-file"
+                    && ![
+                        "--agent-port=",
+                        "--admin-port=",
+                        "--health-port=",
+                        "--server-id=",
+                        "--uds-name=",
+                        "--server-port=",
+                        "--server-bind-address=",
+                        "--server-cert=",
+                        "--server-key=",
+                        "--server-ca-cert=",
+                    ]
+                    .iter()
+                    .any(|p| a.starts_with(p))
+            })
+            .collect();
+        args.extend([
+            format!("--agent-port={base}"),
+            format!("--admin-port={}", base + 1),
+            format!("--health-port={}", base + 2),
+            format!("--server-id=e2e-server-{n}"),
+            format!("--uds-name={}", self.dir.path().join(format!("konnectivity-{n}.sock")).display()),
+            "--server-port=0".into(),
+            "--delete-existing-uds-file".into(),
+        ]);
+        args.extend(extra.iter().cloned());
+        let bin = workspace_bin("proxy-server")?;
+        let log = self.dir.path().join(format!("proxy-server-{n}.log"));
+        self.extra_servers.push(Proc::spawn(&self.control, &format!("proxy-server-{n}"), &bin, &args, log)?);
+        Ok(base)
+    }
+
+    /// A metric of extra server `n` (see [`ControlPlane::start_extra_server`]).
+    pub async fn extra_server_metric(&self, n: u16, name: &str) -> anyhow::Result<f64> {
+        metric(&self.control, AGENT_PORT + 100 * (n - 1) + 1, name).await
+    }
+
+    /// A TCP load balancer in the control network on `CONTROL_LINK:port`, round robin over `backends` (ports on
+    /// the control link address), as an operator would put in front of several proxy-servers.
+    pub fn start_balancer(&mut self, port: u16, backends: Vec<u16>) -> anyhow::Result<()> {
+        let listener = self.control.listen(SocketAddr::from((CONTROL_LINK, port)))?;
+        let next = Arc::new(AtomicUsize::new(0));
+        let ns = self.control.clone();
+        self._servers.push(serve_listener(listener, move |mut client, _| {
+            let backend = backends[next.fetch_add(1, Ordering::SeqCst) % backends.len()];
+            let ns = ns.clone();
+            async move {
+                let addr = SocketAddr::from((CONTROL_LINK, backend));
+                let Ok(mut upstream) = ns.connect(addr, Duration::from_secs(5)).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            }
+        })?);
+        Ok(())
     }
 
     /// (Re)starts our proxy-server in the control network.
@@ -621,12 +725,33 @@ impl ControlPlane {
         Ok(())
     }
 
-    fn start_agent(&mut self, kubeconfig: &Path) -> anyhow::Result<()> {
+    /// Starts the fixture's proxy-agent (when `Options::agent` was false, or after stopping it), with the
+    /// fixture's flags, then `Options::agent_args`, then `extra`.
+    pub async fn start_agent(&mut self, extra: &[String]) -> anyhow::Result<()> {
+        let kubeconfig = self.dir.path().join("agent.kubeconfig");
+        let token = match self.options.token_auth.clone() {
+            Some(t) => {
+                let token = self.create_token(&t.namespace, &t.service_account, &t.audience, 3600).await?;
+                let path = self.dir.path().join("agent-token");
+                std::fs::write(&path, token)?;
+                Some(path)
+            }
+            None => None,
+        };
+        self.spawn_agent(&kubeconfig, token.as_deref(), extra)
+    }
+
+    fn spawn_agent(&mut self, kubeconfig: &Path, token: Option<&Path>, extra: &[String]) -> anyhow::Result<()> {
         let pki = &self.pki;
-        let mut args = vec![
-            format!("--ca-cert={}", pki.ca.display()),
-            format!("--agent-cert={}", pki.agent.0.display()),
-            format!("--agent-key={}", pki.agent.1.display()),
+        let mut args = vec![format!("--ca-cert={}", pki.ca.display())];
+        match token {
+            Some(t) => args.push(format!("--service-account-token-path={}", t.display())),
+            None => {
+                args.push(format!("--agent-cert={}", pki.agent.0.display()));
+                args.push(format!("--agent-key={}", pki.agent.1.display()));
+            }
+        }
+        args.extend([
             format!("--proxy-server-host={CONTROL_LINK}"),
             format!("--proxy-server-port={AGENT_PORT}"),
             "--agent-id=e2e-agent-1".into(),
@@ -637,11 +762,12 @@ impl ControlPlane {
             format!("--admin-server-port={AGENT_ADMIN_PORT}"),
             "--sync-interval=200ms".into(),
             "--sync-interval-cap=1s".into(),
-        ];
-        if self.options.agent_args.iter().any(|a| a.starts_with("--count-server-leases")) {
+        ]);
+        if self.options.agent_args.iter().chain(extra).any(|a| a.starts_with("--count-server-leases")) {
             args.push(format!("--kubeconfig={}", kubeconfig.display()));
         }
         args.extend(self.options.agent_args.iter().cloned());
+        args.extend(extra.iter().cloned());
         let bin = workspace_bin("proxy-agent")?;
         self.agent =
             Some(Proc::spawn(&self.cluster, "proxy-agent", &bin, &args, self.dir.path().join("proxy-agent.log"))?);
@@ -1016,8 +1142,13 @@ async fn plain_get(ns: &NetNs, port: u16, path: &str) -> anyhow::Result<(u16, By
     tokio::time::timeout(Duration::from_secs(5), crate::http::get(tcp, "127.0.0.1", path)).await?
 }
 
-/// Sum of all samples of metric `name` on a loopback admin port inside `ns`.
+/// Sum of all samples of metric `name` on a loopback admin port inside `ns`. `name` may carry one label
+/// matcher, as in `foo_total{result="ok"}`: then only samples with that label are summed.
 async fn metric(ns: &NetNs, port: u16, name: &str) -> anyhow::Result<f64> {
+    let (name, label) = match name.split_once('{') {
+        Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
+        None => (name, None),
+    };
     let (status, body) = plain_get(ns, port, "/metrics").await?;
     if status != 200 {
         bail!("GET /metrics on {port}: {status}");
@@ -1027,6 +1158,11 @@ async fn metric(ns: &NetNs, port: u16, name: &str) -> anyhow::Result<f64> {
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else { continue };
         if !(rest.starts_with(' ') || rest.starts_with('{')) {
+            continue;
+        }
+        if let Some(label) = label
+            && !rest.split(' ').next().unwrap_or_default().contains(label)
+        {
             continue;
         }
         let value = rest.rsplit(' ').next().unwrap_or_default().parse::<f64>()?;

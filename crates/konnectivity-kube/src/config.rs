@@ -112,9 +112,9 @@ impl Config {
             .find(|c| c.name == context.context.cluster)
             .ok_or_else(|| bad(format!("cluster {:?} not found", context.context.cluster)))?;
         let user = match &context.context.user {
-            Some(u) if !u.is_empty() => Some(
-                raw.users.iter().find(|x| &x.name == u).ok_or_else(|| bad(format!("user {u:?} not found")))?,
-            ),
+            Some(u) if !u.is_empty() => {
+                Some(raw.users.iter().find(|x| &x.name == u).ok_or_else(|| bad(format!("user {u:?} not found")))?)
+            }
             _ => None,
         };
         let c = &cluster.cluster;

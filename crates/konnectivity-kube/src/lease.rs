@@ -185,7 +185,10 @@ mod tests {
         let s = micro_time(t);
         assert_eq!(s, "2023-11-14T22:13:20.123456Z");
         assert_eq!(parse_time(&s), Some(t));
-        assert_eq!(parse_time("2023-11-14T22:13:20Z"), Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z"),
+            Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
 
         let mut l = Lease::default();
         assert!(l.is_expired(t), "no times: expired");

@@ -111,7 +111,8 @@ impl Client {
         let mut roots = rustls::RootCertStore::empty();
         if let Some(pem) = &config.ca_pem {
             for cert in CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| KubeError::Config(format!("{}: bad CA certificate: {e}", config.source)))?;
+                let cert =
+                    cert.map_err(|e| KubeError::Config(format!("{}: bad CA certificate: {e}", config.source)))?;
                 roots
                     .add(cert)
                     .map_err(|e| KubeError::Config(format!("{}: unusable CA certificate: {e}", config.source)))?;
@@ -177,19 +178,19 @@ impl Client {
     }
 
     /// Like [`Client::request`], but a status of 300 or more is an error carrying the API's message.
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<Bytes, KubeError> {
+    pub async fn call(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> Result<Bytes, KubeError> {
         let resp = self.request(method.clone(), path, body).await?;
         if resp.status >= 300 {
             let message = serde_json::from_slice::<serde_json::Value>(&resp.body)
                 .ok()
                 .and_then(|v| v["message"].as_str().map(str::to_string))
                 .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).chars().take(300).collect());
-            return Err(KubeError::Status { method: method.to_string(), path: path.to_string(), code: resp.status, message });
+            return Err(KubeError::Status {
+                method: method.to_string(),
+                path: path.to_string(),
+                code: resp.status,
+                message,
+            });
         }
         Ok(resp.body)
     }

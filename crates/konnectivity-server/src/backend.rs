@@ -238,6 +238,8 @@ pub(crate) struct AgentEndpoint {
     pub(crate) server_count: u32,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// ServiceAccount token authentication, when enabled.
+    pub(crate) auth: Option<Arc<crate::auth::TokenAuthenticator>>,
 }
 
 type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
@@ -272,6 +274,15 @@ impl AgentService for AgentEndpoint {
         };
         let info = request.extensions().get::<konnectivity_transport::listen::TlsConnectInfo>();
         let peer = info.map(|i| i.remote_addr.to_string()).unwrap_or_else(|| "unknown".into());
+        if let Some(auth) = &self.auth {
+            match auth.authenticate(md).await {
+                Ok(username) => tracing::debug!(%agent_id, %peer, %username, "agent authenticated by token"),
+                Err(status) => {
+                    tracing::warn!(%agent_id, %peer, error = %status.message(), "agent authentication failed");
+                    return Err(status);
+                }
+            }
+        }
         let transport_closed = info.map(|i| i.transport_closed.clone()).unwrap_or_default();
 
         let flow_control = md.get(flow::METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(flow::VERSION);

@@ -66,6 +66,71 @@ impl AuditConfig {
     }
 }
 
+/// How the server reaches kube-apiserver (for TokenReviews and Leases).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KubeClientConfig {
+    /// A kubeconfig file; `None` uses the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Requests per second (0: client-go's default, 5).
+    pub qps: f32,
+    /// Burst (0: client-go's default, 10).
+    pub burst: i32,
+}
+
+/// Agent authentication by ServiceAccount token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAuthConfig {
+    /// The agents' namespace.
+    pub namespace: String,
+    /// The agents' service account.
+    pub service_account: String,
+    /// The audience their tokens must be issued for.
+    pub audience: String,
+    /// How long a successful review is reused for the same token (never past the token's expiry); zero
+    /// reviews every connection, as the reference does.
+    pub cache_ttl: Duration,
+}
+
+impl AgentAuthConfig {
+    /// Token auth for `namespace`/`service_account` and `audience`, caching reviews for 60 s.
+    pub fn new(namespace: &str, service_account: &str, audience: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            service_account: service_account.into(),
+            audience: audience.into(),
+            cache_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The lease controller: this server holds a Lease that agents count, and collects expired ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// Namespace of the leases.
+    pub namespace: String,
+    /// Labels on this server's lease; expired leases with these labels are collected.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Lease duration (reference: 30 s).
+    pub duration: Duration,
+    /// Renewal interval (reference: 15 s).
+    pub renew_interval: Duration,
+    /// Garbage-collection interval (reference: 15 s).
+    pub gc_interval: Duration,
+}
+
+impl LeaseConfig {
+    /// The reference's durations, in `namespace` with `labels`.
+    pub fn new(namespace: &str, labels: std::collections::BTreeMap<String, String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            labels,
+            duration: Duration::from_secs(30),
+            renew_interval: Duration::from_secs(15),
+            gc_interval: Duration::from_secs(15),
+        }
+    }
+}
+
 /// Everything `proxy-server` needs to run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -109,6 +174,12 @@ pub struct ServerConfig {
     pub egress_policy: std::sync::Arc<konnectivity_transport::egress_policy::EgressPolicy>,
     /// The audit log, if enabled (off by default).
     pub audit: Option<AuditConfig>,
+    /// How to reach kube-apiserver, when token auth or leases need it.
+    pub kube: KubeClientConfig,
+    /// Agent token authentication, if enabled.
+    pub agent_auth: Option<AgentAuthConfig>,
+    /// The lease controller, if enabled.
+    pub lease: Option<LeaseConfig>,
 }
 
 impl ServerConfig {
@@ -135,6 +206,9 @@ impl ServerConfig {
             tls_min_version: konnectivity_transport::tls::MinVersion::Tls12,
             egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
             audit: None,
+            kube: KubeClientConfig::default(),
+            agent_auth: None,
+            lease: None,
         }
     }
 }

@@ -2,7 +2,10 @@
 //! [`ServerConfig`]. Flags whose feature is not built yet are accepted by the parser and refused at start
 //! with "not supported yet", never silently ignored.
 
-use crate::config::{AuditConfig, AuditOutput, FrontendListen, FrontendMode, ServerConfig};
+use crate::config::{
+    AgentAuthConfig, AuditConfig, AuditOutput, FrontendListen, FrontendMode, KubeClientConfig, LeaseConfig,
+    ServerConfig,
+};
 use crate::routing::Strategy;
 use clap::{ArgAction, Parser};
 use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
@@ -83,6 +86,10 @@ pub struct ServerFlags {
     /// Expected token audience for agent authentication.
     #[arg(long, default_value = "")]
     pub authentication_audience: String,
+    /// Reuse a successful TokenReview of the same token for up to this long, never past the token's expiry;
+    /// 0 reviews every agent connection, as the reference (ours).
+    #[arg(long, value_parser = go_duration, default_value = "1m0s")]
+    pub authentication_cache_ttl: Duration,
     /// kubeconfig for the TokenReview and Lease clients (empty: in-cluster).
     #[arg(long, default_value = "")]
     pub kubeconfig: String,
@@ -92,7 +99,8 @@ pub struct ServerFlags {
     /// Maximum burst of the Kubernetes client.
     #[arg(long, default_value_t = 0)]
     pub kubeconfig_burst: i32,
-    /// Content type of requests to kube-apiserver.
+    /// Content type the reference asks kube-apiserver for; accepted for compatibility (this server always uses
+    /// JSON for its few, small requests).
     #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
     pub kube_api_content_type: String,
     /// Comma-separated allowed TLS 1.2 cipher suites (Go names); empty allows the defaults.
@@ -128,6 +136,15 @@ pub struct ServerFlags {
     /// Labels of the Lease objects (k=v,k=v).
     #[arg(long, default_value = "k8s-app=konnectivity-server")]
     pub lease_label: String,
+    /// How long this server's Lease stays valid without renewal (ours; the reference fixes 30s).
+    #[arg(long, value_parser = go_duration, default_value = "30s")]
+    pub lease_duration: Duration,
+    /// How often this server renews its Lease (ours; the reference fixes 15s).
+    #[arg(long, value_parser = go_duration, default_value = "15s")]
+    pub lease_renew_interval: Duration,
+    /// How often expired Leases with --lease-label are garbage-collected (ours; the reference fixes 15s).
+    #[arg(long, value_parser = go_duration, default_value = "15s")]
+    pub lease_gc_interval: Duration,
     /// How long a stop may wait for open connections before cutting them (0: a short default).
     #[arg(long, value_parser = go_duration, default_value = "0s")]
     pub graceful_shutdown_timeout: Duration,
@@ -173,6 +190,23 @@ fn invalid(msg: impl Into<String>) -> FlagError {
     FlagError::Invalid(msg.into())
 }
 
+/// Parses `k=v,k=v` (the reference's `--lease-label` format).
+fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, FlagError> {
+    let mut labels = std::collections::BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((k, v)) = pair.split_once('=') else {
+            return Err(invalid(format!("--lease-label: {pair:?} is not key=value")));
+        };
+        let (k, v) = (k.trim(), v.trim());
+        let valid = |x: &str| x.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if k.is_empty() || !valid(k) || !valid(v) {
+            return Err(invalid(format!("--lease-label: {pair:?} is not a valid label")));
+        }
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(labels)
+}
+
 fn path(s: &str) -> Option<PathBuf> {
     (!s.is_empty()).then(|| PathBuf::from(s))
 }
@@ -204,23 +238,49 @@ impl ServerFlags {
         if strategies.is_empty() {
             return Err(invalid("--proxy-strategies must not be empty"));
         }
-        if !self.agent_namespace.is_empty()
+        let token_auth = !self.agent_namespace.is_empty()
             || !self.agent_service_account.is_empty()
-            || !self.authentication_audience.is_empty()
-        {
-            return Err(NotSupported::flag(
-                "agent-namespace / --agent-service-account / --authentication-audience (token auth)",
-            )
-            .into());
+            || !self.authentication_audience.is_empty();
+        if token_auth {
+            if !self.cluster_ca_cert.is_empty() {
+                return Err(invalid("--cluster-ca-cert can not be used when agent authentication is enabled"));
+            }
+            for (flag, value) in [
+                ("agent-namespace", &self.agent_namespace),
+                ("agent-service-account", &self.agent_service_account),
+                ("authentication-audience", &self.authentication_audience),
+            ] {
+                if value.is_empty() {
+                    return Err(invalid(format!("--{flag} cannot be empty when agent authentication is enabled")));
+                }
+            }
         }
-        if !self.kubeconfig.is_empty() {
-            return Err(NotSupported::flag("kubeconfig").into());
+        if !self.kubeconfig.is_empty() && !std::path::Path::new(&self.kubeconfig).exists() {
+            return Err(invalid(format!("checking --kubeconfig {:?}: no such file", self.kubeconfig)));
         }
-        if self.enable_lease_controller {
-            return Err(NotSupported::flag("enable-lease-controller").into());
+        match self.kube_api_content_type.as_str() {
+            "application/vnd.kubernetes.protobuf" | "application/json" => {}
+            other => {
+                return Err(invalid(format!(
+                    "--kube-api-content-type={other:?}: want application/vnd.kubernetes.protobuf or application/json"
+                )));
+            }
         }
         if self.lease_label.trim().is_empty() {
             return Err(invalid("--lease-label must not be empty"));
+        }
+        let lease_labels = parse_labels(&self.lease_label)?;
+        for (flag, d) in [
+            ("lease-duration", self.lease_duration),
+            ("lease-renew-interval", self.lease_renew_interval),
+            ("lease-gc-interval", self.lease_gc_interval),
+        ] {
+            if d < Duration::from_secs(1) {
+                return Err(invalid(format!("--{flag} must be at least 1s, got {d:?}")));
+            }
+        }
+        if self.lease_renew_interval >= self.lease_duration {
+            return Err(invalid("--lease-renew-interval must be shorter than --lease-duration"));
         }
         if !self.cipher_suites.is_empty() {
             return Err(NotSupported::flag("cipher-suites").into());
@@ -302,6 +362,24 @@ impl ServerFlags {
                 Some(audit)
             }
         };
+        config.kube = KubeClientConfig {
+            kubeconfig: path(&self.kubeconfig),
+            qps: self.kubeconfig_qps,
+            burst: self.kubeconfig_burst,
+        };
+        if token_auth {
+            let mut auth =
+                AgentAuthConfig::new(&self.agent_namespace, &self.agent_service_account, &self.authentication_audience);
+            auth.cache_ttl = self.authentication_cache_ttl;
+            config.agent_auth = Some(auth);
+        }
+        if self.enable_lease_controller {
+            let mut lease = LeaseConfig::new(&self.lease_namespace, lease_labels);
+            lease.duration = self.lease_duration;
+            lease.renew_interval = self.lease_renew_interval;
+            lease.gc_interval = self.lease_gc_interval;
+            config.lease = Some(lease);
+        }
         if let Some(path) = path(&self.egress_policy_file) {
             let policy =
                 konnectivity_transport::egress_policy::EgressPolicy::load(&path).map_err(|e| invalid(e.to_string()))?;

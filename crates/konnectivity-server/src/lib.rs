@@ -10,11 +10,13 @@
 #![deny(rust_2018_idioms)]
 
 mod audit;
+mod auth;
 mod backend;
 pub mod config;
 mod connect;
 pub mod flags;
 mod frontend;
+pub mod lease;
 pub mod metrics;
 pub mod routing;
 mod server;

@@ -92,6 +92,12 @@ pub struct ServerMetrics {
     egress_denials: IntCounter,
     audit_events: IntCounterVec,
     audit_dropped: IntCounterVec,
+    pub(crate) culled_leases: IntCounter,
+    pub(crate) lease_delete_latency: HistogramVec,
+    pub(crate) lease_delete_total: IntCounterVec,
+    pub(crate) lease_list_latency: HistogramVec,
+    pub(crate) lease_list_total: IntCounterVec,
+    pub(crate) agent_auth: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -160,39 +166,53 @@ impl ServerMetrics {
         )?;
         registry.register(Box::new(dial_duration.clone()))?;
         registry.register(Box::new(frontend_write_duration.clone()))?;
-        // Lease metrics, as the reference registers them; they move once the lease controller exists.
-        registry.register(Box::new(IntCounter::with_opts(opts(
+        // Lease metrics, as the reference registers them (moved by the lease controller's garbage collection).
+        let culled_leases = IntCounter::with_opts(opts(
             "culled_leases_count",
             "Count of expired leases that the lease garbage collection controller has culled.",
-        ))?))?;
-        registry.register(Box::new(HistogramVec::new(
+        ))?;
+        registry.register(Box::new(culled_leases.clone()))?;
+        let lease_delete_latency = HistogramVec::new(
             HistogramOpts::from(opts(
                 "lease_delete_latency_seconds",
                 "Latency of lease deletion calls by the garbage collection controller in seconds.",
             )),
             &["http_status_code"],
-        )?))?;
-        registry.register(Box::new(IntCounterVec::new(
+        )?;
+        registry.register(Box::new(lease_delete_latency.clone()))?;
+        let lease_delete_total = IntCounterVec::new(
             opts(
                 "lease_delete_total",
                 "Count of lease delection calls by the garbage collection controller. Labeled by HTTP status code and reason.",
             ),
             &["http_status_code", "reason"],
-        )?))?;
-        registry.register(Box::new(HistogramVec::new(
+        )?;
+        registry.register(Box::new(lease_delete_total.clone()))?;
+        let lease_list_latency = HistogramVec::new(
             HistogramOpts::from(opts(
                 "lease_list_latency_seconds",
                 "Latency of lease list calls by the garbage collection controller in seconds.",
             )),
             &["http_status_code"],
-        )?))?;
-        registry.register(Box::new(IntCounterVec::new(
+        )?;
+        registry.register(Box::new(lease_list_latency.clone()))?;
+        let lease_list_total = IntCounterVec::new(
             opts(
                 "lease_list_total",
                 "Count of lease deletion calls by the garbage collection controller. Labeled by HTTP status code and reason.",
             ),
             &["http_status_code", "reason"],
-        )?))?;
+        )?;
+        registry.register(Box::new(lease_list_total.clone()))?;
+        // konnectivity-rs addition; exported once token auth has seen an agent.
+        let agent_auth = IntCounterVec::new(
+            opts(
+                "agent_authentications_total",
+                "Agent token authentications, by result: ok (TokenReview accepted), cached (a recent review of the same token reused), denied, error (kube-apiserver unreachable or failing).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(agent_auth.clone()))?;
         registry.register(Box::new(konnectivity_transport::process_metrics::ProcessMetrics::new()?))?;
         // konnectivity-rs additions (not in the reference).
         let tunnel_bytes = IntCounterVec::new(
@@ -272,6 +292,12 @@ impl ServerMetrics {
             egress_denials,
             audit_events,
             audit_dropped,
+            culled_leases,
+            lease_delete_latency,
+            lease_delete_total,
+            lease_list_latency,
+            lease_list_total,
+            agent_auth,
         })
     }
 

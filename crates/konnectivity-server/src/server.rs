@@ -1,10 +1,12 @@
 //! Starting and stopping a proxy-server: listeners, the two gRPC services, health and admin ports.
 
 use crate::audit::{AuditLog, ClientIdentity};
+use crate::auth::TokenAuthenticator;
 use crate::backend::{AgentEndpoint, BackendManager};
 use crate::config::{FrontendListen, FrontendMode, ServerConfig};
 use crate::connect::ConnectFrontend;
 use crate::frontend::ProxyEndpoint;
+use crate::lease::LeaseController;
 use crate::metrics::ServerMetrics;
 use crate::state::Tunnels;
 use futures_util::StreamExt;
@@ -39,6 +41,9 @@ pub enum ServerError {
     /// The audit log could not be opened, or its writer not started.
     #[error("{0}")]
     Audit(std::io::Error),
+    /// The Kubernetes client (token auth, leases) could not be set up.
+    #[error("kube-apiserver client: {0}")]
+    Kube(#[from] konnectivity_kube::KubeError),
     /// A gRPC server failed.
     #[error("{what} gRPC server: {source}")]
     Grpc {
@@ -244,6 +249,27 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
         Arc::new(Tunnels::new(backends, metrics.clone(), config.egress_policy.clone(), audit, shutdown.clone()));
     let tracker = TaskTracker::new();
 
+    // kube-apiserver, for TokenReviews and Leases.
+    let kube = if config.agent_auth.is_some() || config.lease.is_some() {
+        let kube_config = konnectivity_kube::Config::load(config.kube.kubeconfig.as_deref())?;
+        tracing::info!(server = %kube_config.server, source = %kube_config.source, "kube-apiserver client");
+        Some(konnectivity_kube::Client::new(kube_config, config.kube.qps, config.kube.burst)?)
+    } else {
+        None
+    };
+    let auth = match (&config.agent_auth, &kube) {
+        (Some(a), Some(client)) => {
+            tracing::info!(namespace = %a.namespace, service_account = %a.service_account, audience = %a.audience,
+                "agents authenticate with ServiceAccount tokens");
+            Some(Arc::new(TokenAuthenticator::new(client.clone(), a.clone(), metrics.agent_auth.clone())))
+        }
+        _ => None,
+    };
+    if let (Some(lease), Some(client)) = (&config.lease, &kube) {
+        let controller = LeaseController::new(client.clone(), lease.clone(), &config.server_id, metrics.clone());
+        tracker.spawn(controller.run(shutdown.clone()));
+    }
+
     // Agent port: always TLS; mTLS when a cluster CA is configured.
     let client_auth = config.cluster_ca.clone().map(ClientAuth::Require).unwrap_or(ClientAuth::None);
     let agent_tls = tls::server_config_with(
@@ -270,6 +296,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
         server_count: config.server_count,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
+        auth,
     });
     let agent_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_time))

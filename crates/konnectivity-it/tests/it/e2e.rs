@@ -170,3 +170,122 @@ async fn without_an_agent_kube_apiserver_gets_an_error_not_the_decoy() {
     let slow = cp.shutdown();
     assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
 }
+
+/// Opens `/AgentService/Connect` from the cluster network with server-only TLS (no client certificate) and the
+/// given `authorization` values; returns the server's verdict.
+async fn token_connect(cp: &ControlPlane, authorization: &[String]) -> Result<(), tonic::Status> {
+    use konnectivity_it::controlplane::{AGENT_PORT, CONTROL_LINK};
+    let tls = konnectivity_transport::tls::client_config(&cp.pki.ca, None, &[b"h2".to_vec()]).expect("tls");
+    let tcp = cp.cluster.connect((CONTROL_LINK, AGENT_PORT).into(), Duration::from_secs(5)).await.expect("tcp");
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from(CONTROL_LINK).into());
+    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("tls handshake");
+    let mut stream = Some(stream);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let s = stream.take();
+        async move { s.map(hyper_util::rt::TokioIo::new).ok_or_else(|| std::io::Error::other("used")) }
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://agent-port")
+        .connect_with_connector(connector)
+        .await
+        .expect("channel");
+    let (_tx, rx) = tokio::sync::mpsc::channel::<konnectivity_proto::Packet>(1);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert("agentid", "token-test".parse().expect("id"));
+    for value in authorization {
+        request.metadata_mut().append("authorization", value.parse().expect("header value"));
+    }
+    konnectivity_proto::agent::AgentServiceClient::new(channel).connect(request).await.map(|_| ())
+}
+
+/// A ServiceAccount token signed with the cluster's own key, but expired (TokenRequest cannot issue one).
+fn expired_token(cp: &ControlPlane, ns: &str, sa: &str, audience: &str) -> String {
+    use base64::Engine;
+    use rustls_pki_types::pem::PemObject;
+    let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    let header = b64(serde_json::json!({"alg": "ES256", "typ": "JWT"}));
+    let claims = b64(serde_json::json!({
+        "iss": konnectivity_it::controlplane::SA_ISSUER, "aud": [audience],
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600,
+        "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "00000000-0000-0000-0000-000000000000"}}
+    }));
+    let key = rustls_pki_types::PrivatePkcs8KeyDer::from_pem_file(&cp.pki.sa_key).expect("sa key");
+    let rng = ring::rand::SystemRandom::new();
+    let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        key.secret_pkcs8_der(),
+        &rng,
+    )
+    .expect("ecdsa key");
+    let input = format!("{header}.{claims}");
+    let sig = signer.sign(&rng, input.as_bytes()).expect("sign");
+    format!("{input}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.as_ref()))
+}
+
+/// Token authentication against the real TokenReview API: the agent with the right token serves traffic; every
+/// kind of wrong token is refused with a clear status while the good agent keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_authenticate_with_service_account_tokens() {
+    let mut options = Options::new(EgressMode::GrpcUds);
+    options.token_auth = Some(Default::default());
+    let mut cp = ControlPlane::start(options).await.expect("control plane");
+    let auth = konnectivity_it::controlplane::TokenAuth::default();
+
+    let node_proxy = async |cp: &ControlPlane| {
+        let (status, body) =
+            cp.kas_request("GET", &format!("/api/v1/nodes/{NODE_NAME}:10250/proxy/healthz"), None).await.expect("req");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    };
+    node_proxy(&cp).await;
+
+    let good = cp.create_token(&auth.namespace, &auth.service_account, &auth.audience, 3600).await.expect("token");
+    let wrong_audience =
+        cp.create_token(&auth.namespace, &auth.service_account, "someone-else", 3600).await.expect("t");
+    let wrong_sa = cp.create_token(&auth.namespace, "intruder", &auth.audience, 3600).await.expect("t");
+    let wrong_ns = cp.create_token("default", &auth.service_account, &auth.audience, 3600).await.expect("t");
+    let expired = expired_token(&cp, &auth.namespace, &auth.service_account, &auth.audience);
+    let bearer = |t: &str| format!("Bearer {t}");
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        ("wrong audience", vec![bearer(&wrong_audience)], "is invalid for the target audiences"),
+        (
+            "wrong service account",
+            vec![bearer(&wrong_sa)],
+            "\"intruder\" service account. Expected \"konnectivity-agent\"",
+        ),
+        ("wrong namespace", vec![bearer(&wrong_ns)], "\"default\" namespace. Expected \"kube-system\""),
+        ("expired token", vec![bearer(&expired)], "expired"),
+        ("no Bearer prefix", vec![good.clone()], "received token does not have \"Bearer \" prefix"),
+        ("two tokens", vec![bearer(&good), bearer(&good)], "too many (2) tokens are received"),
+        ("no token", vec![], "Authentication context was not found in metadata"),
+    ];
+    for (what, values, expect) in &cases {
+        let err = token_connect(&cp, values).await.expect_err(what);
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{what}: {err:?}");
+        assert!(err.message().contains(expect), "{what}: {:?} does not contain {expect:?}", err.message());
+        eprintln!("{what}: refused: {}", err.message());
+    }
+    // The good token works, and a reconnect with it is served from the review cache.
+    token_connect(&cp, &[bearer(&good)]).await.expect("good token accepted");
+    token_connect(&cp, &[bearer(&good)]).await.expect("good token accepted again");
+    let count = async |result: &str| {
+        let name = format!("konnectivity_network_proxy_server_agent_authentications_total{{result=\"{result}\"}}");
+        cp.server_metric(&name).await.unwrap_or(0.0)
+    };
+    let (ok, cached, denied) = (count("ok").await, count("cached").await, count("denied").await);
+    eprintln!("authentications: ok {ok}, cached {cached}, denied {denied}");
+    assert!(ok >= 1.0, "the agent's first review");
+    assert!(cached >= 1.0, "a reconnect with the same token is served from the cache");
+    assert_eq!(denied, cases.len() as f64);
+    let server_log = cp.server.as_ref().map(|s| s.log()).unwrap_or_default();
+    assert!(server_log.contains("agent authentication failed"), "failures are logged");
+
+    // The real agent is still connected and serving.
+    cp.wait_backends(1, Duration::from_secs(5)).await.expect("agent still there");
+    node_proxy(&cp).await;
+    cp.assert_no_decoy_hits();
+    assert!(cp.stop_kube_apiserver(), "kube-apiserver needed SIGKILL");
+    cp.assert_settled(Duration::from_secs(10)).await.expect("settled");
+    let slow = cp.shutdown();
+    assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
+}
