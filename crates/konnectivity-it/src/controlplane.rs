@@ -34,8 +34,8 @@ use rustls_pki_types::ServerName;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
@@ -700,20 +700,27 @@ impl ControlPlane {
 
     /// A TCP load balancer in the control network on `CONTROL_LINK:port`, round robin over `backends` (ports on
     /// the control link address), as an operator would put in front of several proxy-servers.
-    pub fn start_balancer(&mut self, port: u16, backends: Vec<u16>) -> anyhow::Result<()> {
+    /// The returned list of backends may be changed while it runs.
+    pub fn start_balancer(&mut self, port: u16, backends: Vec<u16>) -> anyhow::Result<Arc<Mutex<Vec<u16>>>> {
         let listener = self.control.listen(SocketAddr::from((CONTROL_LINK, port)))?;
         let next = Arc::new(AtomicUsize::new(0));
         let ns = self.control.clone();
+        let backends = Arc::new(Mutex::new(backends));
+        let list = backends.clone();
         self._servers.push(serve_listener(listener, move |mut client, _| {
-            let backend = backends[next.fetch_add(1, Ordering::SeqCst) % backends.len()];
+            let backend = {
+                let list = list.lock().unwrap_or_else(|e| e.into_inner());
+                list.get(next.fetch_add(1, Ordering::SeqCst) % list.len().max(1)).copied()
+            };
             let ns = ns.clone();
             async move {
+                let Some(backend) = backend else { return };
                 let addr = SocketAddr::from((CONTROL_LINK, backend));
                 let Ok(mut upstream) = ns.connect(addr, Duration::from_secs(5)).await else { return };
                 let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             }
         })?);
-        Ok(())
+        Ok(backends)
     }
 
     /// (Re)starts our proxy-server in the control network.
@@ -766,6 +773,10 @@ impl ControlPlane {
         if self.options.agent_args.iter().chain(extra).any(|a| a.starts_with("--count-server-leases")) {
             args.push(format!("--kubeconfig={}", kubeconfig.display()));
         }
+        // Flags given by the test replace the fixture's (the agent, like Go's flag package, takes one value).
+        let name = |a: &String| a.split('=').next().unwrap_or_default().to_string();
+        let overridden: Vec<String> = self.options.agent_args.iter().chain(extra).map(name).collect();
+        args.retain(|a| !overridden.contains(&name(a)));
         args.extend(self.options.agent_args.iter().cloned());
         args.extend(extra.iter().cloned());
         let bin = workspace_bin("proxy-agent")?;

@@ -289,3 +289,139 @@ async fn agents_authenticate_with_service_account_tokens() {
     let slow = cp.shutdown();
     assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
 }
+
+/// The server leases in kube-system, by holder.
+async fn server_leases(cp: &ControlPlane) -> Vec<serde_json::Value> {
+    let (status, body) = cp
+        .kas_request(
+            "GET",
+            "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases?labelSelector=k8s-app%3Dkonnectivity-server",
+            None,
+        )
+        .await
+        .expect("list leases");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let list: serde_json::Value = serde_json::from_slice(&body).expect("json");
+    list["items"].as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_for<F: AsyncFn() -> bool>(what: &str, within: Duration, cond: F) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Leases against the real kube-apiserver: every server holds and renews a Lease, an agent behind a load
+/// balancer counts them and connects to every server, a killed server's lease expires and is collected, a
+/// stopped server deletes its own, and new servers are found.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_hold_leases_and_agents_count_them() {
+    use konnectivity_it::controlplane::AGENT_PORT;
+    let mut options = Options::new(EgressMode::GrpcUds);
+    options.agent = false;
+    options.server_args = [
+        "--enable-lease-controller",
+        "--lease-namespace=kube-system",
+        "--lease-duration=4s",
+        "--lease-renew-interval=1s",
+        "--lease-gc-interval=1s",
+        // Deliberately wrong: with leases the agent must not rely on it.
+        "--server-count=1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut cp = ControlPlane::start(options).await.expect("control plane");
+    let p2 = cp.start_extra_server(2, &[]).expect("server 2");
+    let p3 = cp.start_extra_server(3, &[]).expect("server 3");
+    let backends = cp.start_balancer(8100, vec![AGENT_PORT, p2, p3]).expect("balancer");
+    wait_for("three server leases", Duration::from_secs(20), async || server_leases(&cp).await.len() == 3).await;
+    let leases = server_leases(&cp).await;
+    let mut holders: Vec<String> =
+        leases.iter().map(|l| l["spec"]["holderIdentity"].as_str().unwrap_or_default().to_string()).collect();
+    holders.sort();
+    assert_eq!(holders, ["e2e-server-1", "e2e-server-2", "e2e-server-3"]);
+    for l in &leases {
+        let holder = l["spec"]["holderIdentity"].as_str().unwrap_or_default();
+        assert_eq!(l["metadata"]["name"], format!("konnectivity-proxy-server-{holder}"));
+        assert_eq!(l["spec"]["leaseDurationSeconds"], 4);
+        assert!(l["spec"]["renewTime"].is_string());
+    }
+
+    // The agent dials one address (the balancer) and finds every server by counting leases.
+    cp.start_agent(&[
+        "--proxy-server-port=8100".into(),
+        "--count-server-leases".into(),
+        "--lease-namespace=kube-system".into(),
+        "--lease-poll-interval=300ms".into(),
+    ])
+    .await
+    .expect("agent");
+    async fn agent_metric(cp: &ControlPlane, name: &str) -> f64 {
+        cp.agent_metric(name).await.unwrap_or(-1.0)
+    }
+    wait_for("agent connected to 3 servers", Duration::from_secs(20), async || {
+        agent_metric(&cp, "konnectivity_network_proxy_agent_open_server_connections").await == 3.0
+    })
+    .await;
+    assert_eq!(agent_metric(&cp, "konnectivity_network_proxy_agent_known_server_count").await, 3.0);
+    let lists =
+        agent_metric(&cp, "konnectivity_network_proxy_agent_lease_lists_total{http_response_code=\"200\"}").await;
+    assert!(lists >= 1.0, "lease lists counted: {lists}");
+    let node_proxy = async |cp: &ControlPlane| {
+        let (status, body) =
+            cp.kas_request("GET", &format!("/api/v1/nodes/{NODE_NAME}:10250/proxy/healthz"), None).await.expect("req");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    };
+    node_proxy(&cp).await;
+
+    // Server 3 dies without cleaning up: its lease expires (4 s) and another server collects it.
+    let killed_at = Instant::now();
+    cp.extra_servers[1].kill();
+    backends.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| *p != p3);
+    wait_for("the dead server's lease collected", Duration::from_secs(20), async || {
+        server_leases(&cp).await.len() == 2
+    })
+    .await;
+    let collected_after = killed_at.elapsed();
+    let culled = cp.server_metric("konnectivity_network_proxy_server_culled_leases_count").await.unwrap_or(0.0)
+        + cp.extra_server_metric(2, "konnectivity_network_proxy_server_culled_leases_count").await.unwrap_or(0.0);
+    assert_eq!(culled, 1.0, "exactly one lease culled");
+    wait_for("agent counts 2 servers", Duration::from_secs(10), async || {
+        agent_metric(&cp, "konnectivity_network_proxy_agent_known_server_count").await == 2.0
+            && agent_metric(&cp, "konnectivity_network_proxy_agent_open_server_connections").await == 2.0
+    })
+    .await;
+    node_proxy(&cp).await;
+
+    // Server 2 stops cleanly: it deletes its own lease at once (long before the 4 s expiry).
+    let stopped_at = Instant::now();
+    assert!(cp.extra_servers[0].stop(Duration::from_secs(10)), "server 2 stops on SIGTERM");
+    backends.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| *p != p2);
+    let leases = server_leases(&cp).await;
+    assert_eq!(leases.len(), 1, "server 2 deleted its lease on the way out ({:?} after SIGTERM)", stopped_at.elapsed());
+    assert_eq!(leases[0]["spec"]["holderIdentity"], "e2e-server-1");
+
+    // Two new servers: the agent finds them through the same balancer.
+    let p4 = cp.start_extra_server(4, &[]).expect("server 4");
+    let p5 = cp.start_extra_server(5, &[]).expect("server 5");
+    backends.lock().unwrap_or_else(|e| e.into_inner()).extend([p4, p5]);
+    let grown_at = Instant::now();
+    wait_for("agent connected to the new set of 3", Duration::from_secs(20), async || {
+        agent_metric(&cp, "konnectivity_network_proxy_agent_known_server_count").await == 3.0
+            && agent_metric(&cp, "konnectivity_network_proxy_agent_open_server_connections").await == 3.0
+    })
+    .await;
+    eprintln!(
+        "leases: dead server's lease collected {collected_after:?} after SIGKILL; agent at 3 servers again {:?} \
+         after two were added",
+        grown_at.elapsed()
+    );
+    node_proxy(&cp).await;
+    cp.assert_no_decoy_hits();
+    assert!(cp.stop_kube_apiserver(), "kube-apiserver needed SIGKILL");
+    cp.assert_settled(Duration::from_secs(10)).await.expect("settled");
+    let slow = cp.shutdown();
+    assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
+}
