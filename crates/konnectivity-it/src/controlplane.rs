@@ -158,11 +158,33 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(ns: &NetNs, name: &str, program: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
+    /// Spawns `program args` inside `ns`, logging to `log`.
+    pub fn spawn(ns: &NetNs, name: &str, program: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
         let file = std::fs::File::create(&log)?;
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
         let child = ns.spawn(&mut cmd)?;
+        Ok(Self { name: name.to_string(), child: Some(child), log })
+    }
+
+    /// Spawns `program args` with `ip netns exec <ns>`, which also bind-mounts `/etc/netns/<ns>/*` over `/etc`
+    /// (a per-namespace `/etc/hosts`, for name resolution that differs between networks).
+    pub fn spawn_with_etc(
+        ns: &NetNs,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(&log)?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns.name()])
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let child = cmd.spawn().with_context(|| format!("spawning {name} with ip netns exec"))?;
         Ok(Self { name: name.to_string(), child: Some(child), log })
     }
 
@@ -1155,7 +1177,7 @@ async fn plain_get(ns: &NetNs, port: u16, path: &str) -> anyhow::Result<(u16, By
 
 /// Sum of all samples of metric `name` on a loopback admin port inside `ns`. `name` may carry one label
 /// matcher, as in `foo_total{result="ok"}`: then only samples with that label are summed.
-async fn metric(ns: &NetNs, port: u16, name: &str) -> anyhow::Result<f64> {
+pub async fn metric(ns: &NetNs, port: u16, name: &str) -> anyhow::Result<f64> {
     let (name, label) = match name.split_once('{') {
         Some((n, l)) => (n, Some(l.trim_end_matches('}'))),
         None => (name, None),

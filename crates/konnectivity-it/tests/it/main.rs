@@ -11,4 +11,5 @@ mod interop;
 mod observability;
 mod policy;
 mod routing;
+mod routing_netns;
 mod tunnel;
