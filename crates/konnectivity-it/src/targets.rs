@@ -174,10 +174,19 @@ pub async fn banner_target(bind: &str, banner: &'static [u8]) -> std::io::Result
 /// A TCP load balancer on loopback, as an operator would put in front of several proxy-servers: each accepted
 /// connection goes to the next backend in turn and bytes are copied both ways.
 pub async fn tcp_balancer(backends: Vec<SocketAddr>) -> std::io::Result<Target> {
+    tcp_balancer_over(Arc::new(std::sync::Mutex::new(backends))).await
+}
+
+/// Like [`tcp_balancer`], over a list of backends the test may change while it runs.
+pub async fn tcp_balancer_over(backends: Arc<std::sync::Mutex<Vec<SocketAddr>>>) -> std::io::Result<Target> {
     let next = Arc::new(AtomicUsize::new(0));
     serve_each("127.0.0.1:0", move |mut client, _| {
-        let backend = backends[next.fetch_add(1, Ordering::SeqCst) % backends.len()];
+        let backend = {
+            let list = backends.lock().unwrap_or_else(|e| e.into_inner());
+            list.get(next.fetch_add(1, Ordering::SeqCst) % list.len().max(1)).copied()
+        };
         async move {
+            let Some(backend) = backend else { return };
             let Ok(mut upstream) = tokio::net::TcpStream::connect(backend).await else { return };
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         }

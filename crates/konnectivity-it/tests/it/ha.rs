@@ -519,3 +519,62 @@ async fn dest_cidr_prefers_a_wider_prefix_over_a_draining_narrower_one() {
     wide.stop().await;
     server.stop().await;
 }
+
+/// The reference's HA set-up: servers behind one load-balanced address, agents told `--server-count`. The
+/// agent redials the balancer until it holds every server; it follows a server going away and a new one coming.
+#[tokio::test]
+async fn agent_behind_a_load_balancer_reaches_every_server_and_follows_the_set() {
+    let stack = Stack::new().expect("pki");
+    let target = http_target("127.0.0.1:0").await.expect("target");
+    let host = target.addr.to_string();
+    let s1 = tcp_server(&stack, "server-1", 3, "127.0.0.1", 0).await;
+    let s2 = tcp_server(&stack, "server-2", 3, "127.0.0.1", 0).await;
+    let s3 = tcp_server(&stack, "server-3", 3, "127.0.0.1", 0).await;
+    let backends = std::sync::Arc::new(std::sync::Mutex::new(vec![s1.agent_addr, s2.agent_addr, s3.agent_addr]));
+    let lb = konnectivity_it::targets::tcp_balancer_over(backends.clone()).await.expect("balancer");
+    let agent = stack.start_agent(agent_for(&stack, &[ServerAddress::new("127.0.0.1", lb.addr.port())])).await;
+    let agent = agent.expect("agent");
+    let connected = |agent: &AgentRun| {
+        let mut s = agent.handle.connected_servers();
+        s.sort();
+        s
+    };
+    let started = Instant::now();
+    konnectivity_it::eventually!(10, connected(&agent).len() == 3, "agent reached {:?}", connected(&agent));
+    eprintln!("reached 3 servers through the balancer in {:?}", started.elapsed());
+    assert_eq!(agent.handle.metrics().open_server_connections(), 3.0);
+    for server in [&s1, &s2, &s3] {
+        get_success(&stack, server, &host).await;
+    }
+
+    // One server goes away (and out of the balancer): the agent keeps two, dials through them keep working.
+    backends.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| *a != s3.agent_addr);
+    s3.stop().await;
+    konnectivity_it::eventually!(10, connected(&agent) == ["server-1", "server-2"], "agent: {:?}", connected(&agent));
+    for server in [&s1, &s2] {
+        get_success(&stack, server, &host).await;
+    }
+
+    // A fourth server joins the balancer: the agent, still short of three, finds it.
+    let s4 = tcp_server(&stack, "server-4", 3, "127.0.0.1", 0).await;
+    backends.lock().unwrap_or_else(|e| e.into_inner()).push(s4.agent_addr);
+    let joined = Instant::now();
+    konnectivity_it::eventually!(
+        10,
+        connected(&agent) == ["server-1", "server-2", "server-4"],
+        "agent: {:?}",
+        connected(&agent)
+    );
+    eprintln!("found the new server in {:?}", joined.elapsed());
+    for server in [&s1, &s2, &s4] {
+        get_success(&stack, server, &host).await;
+    }
+    for server in [&s1, &s2, &s4] {
+        assert_settled(server, None).await;
+    }
+    assert_settled(&s1, Some(&agent)).await;
+    agent.stop().await;
+    for server in [s1, s2, s4] {
+        server.stop().await;
+    }
+}
