@@ -540,6 +540,10 @@ async fn dial_tcp(address: &str, timeout: Duration, policy: &EgressPolicy) -> Re
             .ok_or_else(|| DialFailure::Other(format!("dial tcp: address {address}: missing port in address")))?;
         let port: u16 =
             port.parse().map_err(|_| DialFailure::Other(format!("dial tcp: address {address}: invalid port")))?;
+        // What the policy can decide from the name alone is decided before asking any resolver.
+        if let Verdict::Deny(reason) = policy.check_before_resolution(host, port) {
+            return Err(DialFailure::Denied(reason));
+        }
         let resolved: Vec<_> = match tokio::net::lookup_host(address).await {
             Ok(a) => a.collect(),
             Err(_) => return Err(DialFailure::NoSuchHost(host.to_string())),

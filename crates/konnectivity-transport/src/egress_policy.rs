@@ -161,9 +161,11 @@ impl EgressPolicy {
         Ok(Self { default: file.default, rules })
     }
 
-    /// The server's check, before any name is resolved: `host` is the dial's host (a name or an IP literal).
-    /// A rule that needs the IP of a name cannot be decided here; the first such rule that could match hands
-    /// the decision to the agent (allow).
+    /// The check before any name is resolved (on the server, and on the agent before it resolves): `host` is
+    /// the dial's host (a name or an IP literal). A rule that needs the IP of a name cannot be decided here:
+    /// an undecidable *allow* rule hands the decision to the resolved check (allow for now), while an
+    /// undecidable *deny* rule is skipped, since whether it matches or not the outcome is a denial unless a
+    /// later rule allows. So a name is denied here only when every possible outcome is a denial.
     pub fn check_before_resolution(&self, host: &str, port: u16) -> Verdict {
         let ip = host.parse::<IpAddr>().ok();
         for rule in &self.rules {
@@ -174,7 +176,8 @@ impl EgressPolicy {
                 match ip {
                     Some(ip) if rule.cidr_matches(ip) => {}
                     Some(_) => continue,
-                    None => return Verdict::Allow,
+                    None if rule.action == Action::Allow => return Verdict::Allow,
+                    None => continue,
                 }
             }
             return rule.verdict();
@@ -315,8 +318,11 @@ mod tests {
     #[test]
     fn the_server_defers_what_needs_resolution() {
         let p = EgressPolicy::parse(POLICY).expect("policy");
-        // A name with a CIDR rule ahead that could match: the agent decides.
-        assert_eq!(p.check_before_resolution("metadata.internal", 80), Verdict::Allow);
+        // A name that an allow rule with a CIDR could match: the agent decides, after resolution.
+        assert_eq!(p.check_before_resolution("metadata.internal", 10250), Verdict::Allow);
+        // A name every outcome denies: whether or not it resolves into 169.254/16 (deny), port 80 is denied by
+        // rule 4 anyway, so the server refuses it at once (and no resolver is asked).
+        assert_eq!(p.check_before_resolution("metadata.internal", 80), Verdict::Deny(format!("{DENIED}: rule 4")));
         // IP literals are decided on the server.
         assert_eq!(p.check_before_resolution("169.254.169.254", 80), Verdict::Deny(format!("{DENIED}: metadata")));
         assert_eq!(p.check_before_resolution("10.0.0.9", 10250), Verdict::Allow);

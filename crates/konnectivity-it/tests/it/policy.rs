@@ -20,7 +20,8 @@ fn counter(registry: &prometheus::Registry, name: &str) -> f64 {
 async fn denied_by_address_port_and_by_what_a_name_resolves_to_through_both_frontends() {
     let server_policy = r#"{"rules": [
         {"name": "blocked-ip", "action": "deny", "cidr": "127.0.0.3/32"},
-        {"name": "no-discard", "action": "deny", "ports": "9"}
+        {"name": "no-discard", "action": "deny", "ports": "9"},
+        {"name": "no-metadata-names", "action": "deny", "host": "*.internal"}
     ]}"#;
     // The agent allows one loopback address and denies the rest, v4 and v6: so "localhost" (resolved by the
     // agent, from /etc/hosts) is refused after resolution, which the server cannot see beforehand.
@@ -47,6 +48,8 @@ async fn denied_by_address_port_and_by_what_a_name_resolves_to_through_both_fron
             (format!("127.0.0.3:{}", allowed.addr.port()), Some("denied by egress policy: blocked-ip")),
             ("127.0.0.2:9".to_string(), Some("denied by egress policy: no-discard")),
             (localhost, Some("denied by egress policy: loopback")),
+            // By name, on the server, before anything is resolved (the name does not even exist).
+            ("metadata.google.internal:80".to_string(), Some("denied by egress policy: no-metadata-names")),
         ];
         for (destination, denial) in &cases {
             let result = if frontend == Frontend::Uds {
@@ -81,7 +84,7 @@ async fn denied_by_address_port_and_by_what_a_name_resolves_to_through_both_fron
                 server.handle.metrics().registry(),
                 "konnectivity_network_proxy_server_egress_policy_denials_total"
             ),
-            2.0
+            3.0
         );
         assert_eq!(
             counter(agent.handle.metrics().registry(), "konnectivity_network_proxy_agent_egress_policy_denials_total"),
