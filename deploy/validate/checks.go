@@ -116,6 +116,9 @@ func checkObjectFiles(files []string, tag string) error {
 			sort.Strings(s)
 			fmt.Printf("     needs Secret(s) created beforehand: %s\n", strings.Join(s, ", "))
 		}
+		for _, n := range c.notes {
+			fmt.Printf("     kube-apiserver access: %s\n", n)
+		}
 	}
 	if failed > 0 {
 		return fmt.Errorf("%d rendered file(s) failed", failed)
@@ -127,6 +130,7 @@ type checker struct {
 	objs            []object
 	tag             string
 	problems        []string
+	notes           []string
 	externalSecrets map[string]bool
 }
 
@@ -201,6 +205,7 @@ func (c *checker) run() {
 	for _, pt := range c.podTemplates() {
 		c.checkPodSpec(pt)
 	}
+	c.checkAPIAccess()
 }
 
 func (c *checker) checkSelector(o object, sel *metav1.LabelSelector, tmpl map[string]string) {

@@ -4,6 +4,7 @@ mod audit;
 mod bad_input;
 mod connect;
 mod e2e;
+mod e2e_deploy;
 mod faults;
 mod flow;
 mod ha;
