@@ -5,8 +5,10 @@
 #   - the "konnectivity-rs" column comes from running OUR binary with the flag set to a value that uses its
 #     feature (for a boolean, the opposite of its default; some flags are tried with several values), on top
 #     of a minimal command line whose certificate files do not exist: exit status 2 means the flag was refused
-#     (with "not supported yet", or as an invalid value); anything else means it was accepted and the binary
-#     went on to start (and stopped at the missing files). Nothing listens or dials: flags are validated
+#     (with "not supported yet", or as an invalid value), except when the only complaint is that the
+#     /nonexistent/ file a probe names does not exist (--kubeconfig, --service-account-token-path are checked at
+#     parse time); anything else means it was accepted and the binary went on to start (and stopped at the
+#     missing files). Nothing listens or dials: flags are validated
 #     before any file is read, and the probes run in an empty network namespace when `unshare` allows.
 #
 #   deploy/flag-table.sh                       print the tables
@@ -168,6 +170,8 @@ def classify(binary, kind, args):
         return "unknown"
     if code == 2 and "not supported yet" in why:
         return "refused"
+    if code == 2 and re.search(r'"/nonexistent/[^"]*": no such file$', why):
+        return "ok"  # accepted; the probe's file just does not exist here
     if code == 2:
         return "invalid: " + why
     return "ok"
