@@ -103,6 +103,8 @@ BASE = {
 }
 TCP_FRONTEND = ["--uds-name=", "--server-port=8090", "--server-cert=/nonexistent/f.crt",
                 "--server-key=/nonexistent/f.key", "--server-ca-cert=/nonexistent/f-ca.crt"]
+TOKEN_AUTH = ["--agent-namespace=kube-system", "--agent-service-account=konnectivity-agent",
+              "--authentication-audience=system:konnectivity-server"]
 # Values that use a flag's feature (several where the answer depends on the value), and extra arguments a
 # probe needs; the others get a generic value from their type.
 PROBES = {
@@ -111,8 +113,11 @@ PROBES = {
         "proxy-strategies": ["default", "destHost", "defaultRoute", "destHost,default"],
         "tls-min-version": ["VersionTLS12", "VersionTLS13", "VersionTLS11"],
         "cipher-suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"],
-        "agent-namespace": ["kube-system"], "agent-service-account": ["konnectivity-agent"],
-        "authentication-audience": ["system:konnectivity-server"], "kubeconfig": ["/nonexistent/kubeconfig"],
+        # The three token-authentication flags only go together.
+        "agent-namespace": [TOKEN_AUTH], "agent-service-account": [TOKEN_AUTH],
+        "authentication-audience": [TOKEN_AUTH],
+        "authentication-cache-ttl": [TOKEN_AUTH + ["--authentication-cache-ttl=0s"]],
+        "kubeconfig": ["/nonexistent/kubeconfig"],
         "uds-name": ["/nonexistent/other.socket"], "server-port": ["0"],
         "server-cert": [TCP_FRONTEND], "server-key": [TCP_FRONTEND], "server-ca-cert": [TCP_FRONTEND],
         "server-bind-address": ["127.0.0.1"], "agent-bind-address": ["127.0.0.1"],
