@@ -428,13 +428,68 @@ mod tests {
 
     #[test]
     fn unimplemented_flags_are_refused_by_name() {
+        let mut args = BASE.to_vec();
+        args.push("--log-file=/x");
+        let err = parse(&args).expect_err("--log-file");
+        assert!(err.contains("not supported yet: --log-file"), "{err}");
+    }
+
+    #[test]
+    fn token_auth_flags_follow_the_reference_rules() {
+        const TOKEN: [&str; 3] = [
+            "--agent-namespace=kube-system",
+            "--agent-service-account=konnectivity-agent",
+            "--authentication-audience=system:konnectivity-server",
+        ];
+        let mut args = BASE.to_vec();
+        args.extend(TOKEN);
+        let auth = parse(&args).expect("token auth").agent_auth.expect("enabled");
+        assert_eq!(auth, AgentAuthConfig::new("kube-system", "konnectivity-agent", "system:konnectivity-server"));
+        args.push("--authentication-cache-ttl=0s");
+        assert_eq!(parse(&args).expect("no cache").agent_auth.expect("on").cache_ttl, Duration::ZERO);
+        for missing in 0..3 {
+            let mut args = BASE.to_vec();
+            args.extend(TOKEN.iter().enumerate().filter(|(i, _)| *i != missing).map(|(_, a)| *a));
+            let flag = TOKEN[missing].split('=').next().unwrap_or_default();
+            let err = parse(&args).expect_err(flag);
+            assert_eq!(err, format!("{flag} cannot be empty when agent authentication is enabled"));
+        }
+        let mut args = BASE.to_vec();
+        args.extend(TOKEN);
+        args.push("--cluster-ca-cert=/ca");
+        assert_eq!(
+            parse(&args).expect_err("both"),
+            "--cluster-ca-cert can not be used when agent authentication is enabled"
+        );
+        let mut args = BASE.to_vec();
+        args.push("--kubeconfig=/nonexistent/kubeconfig");
+        assert!(parse(&args).expect_err("kubeconfig").contains("no such file"));
+        let mut args = BASE.to_vec();
+        args.push("--kube-api-content-type=text/plain");
+        assert!(parse(&args).expect_err("content type").contains("--kube-api-content-type"));
+    }
+
+    #[test]
+    fn lease_flags() {
+        let mut args = BASE.to_vec();
+        args.extend(["--enable-lease-controller", "--lease-label=k8s-app=konnectivity-server,tier=control-plane"]);
+        let lease = parse(&args).expect("leases").lease.expect("enabled");
+        assert_eq!(lease.namespace, "kube-system");
+        assert_eq!(
+            lease.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+            ["k8s-app=konnectivity-server", "tier=control-plane"]
+        );
+        assert_eq!((lease.duration, lease.renew_interval), (Duration::from_secs(30), Duration::from_secs(15)));
+        assert_eq!(parse(&BASE).expect("off").lease, None);
         for (flag, needle) in [
-            ("--enable-lease-controller", "not supported yet: --enable-lease-controller"),
-            ("--agent-namespace=kube-system", "not supported yet: --agent-namespace"),
-            ("--log-file=/x", "not supported yet: --log-file"),
+            ("--lease-label=", "must not be empty"),
+            ("--lease-label=novalue", "is not key=value"),
+            ("--lease-label=a b=c", "is not a valid label"),
+            ("--lease-renew-interval=30s", "shorter than --lease-duration"),
+            ("--lease-gc-interval=100ms", "at least 1s"),
         ] {
             let mut args = BASE.to_vec();
-            args.push(flag);
+            args.extend(["--enable-lease-controller", flag]);
             let err = parse(&args).expect_err(flag);
             assert!(err.contains(needle), "{flag}: {err}");
         }
