@@ -42,7 +42,7 @@ pub enum ServerError {
     #[error("{0}")]
     Audit(std::io::Error),
     /// The Kubernetes client (token auth, leases) could not be set up.
-    #[error("kube-apiserver client: {0}")]
+    #[error(transparent)]
     Kube(#[from] konnectivity_kube::KubeError),
     /// A gRPC server failed.
     #[error("{what} gRPC server: {source}")]
