@@ -427,11 +427,35 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_flags_are_refused_by_name() {
+    fn klog_destination_flags() {
+        use konnectivity_transport::logging::LogDestination;
+        let flags = |extra: &[&str]| {
+            let mut all = vec!["proxy-server".to_string()];
+            all.extend(BASE.iter().chain(extra).map(|s| s.to_string()));
+            ServerFlags::try_parse_from(konnectivity_transport::flags::normalize_args(all)).expect("flags")
+        };
+        assert_eq!(flags(&["--log-file=/x"]).klog.destination("proxy-server"), LogDestination::Stderr);
+        assert_eq!(
+            flags(&["--logtostderr=false", "--log-file=/var/log/k.log", "--log-file-max-size=10"])
+                .klog
+                .destination("proxy-server"),
+            LogDestination::File {
+                path: "/var/log/k.log".into(),
+                max_bytes: 10 << 20,
+                stderr_from: tracing::Level::ERROR
+            }
+        );
+        assert_eq!(
+            flags(&["--logtostderr=false", "--log-dir=/d", "--alsologtostderr"]).klog.destination("proxy-server"),
+            LogDestination::File {
+                path: "/d/proxy-server.log".into(),
+                max_bytes: 1800 << 20,
+                stderr_from: tracing::Level::TRACE
+            }
+        );
         let mut args = BASE.to_vec();
-        args.push("--log-file=/x");
-        let err = parse(&args).expect_err("--log-file");
-        assert!(err.contains("not supported yet: --log-file"), "{err}");
+        args.push("--stderrthreshold=LOUD");
+        assert!(parse(&args).expect_err("threshold").contains("--stderrthreshold=LOUD"));
     }
 
     #[test]

@@ -174,9 +174,9 @@ impl NotSupported {
     }
 }
 
-/// The klog flags the reference binaries accept. `--v` sets our log level; the header-formatting flags are
-/// accepted and have no effect (our log lines have their own format); flags that would send logs elsewhere than
-/// stderr are refused until implemented.
+/// The klog flags the reference binaries accept. `--v` sets our log level; the destination flags behave as in
+/// klog (stderr by default; with `--logtostderr=false`, a file, with errors also on stderr); the header-formatting
+/// flags are accepted and have no effect (our log lines have their own format).
 #[derive(Debug, Clone, clap::Args)]
 pub struct KlogFlags {
     /// Log verbosity (klog -v): up to 4 logs at info, 5-6 at debug, 7+ at trace. RUST_LOG overrides it.
@@ -185,21 +185,22 @@ pub struct KlogFlags {
     /// Per-module verbosity (klog); accepted, but only --v and RUST_LOG set levels.
     #[arg(long, value_name = "pattern=N,...", hide = true)]
     pub vmodule: Option<String>,
-    /// Log to standard error (always on).
+    /// Log to standard error instead of files (klog; default true: --log-file and --log-dir are then unused).
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true", hide = true)]
     pub logtostderr: bool,
-    /// klog: also log to files; not supported.
+    /// With --logtostderr=false: log to standard error as well as to the file (klog).
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "false", hide = true)]
     pub alsologtostderr: bool,
-    /// klog: log directory; not supported.
+    /// With --logtostderr=false and no --log-file: write `<dir>/<program>.log` (klog writes one file per
+    /// severity there; we write one).
     #[arg(long, hide = true)]
     pub log_dir: Option<String>,
-    /// klog: log file; not supported.
+    /// With --logtostderr=false: the log file (klog).
     #[arg(long, hide = true)]
     pub log_file: Option<String>,
-    /// klog: log file size cap; accepted, no effect without a log file.
-    #[arg(long, hide = true)]
-    pub log_file_max_size: Option<u64>,
+    /// Size in MB at which the log file is rotated to `<file>.1` (klog; 0: no limit).
+    #[arg(long, default_value_t = 1800, hide = true)]
+    pub log_file_max_size: u64,
     /// klog header formatting; accepted, no effect.
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", hide = true)]
     pub add_dir_header: Option<bool>,
@@ -212,7 +213,8 @@ pub struct KlogFlags {
     /// klog file output; accepted, no effect.
     #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", hide = true)]
     pub one_output: Option<bool>,
-    /// klog stderr threshold; accepted, no effect (everything goes to stderr).
+    /// With --logtostderr=false: lines at or above this severity also go to stderr (klog: INFO, WARNING,
+    /// ERROR or FATAL, or 0-3; default ERROR).
     #[arg(long, hide = true)]
     pub stderrthreshold: Option<String>,
     /// klog; accepted, no effect.
@@ -230,21 +232,37 @@ pub struct KlogFlags {
 }
 
 impl KlogFlags {
-    /// Refuses the klog flags whose effect we do not provide.
+    /// Checks the klog flags' values.
     pub fn check(&self) -> Result<(), NotSupported> {
-        if self.log_dir.is_some() {
-            return Err(NotSupported::flag("log-dir"));
-        }
-        if self.log_file.is_some() {
-            return Err(NotSupported::flag("log-file"));
-        }
-        if self.alsologtostderr {
-            return Err(NotSupported::flag("alsologtostderr"));
-        }
-        if !self.logtostderr {
-            return Err(NotSupported::value("logtostderr", false));
+        if let Some(t) = &self.stderrthreshold
+            && crate::logging::parse_severity(t).is_none()
+        {
+            return Err(NotSupported::value("stderrthreshold", t));
         }
         Ok(())
+    }
+
+    /// Where log lines go, as klog would send them.
+    pub fn destination(&self, program: &str) -> crate::logging::LogDestination {
+        use crate::logging::LogDestination;
+        if self.logtostderr {
+            return LogDestination::Stderr;
+        }
+        let file = match (&self.log_file, &self.log_dir) {
+            (Some(f), _) if !f.is_empty() => std::path::PathBuf::from(f),
+            (_, Some(d)) if !d.is_empty() => std::path::Path::new(d).join(format!("{program}.log")),
+            _ => std::env::temp_dir().join(format!("{program}.log")),
+        };
+        let threshold = if self.alsologtostderr {
+            tracing::Level::TRACE
+        } else {
+            self.stderrthreshold.as_deref().and_then(crate::logging::parse_severity).unwrap_or(tracing::Level::ERROR)
+        };
+        LogDestination::File {
+            path: file,
+            max_bytes: self.log_file_max_size.saturating_mul(1 << 20),
+            stderr_from: threshold,
+        }
     }
 }
 

@@ -54,3 +54,161 @@ pub fn init_with(default_filter: &str) {
         .with_ansi(ansi)
         .try_init();
 }
+
+/// Where log lines go (klog's `--logtostderr`, `--log-file`, `--log-dir`, `--alsologtostderr`,
+/// `--stderrthreshold`, `--log-file-max-size`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogDestination {
+    /// Standard error only (klog's default).
+    Stderr,
+    /// A file, appended to and rotated to `<path>.1` past `max_bytes` (0: never); lines at or above `stderr_from`
+    /// (tracing's order: ERROR is the most severe) are also written to standard error.
+    File {
+        /// The log file.
+        path: std::path::PathBuf,
+        /// Rotation size.
+        max_bytes: u64,
+        /// The least severe level that is copied to stderr.
+        stderr_from: tracing::Level,
+    },
+}
+
+/// A klog severity name or number (INFO/0, WARNING/1, ERROR/2, FATAL/3) as a tracing level.
+pub fn parse_severity(s: &str) -> Option<tracing::Level> {
+    match s.to_ascii_uppercase().as_str() {
+        "INFO" | "0" => Some(tracing::Level::INFO),
+        "WARNING" | "1" => Some(tracing::Level::WARN),
+        "ERROR" | "2" | "FATAL" | "3" => Some(tracing::Level::ERROR),
+        _ => None,
+    }
+}
+
+struct FileSink {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    size: u64,
+    max_bytes: u64,
+}
+
+impl FileSink {
+    fn open(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+        std::fs::OpenOptions::new().create(true).append(true).open(path)
+    }
+
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.max_bytes > 0 && self.size > 0 && self.size + buf.len() as u64 > self.max_bytes {
+            let mut rotated = self.path.clone().into_os_string();
+            rotated.push(".1");
+            // If the rename fails (permissions), keep writing to the same file rather than lose lines.
+            if std::fs::rename(&self.path, &rotated).is_ok()
+                && let Ok(f) = Self::open(&self.path)
+            {
+                self.file = f;
+                self.size = 0;
+            }
+        }
+        self.file.write_all(buf)?;
+        self.size += buf.len() as u64;
+        Ok(())
+    }
+}
+
+/// The `MakeWriter` for klog-style file output: every line to the file, severe ones to stderr as well.
+#[derive(Clone)]
+struct KlogWriter {
+    sink: std::sync::Arc<std::sync::Mutex<FileSink>>,
+    stderr_from: tracing::Level,
+}
+
+/// One line's writer.
+struct KlogLine {
+    sink: std::sync::Arc<std::sync::Mutex<FileSink>>,
+    also_stderr: bool,
+}
+
+impl std::io::Write for KlogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut sink) = self.sink.lock() {
+            // A full disk must not stop the process; the line still reaches stderr if it is severe.
+            let _ = sink.write(buf);
+        }
+        if self.also_stderr {
+            let _ = std::io::stderr().write_all(buf);
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for KlogWriter {
+    type Writer = KlogLine;
+    fn make_writer(&'a self) -> Self::Writer {
+        KlogLine { sink: self.sink.clone(), also_stderr: false }
+    }
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        KlogLine { sink: self.sink.clone(), also_stderr: *meta.level() <= self.stderr_from }
+    }
+}
+
+/// Installs the global subscriber for the klog flags: verbosity, destination (see [`LogDestination`]) and
+/// `--log-format`. Fails if the log file cannot be opened.
+pub fn init_klog(klog: &crate::flags::KlogFlags, program: &str) -> std::io::Result<()> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(klog.v)));
+    match klog.destination(program) {
+        LogDestination::Stderr => {
+            init_format(klog.v, klog.log_format);
+            if klog.log_file.is_some() || klog.log_dir.is_some() {
+                tracing::warn!("--log-file and --log-dir are not used with --logtostderr=true (as in klog)");
+            }
+        }
+        LogDestination::File { path, max_bytes, stderr_from } => {
+            let file = FileSink::open(&path)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("opening the log file {}: {e}", path.display())))?;
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let writer = KlogWriter {
+                sink: std::sync::Arc::new(std::sync::Mutex::new(FileSink { path, file, size, max_bytes })),
+                stderr_from,
+            };
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(writer)
+                .with_target(false)
+                .with_ansi(false);
+            let _ = match klog.log_format {
+                LogFormat::Text => builder.try_init(),
+                LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+            };
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn severities_and_rotation() {
+        assert_eq!(parse_severity("warning"), Some(tracing::Level::WARN));
+        assert_eq!(parse_severity("2"), Some(tracing::Level::ERROR));
+        assert_eq!(parse_severity("FATAL"), Some(tracing::Level::ERROR));
+        assert_eq!(parse_severity("loud"), None);
+
+        let dir = std::env::temp_dir().join(format!("klog-rotation-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("x.log");
+        let file = FileSink::open(&path).expect("open");
+        let sink =
+            std::sync::Arc::new(std::sync::Mutex::new(FileSink { path: path.clone(), file, size: 0, max_bytes: 10 }));
+        let mut line = KlogLine { sink, also_stderr: false };
+        line.write_all(b"123456\n").expect("write");
+        line.write_all(b"abcdef\n").expect("write");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "abcdef\n");
+        assert_eq!(std::fs::read_to_string(dir.join("x.log.1")).expect("read"), "123456\n");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

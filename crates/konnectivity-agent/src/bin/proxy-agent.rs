@@ -10,7 +10,10 @@ use tokio_util::sync::CancellationToken;
 fn main() -> std::process::ExitCode {
     let flags = AgentFlags::parse_args(konnectivity_transport::flags::normalize_args(std::env::args()))
         .unwrap_or_else(|e| e.exit());
-    konnectivity_transport::logging::init_format(flags.klog.v, flags.klog.log_format);
+    if let Err(e) = konnectivity_transport::logging::init_klog(&flags.klog, "proxy-agent") {
+        eprintln!("proxy-agent: {e}");
+        return std::process::ExitCode::from(1);
+    }
     let config = match flags.into_config() {
         Ok(c) => c,
         Err(e) => {

@@ -136,7 +136,9 @@ async fn agent_reconnects_to_a_restarted_server() {
 }
 
 #[tokio::test]
-async fn binaries_refuse_unimplemented_flags_and_show_help() {
+async fn binaries_explain_startup_failures_log_where_klog_would_and_show_help() {
+    // Leases need kube-apiserver: outside a cluster and without --kubeconfig, both binaries say so and stop.
+    let stack = Stack::new().expect("pki");
     let out = Command::new(binary("proxy-server"))
         .args([
             "--enable-lease-controller",
@@ -145,14 +147,52 @@ async fn binaries_refuse_unimplemented_flags_and_show_help() {
             "--cluster-cert=/c",
             "--cluster-key=/k",
         ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet: --enable-lease-controller"));
-    let out =
-        Command::new(binary("proxy-agent")).args(["--ca-cert=/x", "--count-server-leases"]).output().expect("run");
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not supported yet: --count-server-leases"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no --kubeconfig given and not running in a cluster"), "{stderr}");
+    let out = Command::new(binary("proxy-agent"))
+        .args([format!("--ca-cert={}", stack.pki.ca.display()), "--count-server-leases".into()])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no --kubeconfig given and not running in a cluster"), "{stderr}");
+
+    // --logtostderr=false --log-file: the log goes to the file, errors to stderr as well (klog's default
+    // --stderrthreshold=ERROR).
+    let log = stack.dir().join("server.log");
+    let mut server = Command::new(binary("proxy-server"))
+        .args([
+            format!("--uds-name={}", stack.dir().join("s.sock").display()),
+            "--server-port=0".into(),
+            format!("--cluster-cert={}", stack.pki.server_cert.display()),
+            format!("--cluster-key={}", stack.pki.server_key.display()),
+            "--agent-port=0".into(),
+            "--admin-port=0".into(),
+            "--health-port=0".into(),
+            "--logtostderr=false".into(),
+            format!("--log-file={}", log.display()),
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening for agents") {
+        assert!(Instant::now() < deadline, "no start-up line in {}", log.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = Command::new("kill").arg(server.id().to_string()).status();
+    let status = server.wait().expect("wait");
+    assert!(status.success(), "{status}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut server.stderr.take().expect("stderr"), &mut stderr).expect("read");
+    assert!(!stderr.contains("listening for agents"), "info lines stay in the file: {stderr}");
+
     for bin in ["proxy-server", "proxy-agent", "proxy-test-client"] {
         let out = Command::new(binary(bin)).arg("--help").output().expect("run");
         assert!(out.status.success(), "{bin} --help failed");

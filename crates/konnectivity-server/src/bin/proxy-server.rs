@@ -6,7 +6,10 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
     let flags = ServerFlags::parse_from(konnectivity_transport::flags::normalize_args(std::env::args()));
-    konnectivity_transport::logging::init_format(flags.klog.v, flags.klog.log_format);
+    if let Err(e) = konnectivity_transport::logging::init_klog(&flags.klog, "proxy-server") {
+        eprintln!("proxy-server: {e}");
+        return std::process::ExitCode::from(1);
+    }
     let config = match flags.into_config() {
         Ok(c) => c,
         Err(e) => {
