@@ -471,10 +471,10 @@ mod tests {
         assert_eq!(auth, AgentAuthConfig::new("kube-system", "konnectivity-agent", "system:konnectivity-server"));
         args.push("--authentication-cache-ttl=0s");
         assert_eq!(parse(&args).expect("no cache").agent_auth.expect("on").cache_ttl, Duration::ZERO);
-        for missing in 0..3 {
+        for (missing, given) in TOKEN.iter().enumerate() {
             let mut args = BASE.to_vec();
             args.extend(TOKEN.iter().enumerate().filter(|(i, _)| *i != missing).map(|(_, a)| *a));
-            let flag = TOKEN[missing].split('=').next().unwrap_or_default();
+            let flag = given.split('=').next().unwrap_or_default();
             let err = parse(&args).expect_err(flag);
             assert_eq!(err, format!("{flag} cannot be empty when agent authentication is enabled"));
         }
