@@ -76,6 +76,8 @@ pub struct AgentConfig {
     pub sync_forever: bool,
     /// gRPC keepalive ping interval (servers refuse more often than every 30s).
     pub keepalive_time: Duration,
+    /// How long a keepalive ping may go unanswered before the server connection is dropped (and redialed).
+    pub keepalive_timeout: Duration,
     /// Packets queued towards one endpoint connection.
     pub xfr_channel_size: usize,
     /// How long a dial to an endpoint may take.
@@ -132,6 +134,7 @@ impl AgentConfig {
             sync_interval_cap: Duration::from_secs(10),
             sync_forever: false,
             keepalive_time: Duration::from_secs(3600),
+            keepalive_timeout: Duration::from_secs(20),
             xfr_channel_size: 150,
             dial_timeout: Duration::from_secs(5),
             health: Some((String::new(), 8093)),

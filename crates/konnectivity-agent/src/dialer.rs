@@ -95,6 +95,7 @@ impl Dialer {
             .map_err(|e| AgentError::Connect { addr: addr.clone(), cause: error_chain(&e) })?
             .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(self.config.keepalive_time)
+            .keep_alive_timeout(self.config.keepalive_timeout)
             .keep_alive_while_idle(true)
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(8 << 20));

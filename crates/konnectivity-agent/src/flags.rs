@@ -82,6 +82,11 @@ pub struct AgentFlags {
     /// gRPC keepalive ping interval (servers refuse more often than every 30s).
     #[arg(long, value_parser = go_duration, default_value = "1h0m0s")]
     pub keepalive_time: Duration,
+    /// How long a keepalive ping may go unanswered before the agent drops that server connection and dials
+    /// again: a server that vanished without FIN or RST (a half-open connection) is noticed within
+    /// --keepalive-time plus this. konnectivity-rs only; the reference uses gRPC's fixed 20s.
+    #[arg(long, value_parser = go_duration, default_value = "20s")]
+    pub keepalive_timeout: Duration,
     /// Packets queued towards one endpoint connection. Must be > 0.
     #[arg(long, default_value_t = 150)]
     pub xfr_channel_size: i64,
@@ -245,6 +250,9 @@ impl AgentFlags {
                 "--enable-contention-profiling has no effect here: there is no Go block profile; CPU profiles are served"
             );
         }
+        if self.keepalive_timeout.is_zero() {
+            return Err(invalid("--keepalive-timeout must be greater than 0".into()));
+        }
         if self.keepalive_time < Duration::from_secs(30) {
             tracing::warn!(
                 "--keepalive-time below 30s: Go proxy-servers answer such pings with GOAWAY (too_many_pings)"
@@ -276,6 +284,7 @@ impl AgentFlags {
         config.sync_interval_cap = self.sync_interval_cap;
         config.sync_forever = self.sync_forever;
         config.keepalive_time = self.keepalive_time;
+        config.keepalive_timeout = self.keepalive_timeout;
         config.xfr_channel_size = usize::try_from(self.xfr_channel_size).unwrap_or(150);
         config.health = Some((self.health_server_host, self.health_server_port));
         config.admin = Some((self.admin_bind_address, self.admin_server_port));
@@ -390,5 +399,13 @@ mod tests {
                 .unwrap_err()
                 .contains("must not be empty")
         );
+    }
+
+    #[test]
+    fn keepalive_timeout() {
+        assert_eq!(parse(&["--ca-cert=/ca"]).expect("defaults").keepalive_timeout, Duration::from_secs(20));
+        let c = parse(&["--ca-cert=/ca", "--keepalive-time=1s", "--keepalive-timeout=2s"]).expect("set");
+        assert_eq!((c.keepalive_time, c.keepalive_timeout), (Duration::from_secs(1), Duration::from_secs(2)));
+        assert!(parse(&["--ca-cert=/ca", "--keepalive-timeout=0s"]).unwrap_err().contains("greater than 0"));
     }
 }

@@ -154,6 +154,8 @@ pub struct ServerConfig {
     pub server_count: u32,
     /// gRPC keepalive ping interval on agent connections.
     pub keepalive_time: Duration,
+    /// How long a keepalive ping on an agent connection may go unanswered before that connection is dropped.
+    pub keepalive_timeout: Duration,
     /// gRPC keepalive ping interval on frontend connections.
     pub frontend_keepalive_time: Duration,
     /// Fail a dial the agent has not answered (or could not be sent) within this time; `None` waits forever.
@@ -196,6 +198,7 @@ impl ServerConfig {
             server_id: uuid::Uuid::new_v4().to_string(),
             server_count: 1,
             keepalive_time: Duration::from_secs(3600),
+            keepalive_timeout: Duration::from_secs(20),
             frontend_keepalive_time: Duration::from_secs(3600),
             backend_dial_timeout: None,
             health: Some((String::new(), 8092)),

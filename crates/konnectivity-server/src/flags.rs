@@ -62,6 +62,11 @@ pub struct ServerFlags {
     /// gRPC keepalive ping interval on agent connections.
     #[arg(long, value_parser = go_duration, default_value = "1h0m0s")]
     pub keepalive_time: Duration,
+    /// How long a keepalive ping on an agent connection may go unanswered before the server drops that agent
+    /// (closing its connections and failing its dials): an agent that vanished without FIN or RST is noticed
+    /// within --keepalive-time plus this. konnectivity-rs only; the reference uses gRPC's fixed 20s.
+    #[arg(long, value_parser = go_duration, default_value = "20s")]
+    pub keepalive_timeout: Duration,
     /// Size of the per-stream receive queues (packets). Must be > 0.
     #[arg(long, default_value_t = 10)]
     pub xfr_channel_size: i64,
@@ -223,6 +228,9 @@ impl ServerFlags {
         if self.xfr_channel_size <= 0 {
             return Err(invalid(format!("--xfr-channel-size must be greater than 0, got {}", self.xfr_channel_size)));
         }
+        if self.keepalive_timeout.is_zero() {
+            return Err(invalid("--keepalive-timeout must be greater than 0"));
+        }
         let mut strategies = Vec::new();
         for name in self.proxy_strategies.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match Strategy::parse(name) {
@@ -340,6 +348,7 @@ impl ServerFlags {
         config.server_id = server_id;
         config.server_count = self.server_count;
         config.keepalive_time = self.keepalive_time;
+        config.keepalive_timeout = self.keepalive_timeout;
         config.frontend_keepalive_time = self.frontend_keepalive_time;
         config.backend_dial_timeout = (!self.backend_dial_timeout.is_zero()).then_some(self.backend_dial_timeout);
         config.health = Some((self.health_bind_address, self.health_port));
@@ -557,5 +566,16 @@ mod tests {
         let mut args = BASE.to_vec();
         args.push("--keepalive-time=soon");
         assert!(parse(&args).expect_err("duration").contains("invalid duration"));
+    }
+
+    #[test]
+    fn keepalive_timeout() {
+        assert_eq!(parse(&BASE).expect("defaults").keepalive_timeout, Duration::from_secs(20));
+        let mut args = BASE.to_vec();
+        args.push("--keepalive-timeout=2s");
+        assert_eq!(parse(&args).expect("set").keepalive_timeout, Duration::from_secs(2));
+        let mut args = BASE.to_vec();
+        args.push("--keepalive-timeout=0s");
+        assert!(parse(&args).expect_err("zero").contains("greater than 0"));
     }
 }

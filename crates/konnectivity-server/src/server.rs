@@ -300,6 +300,7 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     });
     let agent_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_time))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
         .add_service(agent_service);
