@@ -15,8 +15,8 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,17 @@ use tracing::Instrument;
 
 /// Packets queued towards one agent stream.
 pub const AGENT_QUEUE_PACKETS: usize = 256;
+
+/// When an agent opens a stream while the server still holds an older one of the same agent ID, the older one
+/// is probed (a `CLOSE_REQ` for connection ID 0, which every agent answers with a `CLOSE_RSP`); if nothing at
+/// all arrives on it within this time it is dead (a half-open connection the agent has already given up on)
+/// and is dropped, so dials stop going to it. Without this, a server whose keepalive is off (the reference's
+/// default is 1 h) kept routing every dial for that agent to the dead stream, since the first stream of an
+/// agent ID is the one used.
+pub const STALE_STREAM_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The connection ID the liveness probe closes: agents count theirs from 1, so it is never open.
+const PROBE_CONNECT_ID: i64 = 0;
 
 /// What an agent advertised in its `agentidentifiers` header.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -163,6 +174,8 @@ pub struct BackendManager {
     inner: Mutex<ManagerInner>,
     metrics: crate::metrics::ServerMetrics,
     strategies: Vec<crate::routing::Strategy>,
+    /// Liveness probes in progress (see [`STALE_STREAM_PROBE_TIMEOUT`]): while zero, a packet costs no lock.
+    probes_active: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -171,11 +184,20 @@ struct ManagerInner {
     by_agent: HashMap<String, Vec<Arc<Backend>>>,
     /// Agent IDs, for random choice.
     ids: Vec<String>,
+    /// Probed streams by serial, woken by any packet from them.
+    probes: HashMap<u64, Arc<tokio::sync::Notify>>,
+    /// What closes each stream's connection at once (TLS agent connections only), by serial.
+    aborts: HashMap<u64, CancellationToken>,
 }
 
 impl BackendManager {
     pub(crate) fn new(metrics: crate::metrics::ServerMetrics, strategies: Vec<crate::routing::Strategy>) -> Self {
-        let this = Self { inner: Mutex::new(ManagerInner::default()), metrics, strategies };
+        let this = Self {
+            inner: Mutex::new(ManagerInner::default()),
+            metrics,
+            strategies,
+            probes_active: AtomicUsize::new(0),
+        };
         this.publish(&ManagerInner::default());
         this
     }
@@ -201,6 +223,7 @@ impl BackendManager {
 
     fn remove(&self, backend: &Backend) {
         let mut inner = self.inner.lock();
+        inner.aborts.remove(&backend.serial);
         let Some(streams) = inner.by_agent.get_mut(&backend.agent_id) else { return };
         streams.retain(|b| b.serial != backend.serial);
         if streams.is_empty() {
@@ -250,6 +273,59 @@ fn one_value<'a>(md: &'a tonic::metadata::MetadataMap, key: &str) -> Result<Opti
         [] => Ok(None),
         [v] => Ok(v.to_str().ok()),
         more => Err(more.len()),
+    }
+
+    /// The other streams of `backend`'s agent ID, older than it.
+    fn older_streams(&self, backend: &Backend) -> Vec<Arc<Backend>> {
+        let inner = self.inner.lock();
+        inner
+            .by_agent
+            .get(&backend.agent_id)
+            .map(|s| s.iter().filter(|b| b.serial < backend.serial).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Records a packet from the stream `serial` (wakes its liveness probe, if one runs).
+    fn note_activity(&self, serial: u64) {
+        if self.probes_active.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        if let Some(probe) = self.inner.lock().probes.get(&serial) {
+            probe.notify_one();
+        }
+    }
+
+    /// Probes `old` (an older stream of an agent that just opened another): drops it if nothing arrives on it
+    /// within [`STALE_STREAM_PROBE_TIMEOUT`].
+    async fn probe(&self, old: Arc<Backend>, tunnels: &Tunnels) {
+        let answered = Arc::new(tokio::sync::Notify::new());
+        self.inner.lock().probes.insert(old.serial, answered.clone());
+        self.probes_active.fetch_add(1, Ordering::Relaxed);
+        old.send_control(Packet::close_request(PROBE_CONNECT_ID), tunnels);
+        let alive = tokio::select! {
+            _ = answered.notified() => true,
+            _ = old.closed.cancelled() => true,
+            _ = tokio::time::sleep(STALE_STREAM_PROBE_TIMEOUT) => false,
+        };
+        self.probes_active.fetch_sub(1, Ordering::Relaxed);
+        let abort = {
+            let mut inner = self.inner.lock();
+            inner.probes.remove(&old.serial);
+            inner.aborts.get(&old.serial).cloned()
+        };
+        if alive {
+            return;
+        }
+        tracing::warn!(
+            agent_id = %old.agent_id,
+            peer = %old.peer,
+            "the agent opened a new stream and its older one answered nothing within {STALE_STREAM_PROBE_TIMEOUT:?}: \
+             it is dead (half-open); dropping it, with its connections and dials"
+        );
+        old.closed.cancel();
+        if let Some(abort) = abort {
+            abort.cancel();
+        }
     }
 }
 
@@ -303,6 +379,13 @@ impl AgentService for AgentEndpoint {
             transport_closed,
         });
         self.tunnels.backends.add(backend.clone());
+        if let Some(info) = info {
+            self.tunnels.backends.inner.lock().aborts.insert(backend.serial, info.abort.clone());
+        }
+        for old in self.tunnels.backends.older_streams(&backend) {
+            let tunnels = self.tunnels.clone();
+            self.tracker.spawn(async move { tunnels.backends.probe(old, &tunnels).await });
+        }
         self.tunnels.metrics.grpc_connections("Connect", 1.0);
         tracing::info!(%agent_id, %peer, flow_control, "agent connected");
 
@@ -339,7 +422,10 @@ async fn serve_agent(backend: Arc<Backend>, mut inbound: Streaming<Packet>, tunn
             }
         };
         match msg {
-            Ok(Some(packet)) => handle_agent_packet(&backend, packet, &tunnels).await,
+            Ok(Some(packet)) => {
+                tunnels.backends.note_activity(backend.serial);
+                handle_agent_packet(&backend, packet, &tunnels).await
+            }
             Ok(None) => {
                 tracing::info!("agent stream ended");
                 break;

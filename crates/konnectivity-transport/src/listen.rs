@@ -91,15 +91,42 @@ pub struct TlsConnectInfo {
     /// Cancelled as soon as the connection reads EOF or fails, or is dropped. The HTTP/2 layer does not
     /// always tell a stream's handler promptly that its connection died; this does.
     pub transport_closed: CancellationToken,
+    /// Cancelling it fails every later read and write of the connection, which closes it: for a connection
+    /// the server has found dead (no FIN or RST will come), so that its socket is released now, not when TCP
+    /// gives up.
+    pub abort: CancellationToken,
 }
 
 /// An accepted, handshaken TLS connection.
 pub struct TlsConn {
     inner: TlsStream<TcpStream>,
     info: TlsConnectInfo,
+    aborted: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl TlsConn {
+    fn new(
+        inner: TlsStream<TcpStream>,
+        remote_addr: SocketAddr,
+        peer_certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    ) -> Self {
+        let abort = CancellationToken::new();
+        let aborted = Box::pin(abort.clone().cancelled_owned());
+        Self {
+            inner,
+            info: TlsConnectInfo { remote_addr, peer_certs, transport_closed: CancellationToken::new(), abort },
+            aborted,
+        }
+    }
+
+    /// An error once [`TlsConnectInfo::abort`] was cancelled (registering the task to be woken then).
+    fn poll_aborted(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        self.aborted.as_mut().poll(cx).is_ready().then(|| {
+            self.info.transport_closed.cancel();
+            io::Error::new(io::ErrorKind::ConnectionAborted, "connection aborted by the server")
+        })
+    }
+
     /// What the peer presented.
     pub fn info(&self) -> &TlsConnectInfo {
         &self.info
@@ -120,6 +147,9 @@ impl tonic::transport::server::Connected for TlsConn {
 
 impl AsyncRead for TlsConn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.poll_aborted(cx) {
+            return Poll::Ready(Err(e));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         match &r {
@@ -141,6 +171,9 @@ impl Drop for TlsConn {
 
 impl AsyncWrite for TlsConn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.poll_aborted(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(
@@ -148,6 +181,9 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        if let Some(e) = self.poll_aborted(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -244,7 +280,7 @@ pub fn tls_incoming(
                     },
                 };
                 let peer_certs = tls.get_ref().1.peer_certificates().map(|c| Arc::new(c.iter().map(|c| c.clone().into_owned()).collect()));
-                let conn = TlsConn { inner: tls, info: TlsConnectInfo { remote_addr: peer, peer_certs, transport_closed: CancellationToken::new() } };
+                let conn = TlsConn::new(tls, peer, peer_certs);
                 let _ = tx.send(Ok(conn)).await;
             });
         }
