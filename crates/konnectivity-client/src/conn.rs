@@ -1,9 +1,11 @@
 //! A dialed connection as a byte stream.
 
+use crate::tunnel::Transport;
 use bytes::Bytes;
 use konnectivity_proto::{Packet, PacketKind};
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -40,9 +42,15 @@ impl std::fmt::Debug for TunnelConn {
 }
 
 impl TunnelConn {
-    pub(crate) fn start(connect_id: i64, to_server: mpsc::Sender<Packet>, inbound: tonic::Streaming<Packet>) -> Self {
+    pub(crate) fn start(
+        connect_id: i64,
+        to_server: mpsc::Sender<Packet>,
+        inbound: tonic::Streaming<Packet>,
+        transport: Arc<Transport>,
+        single_use: bool,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(INBOUND_CHUNKS);
-        tokio::spawn(serve(connect_id, inbound, tx, to_server.clone()));
+        tokio::spawn(serve(connect_id, inbound, tx, to_server.clone(), transport, single_use));
         Self {
             connect_id,
             writer: PollSender::new(to_server.clone()),
@@ -62,12 +70,14 @@ impl TunnelConn {
 
 /// Reads the stream's packets into the connection until it closes. The request side stays open (the server
 /// treats a half-close as the end) until the connection is dropped and CLOSE_RSP arrives, or
-/// [`crate::CLOSE_TIMEOUT`] passes.
+/// [`crate::CLOSE_TIMEOUT`] passes; then the tunnel's connection is closed by force (see [`Transport`]).
 async fn serve(
     connect_id: i64,
     mut inbound: tonic::Streaming<Packet>,
     to_reader: mpsc::Sender<io::Result<Bytes>>,
     to_server: mpsc::Sender<Packet>,
+    transport: Arc<Transport>,
+    single_use: bool,
 ) {
     let mut reader = Some(to_reader);
     loop {
@@ -79,7 +89,15 @@ async fn serve(
             },
             None => match tokio::time::timeout(crate::CLOSE_TIMEOUT, inbound.message()).await {
                 Ok(m) => m,
-                Err(_) => break,
+                Err(_) => {
+                    tracing::debug!(
+                        connect_id,
+                        "no CLOSE_RSP within {:?}; closing the tunnel by force",
+                        crate::CLOSE_TIMEOUT
+                    );
+                    transport.close_stuck(single_use);
+                    break;
+                }
             },
         };
         match next {

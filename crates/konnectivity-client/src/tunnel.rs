@@ -122,6 +122,8 @@ impl ProxyAddress {
 pub struct Tunnel {
     client: ProxyServiceClient<Channel>,
     single_use: Option<Arc<AtomicBool>>,
+    /// Closes the HTTP/2 connection at once when a connection's close got stuck (see [`Transport`]).
+    transport: Arc<Transport>,
     /// `client_connections{status="created"}` while any clone of this tunnel is alive.
     _created: Arc<crate::metrics::ConnectionGauge>,
 }
@@ -129,18 +131,22 @@ pub struct Tunnel {
 impl Tunnel {
     /// Connects a reusable tunnel: every [`dial`](Self::dial) opens a new stream on one HTTP/2 connection.
     pub async fn connect(address: &ProxyAddress) -> Result<Self, DialError> {
+        let transport = Arc::new(Transport::default());
         Ok(Self {
-            client: ProxyServiceClient::new(channel(address).await?),
+            client: ProxyServiceClient::new(channel(address, &transport.kill).await?),
             single_use: None,
+            transport,
             _created: Arc::new(crate::metrics::ConnectionGauge::new("created")),
         })
     }
 
     /// Connects a single-use tunnel, like the reference's `CreateSingleUseGrpcTunnel`.
     pub async fn connect_single_use(address: &ProxyAddress) -> Result<Self, DialError> {
+        let transport = Arc::new(Transport::default());
         Ok(Self {
-            client: ProxyServiceClient::new(channel(address).await?),
+            client: ProxyServiceClient::new(channel(address, &transport.kill).await?),
             single_use: Some(Arc::new(AtomicBool::new(false))),
+            transport,
             _created: Arc::new(crate::metrics::ConnectionGauge::new("created")),
         })
     }
@@ -223,7 +229,96 @@ impl Tunnel {
             }
         };
         guard.disarm();
-        Ok(TunnelConn::start(connect_id, to_server, inbound))
+        Ok(TunnelConn::start(connect_id, to_server, inbound, self.transport.clone(), self.single_use.is_some()))
+    }
+}
+
+/// A tunnel's HTTP/2 connection, and what closes it by force.
+///
+/// A connection whose close cannot reach the server (its CLOSE_REQ, and the stream's end, wait behind data that
+/// flow control holds back, e.g. an upload into an endpoint that stopped reading) would otherwise keep its
+/// HTTP/2 stream, and so the whole connection, open for as long as the endpoint does not read: hyper offers no
+/// way to reset one stream once its response has arrived. When such a close times out, the connection is
+/// closed by force: at once for a single-use tunnel (it carries nothing else), otherwise when the last handle
+/// of the tunnel is dropped. The server then sees the connection end and cleans up.
+#[derive(Default)]
+pub(crate) struct Transport {
+    kill: tokio_util::sync::CancellationToken,
+    stuck: AtomicBool,
+}
+
+impl Transport {
+    /// A connection's close timed out; `single_use`: the tunnel carries nothing else.
+    pub(crate) fn close_stuck(&self, single_use: bool) {
+        self.stuck.store(true, Ordering::SeqCst);
+        if single_use {
+            self.kill.cancel();
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        if self.stuck.load(Ordering::SeqCst) {
+            self.kill.cancel();
+        }
+    }
+}
+
+/// A transport that fails every read and write once `kill` is cancelled, which ends its HTTP/2 connection.
+struct Killable<T> {
+    inner: T,
+    killed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<T> Killable<T> {
+    fn new(inner: T, kill: &tokio_util::sync::CancellationToken) -> Self {
+        Self { inner, killed: Box::pin(kill.clone().cancelled_owned()) }
+    }
+
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), std::io::Error> {
+        match self.killed.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "tunnel connection closed by force (a connection's close timed out)",
+            )),
+            std::task::Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Killable<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Killable<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.check(cx)?;
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -247,14 +342,19 @@ impl Drop for DialGuard {
     }
 }
 
-async fn channel(address: &ProxyAddress) -> Result<Channel, DialError> {
+async fn channel(address: &ProxyAddress, kill: &tokio_util::sync::CancellationToken) -> Result<Channel, DialError> {
     let setup = |e: String| DialError::new(DialFailureReason::Unknown, e);
     match address {
         ProxyAddress::Uds(path) => {
             let path = path.clone();
+            let kill = kill.clone();
             let connector = tower::service_fn(move |_: http::Uri| {
                 let path = path.clone();
-                async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                let kill = kill.clone();
+                async move {
+                    let uds = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(TokioIo::new(Killable::new(uds, &kill)))
+                }
             });
             endpoint("http://localhost")?.connect_with_connector(connector).await.map_err(|e| {
                 setup(format!(
@@ -270,14 +370,16 @@ async fn channel(address: &ProxyAddress) -> Result<Channel, DialError> {
                 .map_err(|e| setup(format!("TLS server name {name:?}: {e}")))?;
             let connector_tls = tokio_rustls::TlsConnector::from(tls.clone());
             let dial_target = target.clone();
+            let kill = kill.clone();
             let connector = tower::service_fn(move |_: http::Uri| {
                 let tls = connector_tls.clone();
                 let name = name.clone();
                 let target = dial_target.clone();
+                let kill = kill.clone();
                 async move {
                     let tcp = tokio::net::TcpStream::connect(&target).await?;
                     let _ = tcp.set_nodelay(true);
-                    Ok::<_, std::io::Error>(TokioIo::new(tls.connect(name, tcp).await?))
+                    Ok::<_, std::io::Error>(TokioIo::new(Killable::new(tls.connect(name, tcp).await?, &kill)))
                 }
             });
             endpoint(&format!("http://{target}"))?.connect_with_connector(connector).await.map_err(|e| {

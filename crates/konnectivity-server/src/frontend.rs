@@ -58,8 +58,12 @@ impl ProxyService for ProxyEndpoint {
         let session_frontend = session.frontend.clone();
         self.tracker.spawn(session.run(request.into_inner(), shutdown).instrument(span));
         let (sent_frontend, tunnels) = (session_frontend, self.tunnels.clone());
+        // hyper drops the response stream when the client resets the stream or its connection ends: the frontend
+        // is gone then, even if its session is not reading its stream (it waits for an agent's credit).
+        let gone = sent_frontend.closed.clone().drop_guard();
         let outbound = UnboundedReceiverStream::new(rx)
             .map(move |(queued_at, packet)| {
+                let _ = &gone;
                 // The gRPC layer took this packet: free its budget, return flow-control credit.
                 sent_frontend.on_sent(&packet, queued_at, &tunnels);
                 Ok(packet)
@@ -177,6 +181,9 @@ impl FrontendSession {
                     let permit = tokio::select! {
                         p = window.acquire_many(cost) => p,
                         _ = backend.closed.cancelled() => { self.stopped = true; return; }
+                        // The frontend went away while its upload waited (e.g. into an endpoint that stopped
+                        // reading): its stream's end may never be read, so stop here.
+                        _ = self.frontend.closed.cancelled() => { self.stopped = true; return; }
                     };
                     match permit {
                         Ok(p) => p.forget(),
