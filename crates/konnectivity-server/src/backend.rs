@@ -519,6 +519,8 @@ async fn handle_agent_packet(backend: &Arc<Backend>, packet: Packet, tunnels: &T
                     link.relayed_to_frontend.fetch_add(len, Ordering::Relaxed);
                 }
                 Delivery::Gone => backend.close_conn(connect_id, CloseReason::FrontendEnded, tunnels),
+                // The stream's reader stops next, and its cleanup tells this frontend the agent disconnected.
+                Delivery::AgentGone => {}
                 Delivery::Stalled => {
                     tunnels.metrics.frontend_stall_close();
                     tracing::warn!(connect_id, "frontend stopped reading; closing its connection");

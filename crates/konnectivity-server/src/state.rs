@@ -117,6 +117,9 @@ pub(crate) enum Delivery {
     Gone,
     /// The frontend did not drain its queue within [`FRONTEND_STALL_LIMIT`].
     Stalled,
+    /// The agent's connection died while the packet waited for room: not the frontend's fault; the agent's
+    /// cleanup closes the connection towards the frontend ("agent … disconnected").
+    AgentGone,
 }
 
 impl Frontend {
@@ -175,14 +178,17 @@ impl Frontend {
         }
         if !flow_controlled && self.budget.queued() + cost > FRONTEND_QUEUE_LIMIT {
             metrics.full_receive_channel("Connect", 1.0);
-            let room = tokio::select! {
-                r = self.budget.wait_below(FRONTEND_QUEUE_LIMIT, FRONTEND_STALL_LIMIT) => r,
-                _ = self.closed.cancelled() => false,
-                _ = agent_gone => false,
+            let (room, agent_died) = tokio::select! {
+                r = self.budget.wait_below(FRONTEND_QUEUE_LIMIT, FRONTEND_STALL_LIMIT) => (r, false),
+                _ = self.closed.cancelled() => (false, false),
+                _ = agent_gone => (false, true),
             };
             metrics.full_receive_channel("Connect", -1.0);
             if self.closed.is_cancelled() {
                 return Delivery::Gone;
+            }
+            if agent_died {
+                return Delivery::AgentGone;
             }
             if !room {
                 return Delivery::Stalled;
