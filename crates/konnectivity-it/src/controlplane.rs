@@ -1170,7 +1170,7 @@ fn egress_config(mode: EgressMode, uds: &Path, pki: &ClusterPki) -> String {
 }
 
 /// `GET path` over plain HTTP on a loopback port inside `ns`.
-async fn plain_get(ns: &NetNs, port: u16, path: &str) -> anyhow::Result<(u16, Bytes)> {
+pub async fn plain_get(ns: &NetNs, port: u16, path: &str) -> anyhow::Result<(u16, Bytes)> {
     let tcp = ns.connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)), Duration::from_secs(2)).await?;
     tokio::time::timeout(Duration::from_secs(5), crate::http::get(tcp, "127.0.0.1", path)).await?
 }

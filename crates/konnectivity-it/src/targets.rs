@@ -107,6 +107,23 @@ pub async fn http_target(bind: &str) -> std::io::Result<Target> {
     .await
 }
 
+/// The HTTP target of [`http_target`] on a listener the caller bound (e.g. inside a network namespace).
+pub fn http_target_on(listener: TcpListener) -> std::io::Result<Target> {
+    serve_listener(listener, |tcp, _| async move {
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), hyper::service::service_fn(route))
+            .await;
+    })
+}
+
+/// The echo target of [`echo_target`] on a listener the caller bound.
+pub fn echo_target_on(listener: TcpListener) -> std::io::Result<Target> {
+    serve_listener(listener, |mut tcp, _| async move {
+        let (mut rd, mut wr) = tcp.split();
+        let _ = tokio::io::copy(&mut rd, &mut wr).await;
+    })
+}
+
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<BoxBody> {

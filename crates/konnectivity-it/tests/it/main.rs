@@ -6,6 +6,7 @@ mod connect;
 mod e2e;
 mod e2e_deploy;
 mod faults;
+mod faults_netns;
 mod flow;
 mod ha;
 mod interop;
