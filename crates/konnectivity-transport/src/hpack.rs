@@ -25,6 +25,9 @@ pub enum HpackError {
     /// A dynamic table size update above the allowed maximum.
     #[error("table size update above the maximum")]
     BadSizeUpdate,
+    /// The block decodes to more than [`MAX_HEADER_LIST`] (a few bytes that index a large table entry many times).
+    #[error("header list larger than {MAX_HEADER_LIST} bytes")]
+    HeaderListTooLarge,
 }
 
 /// A header field: name and value.
@@ -120,6 +123,10 @@ const STATIC_TABLE: [(&str, &str); 61] = [
 /// Largest integer accepted (string lengths, indexes, sizes): far above any header we forward.
 const MAX_INTEGER: usize = 1 << 24;
 
+/// The largest header list one block may decode to, in RFC 7541 sizes (32 + name + value per field): four times
+/// what hyper's server accepts (16 KiB), so nothing it would take is refused here.
+pub const MAX_HEADER_LIST: usize = 64 * 1024;
+
 /// Canonical-code decoding tables, by code length.
 struct Canonical {
     first_code: [u32; 31],
@@ -201,16 +208,20 @@ impl Decoder {
     }
 
     /// Decodes a complete header block into (name, value) pairs, updating the dynamic table.
+    ///
+    /// A block that would decode to more than [`MAX_HEADER_LIST`] is refused: every indexed field is a copy, so a
+    /// few kilobytes that index one large table entry over and over would otherwise decode to gigabytes.
     pub fn decode(&mut self, mut block: &[u8]) -> Result<Vec<Field>, HpackError> {
         let mut fields = Vec::new();
+        let mut list_size = 0usize;
         while let Some(&first) = block.first() {
-            if first & 0x80 != 0 {
+            let field = if first & 0x80 != 0 {
                 let index = integer(&mut block, 7)?;
-                fields.push(self.entry(index)?);
+                self.entry(index)?
             } else if first & 0x40 != 0 {
                 let field = self.literal(&mut block, 6)?;
                 self.insert(field.clone());
-                fields.push(field);
+                field
             } else if first & 0x20 != 0 {
                 let size = integer(&mut block, 5)?;
                 if size > self.allowed {
@@ -218,9 +229,15 @@ impl Decoder {
                 }
                 self.max_size = size;
                 self.evict(0);
+                continue;
             } else {
-                fields.push(self.literal(&mut block, 4)?);
+                self.literal(&mut block, 4)?
+            };
+            list_size += 32 + field.0.len() + field.1.len();
+            if list_size > MAX_HEADER_LIST {
+                return Err(HpackError::HeaderListTooLarge);
             }
+            fields.push(field);
         }
         Ok(fields)
     }
@@ -286,6 +303,11 @@ fn integer(block: &mut &[u8], prefix: u8) -> Result<usize, HpackError> {
             return Ok(value);
         }
         shift += 7;
+        // Continuation bytes of value 0 (0x80) add nothing but move the shift: without this limit a run of them
+        // shifts past the width of usize (found by the `hpack` fuzz target). MAX_INTEGER needs 4 of them.
+        if shift > 28 {
+            return Err(HpackError::IntegerOverflow);
+        }
     }
 }
 
@@ -430,5 +452,38 @@ mod tests {
         assert_eq!(Decoder::new(4096).decode(&[0x7f, 0xff, 0xff, 0xff, 0xff, 0x0f]), Err(HpackError::IntegerOverflow));
         let mut out = Vec::new();
         assert_eq!(huffman_decode(&[0xff, 0xff, 0xff, 0xff], &mut out), Err(HpackError::BadHuffman));
+    }
+
+    /// Regression (found by the `hpack` fuzz target): an integer continued by zero-valued bytes (0x80) shifted
+    /// past the width of usize and panicked in debug builds.
+    #[test]
+    fn zero_continuation_bytes_do_not_overflow_the_shift() {
+        let mut block = vec![0xff];
+        block.extend([0x80; 16]);
+        block.push(0x00);
+        assert_eq!(Decoder::new(4096).decode(&block), Err(HpackError::IntegerOverflow));
+        // Four continuation bytes (what MAX_INTEGER needs) are still read.
+        assert_eq!(Decoder::new(4096).decode(&[0xff, 0x80, 0x80, 0x80, 0x80, 0x00]), Err(HpackError::BadIndex(127)));
+    }
+
+    /// A few bytes that index one large dynamic-table entry many times are refused instead of decoding to a
+    /// header list thousands of times their size (4 MiB from 6 KiB here).
+    #[test]
+    fn indexing_one_entry_over_and_over_is_bounded() {
+        let mut block = vec![0x40, 0x01, b'x', 0x7f];
+        let value = vec![b'v'; 2000];
+        let mut len = value.len() - 127;
+        while len >= 128 {
+            block.push((len % 128 + 128) as u8);
+            len /= 128;
+        }
+        block.push(len as u8);
+        block.extend(&value);
+        block.extend(std::iter::repeat_n(0x80 | 62, 2000));
+        assert_eq!(Decoder::new(4096).decode(&block), Err(HpackError::HeaderListTooLarge));
+        // Up to the limit it decodes.
+        let fits = block.len() - 2000 + (MAX_HEADER_LIST / 2033 - 1);
+        let fields = Decoder::new(4096).decode(&block[..fits]).expect("decodes");
+        assert!(fields.len() > 30);
     }
 }
