@@ -12,6 +12,9 @@ mod agent;
 pub mod config;
 mod dialer;
 mod drain;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod flags;
 mod lease_counter;
 pub mod metrics;

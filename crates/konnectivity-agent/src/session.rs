@@ -24,7 +24,6 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::Streaming;
 use tracing::Instrument;
 
 /// How long the receive loop waits for one endpoint whose queue is full before closing that connection.
@@ -204,7 +203,11 @@ impl Session {
     }
 
     /// Reads the server's packets until the stream ends, then stops every connection on it.
-    pub(crate) async fn serve(self: Arc<Self>, mut inbound: Streaming<Packet>, drain: CancellationToken) {
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        mut inbound: impl futures_util::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
+        drain: CancellationToken,
+    ) {
         let mut drain_sent = false;
         loop {
             let msg = tokio::select! {
@@ -215,7 +218,7 @@ impl Session {
                     self.send_control(Packet::drain());
                     continue;
                 }
-                m = inbound.message() => m,
+                m = futures_util::StreamExt::next(&mut inbound) => m.transpose(),
             };
             match msg {
                 Ok(Some(packet)) => self.handle(packet).await,

@@ -34,7 +34,13 @@ pub struct CreditMeter {
 impl CreditMeter {
     /// Records that `cost` units were consumed; returns the credit to send now, if the threshold is reached.
     pub fn consumed(&self, cost: u32) -> Option<u32> {
-        let total = self.consumed.fetch_add(cost, Ordering::AcqRel).saturating_add(cost);
+        // Saturating, not wrapping: a wrapped counter would lose everything it held (found by the proptest
+        // `credit_meter_batches_without_loss`). Credit beyond u32::MAX is beyond any window anyway.
+        let before = self
+            .consumed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| Some(c.saturating_add(cost)))
+            .unwrap_or_else(|c| c);
+        let total = before.saturating_add(cost);
         if total < UPDATE_THRESHOLD {
             return None;
         }
@@ -61,6 +67,16 @@ mod tests {
         }
         let outstanding = consumed - returned;
         assert!(outstanding < u64::from(UPDATE_THRESHOLD), "{outstanding} units never returned");
+    }
+
+    /// Regression (found by the proptest `credit_meter_batches_without_loss`): the counter wrapped past
+    /// u32::MAX and the credit it held was never returned.
+    #[test]
+    fn huge_costs_saturate_instead_of_wrapping() {
+        let meter = CreditMeter::default();
+        assert_eq!(meter.consumed(440_493), None);
+        assert_eq!(meter.consumed(4_294_526_803), Some(u32::MAX));
+        assert_eq!(meter.consumed(UPDATE_THRESHOLD), Some(UPDATE_THRESHOLD));
     }
 
     #[test]

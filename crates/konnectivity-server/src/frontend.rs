@@ -12,7 +12,10 @@ use konnectivity_proto::names::{
 use konnectivity_proto::{Packet, PacketKind, proxy::ProxyService};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// The dial deadlines are on tokio's clock, the one their timer runs on: with std's, a test clock (paused tokio
+// time) would fire the timer before the deadline looked passed, and the loop would spin until it did.
+use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -38,25 +41,13 @@ impl ProxyService for ProxyEndpoint {
         let client = ClientIdentity::of_request(&request);
         let (frontend, rx) = Frontend::new(self.tunnels.next_serial(), "grpc", client);
         let stream_end = frontend.closed.clone();
-        let session = FrontendSession {
-            frontend,
-            tunnels: self.tunnels.clone(),
-            backend_dial_timeout: self.backend_dial_timeout,
-            backend: None,
-            dials: Vec::new(),
-            connect_id: 0,
-            stopped: false,
-        };
-        let span = tracing::debug_span!(
-            "frontend",
-            serial = session.frontend.serial,
-            client = %session.frontend.client,
-            %user_agent
-        );
+        let span = tracing::debug_span!("frontend", serial = frontend.serial, client = %frontend.client, %user_agent);
         let shutdown = self.shutdown.clone();
-        let final_frontend = session.frontend.clone();
-        let session_frontend = session.frontend.clone();
-        self.tracker.spawn(session.run(request.into_inner(), shutdown).instrument(span));
+        let final_frontend = frontend.clone();
+        let session_frontend = frontend.clone();
+        let tunnels = self.tunnels.clone();
+        let timeout = self.backend_dial_timeout;
+        self.tracker.spawn(serve_frontend(tunnels, frontend, timeout, request.into_inner(), shutdown).instrument(span));
         let (sent_frontend, tunnels) = (session_frontend, self.tunnels.clone());
         // hyper drops the response stream when the client resets the stream or its connection ends: the frontend
         // is gone then, even if its session is not reading its stream (it waits for an agent's credit).
@@ -77,6 +68,27 @@ impl ProxyService for ProxyEndpoint {
     }
 }
 
+/// Reads a frontend's stream until it ends (or the server stops), then abandons its dials and closes its
+/// connections. `inbound` is the gRPC request stream (or, in the fuzzing harness, packets fed to it directly).
+pub(crate) async fn serve_frontend(
+    tunnels: Arc<Tunnels>,
+    frontend: Arc<Frontend>,
+    backend_dial_timeout: Option<Duration>,
+    inbound: impl Stream<Item = Result<Packet, Status>> + Unpin,
+    shutdown: CancellationToken,
+) {
+    let session = FrontendSession {
+        frontend,
+        tunnels,
+        backend_dial_timeout,
+        backend: None,
+        dials: Vec::new(),
+        connect_id: 0,
+        stopped: false,
+    };
+    session.run(inbound, shutdown).await;
+}
+
 struct FrontendSession {
     frontend: Arc<Frontend>,
     tunnels: Arc<Tunnels>,
@@ -92,20 +104,24 @@ struct FrontendSession {
 }
 
 impl FrontendSession {
-    async fn run(mut self, mut inbound: Streaming<Packet>, shutdown: CancellationToken) {
+    async fn run(
+        mut self,
+        mut inbound: impl Stream<Item = Result<Packet, Status>> + Unpin,
+        shutdown: CancellationToken,
+    ) {
         self.tunnels.metrics.grpc_connections("Proxy", 1.0);
         loop {
             let deadline = self.dials.iter().filter_map(|(_, d)| *d).min();
             let timer = async {
                 match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = timer => self.expire_dials(),
-                msg = inbound.message() => match msg {
+                msg = inbound.next() => match msg.transpose() {
                     Ok(Some(packet)) => self.handle(packet).await,
                     Ok(None) => break,
                     Err(status) => {
@@ -251,9 +267,13 @@ impl FrontendSession {
                 self.tunnels.fail_dial(random, &dial, DialFailureReason::BackendDialTimeout, BACKEND_DIAL_TIMEOUT);
                 dial.backend.send_control(Packet::close_dial(random), &self.tunnels);
             }
-            // Answered or not, its deadline no longer applies.
-            if let Some(d) = self.dials.iter_mut().find(|(r, _)| *r == random) {
-                d.1 = None;
+        }
+        // Answered or not, a passed deadline no longer applies. Every one of them: a stream may reuse a dial ID
+        // after its first dial timed out, and a passed deadline left in the list would fire the timer again at
+        // once, forever (the loop spun a core; found by the `server_state` fuzz target).
+        for (_, deadline) in &mut self.dials {
+            if deadline.is_some_and(|d| d <= now) {
+                *deadline = None;
             }
         }
     }

@@ -16,6 +16,9 @@ pub mod config;
 mod connect;
 pub mod flags;
 mod frontend;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lease;
 pub mod metrics;
 pub mod routing;

@@ -536,4 +536,10 @@ impl Tunnels {
     pub(crate) fn pending_count(&self) -> usize {
         self.pending.lock().len()
     }
+
+    /// (dial ID, agent stream serial, frontend serial) of every pending dial, for the fuzzing harness.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn pending_owners(&self) -> Vec<(i64, u64, u64)> {
+        self.pending.lock().iter().map(|(r, d)| (*r, d.backend.serial, d.frontend.serial)).collect()
+    }
 }

@@ -1,0 +1,769 @@
+//! Test support for fuzzing and property tests: drives the server's real stream loops (the one that reads an
+//! agent's `/AgentService/Connect` stream and the one that reads a frontend's `/ProxyService/Proxy` stream)
+//! with packets fed in directly, without sockets or gRPC, and checks the tunnel state after every step.
+//!
+//! A scenario is a list of [`Op`]s: agents and frontends come and go, send well-formed or malformed packets,
+//! stop and resume reading, and time passes (the clock is tokio's paused clock, so timeouts fire at once).
+//! After every step [`Harness::check`] asserts that the state is consistent and bounded by what the input could
+//! have created; [`Harness::finish`] then ends every stream and asserts that nothing is left: no pending dial,
+//! no connection, no queue, no task, no reference to a stream's state.
+//!
+//! Not part of the server's API: compiled for this crate's tests and with the `fuzzing` feature (the `fuzz/`
+//! crate's `server_state` target).
+
+use crate::audit::{AuditLog, ClientIdentity};
+use crate::backend::{AgentIdentifiers, Backend, BackendManager, ConnState, serve_agent};
+use crate::frontend::serve_frontend;
+use crate::metrics::ServerMetrics;
+use crate::state::{FRONTEND_QUEUE_LIMIT, FRONTEND_STALL_LIMIT, Frontend, Queued, Tunnels};
+use bytes::Bytes;
+use konnectivity_proto::{Packet, PacketKind, flow, packet};
+use konnectivity_transport::egress_policy::EgressPolicy;
+use prost::Message;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Status;
+
+/// At most this many agent streams in one scenario.
+const MAX_AGENTS: usize = 6;
+/// At most this many frontend streams in one scenario.
+const MAX_FRONTENDS: usize = 12;
+/// Dial IDs are drawn from this range, so that they collide.
+const DIAL_IDS: u8 = 8;
+/// The largest DATA payload a scenario sends.
+const MAX_DATA: usize = 256 * 1024;
+
+/// One step of a scenario. Indexes (`agent`, `frontend`, `dial`, `conn`) pick among what exists, modulo its
+/// count; a step that finds nothing to act on does nothing.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "fuzzing", derive(arbitrary::Arbitrary))]
+pub enum Op {
+    /// An agent opens a stream; `id` picks one of four agent IDs, so one agent may hold several streams.
+    AgentConnect {
+        /// Which agent ID.
+        id: u8,
+        /// Whether it negotiated flow control.
+        flow_control: bool,
+    },
+    /// An agent stream ends.
+    AgentEnd {
+        /// Which stream.
+        agent: u8,
+        /// How.
+        how: StreamEnd,
+    },
+    /// An agent answers a DIAL_REQ it received.
+    AgentAnswer {
+        /// Which stream.
+        agent: u8,
+        /// Which of the dials it received.
+        dial: u8,
+        /// What it answers.
+        answer: Answer,
+    },
+    /// An agent sends DATA on a connection it opened.
+    AgentData {
+        /// Which stream.
+        agent: u8,
+        /// Which of its connections.
+        conn: u8,
+        /// Payload length, times 16.
+        len: u16,
+    },
+    /// An agent returns flow-control credit.
+    AgentWindow {
+        /// Which stream.
+        agent: u8,
+        /// Which of its connections.
+        conn: u8,
+        /// Credit.
+        credit: u32,
+    },
+    /// An agent closes one of its connections (CLOSE_RSP).
+    AgentClose {
+        /// Which stream.
+        agent: u8,
+        /// Which of its connections.
+        conn: u8,
+        /// With an error text.
+        error: bool,
+    },
+    /// An agent cancels a dial (DIAL_CLS).
+    AgentCancel {
+        /// Which stream.
+        agent: u8,
+        /// Which of the dials it received.
+        dial: u8,
+    },
+    /// An agent says it is draining.
+    AgentDrain {
+        /// Which stream.
+        agent: u8,
+    },
+    /// An agent sends an arbitrary packet.
+    AgentRaw {
+        /// Which stream.
+        agent: u8,
+        /// What.
+        packet: RawPacket,
+    },
+    /// Whether the agent takes what the server queues for it.
+    AgentReading {
+        /// Which stream.
+        agent: u8,
+        /// Reading or not.
+        on: bool,
+    },
+    /// A frontend opens a stream.
+    FrontendOpen,
+    /// A frontend stream ends.
+    FrontendEnd {
+        /// Which stream.
+        frontend: u8,
+        /// How (a lost transport reads as an error here).
+        how: StreamEnd,
+    },
+    /// A frontend dials.
+    FrontendDial {
+        /// Which stream.
+        frontend: u8,
+        /// The dial ID, modulo 8.
+        random: u8,
+    },
+    /// A frontend sends DATA on its connection.
+    FrontendData {
+        /// Which stream.
+        frontend: u8,
+        /// Payload length, times 16.
+        len: u16,
+    },
+    /// A frontend closes its connection (CLOSE_REQ).
+    FrontendClose {
+        /// Which stream.
+        frontend: u8,
+    },
+    /// A frontend cancels a dial (DIAL_CLS).
+    FrontendCancel {
+        /// Which stream.
+        frontend: u8,
+        /// The dial ID, modulo 8.
+        random: u8,
+    },
+    /// A frontend sends an arbitrary packet.
+    FrontendRaw {
+        /// Which stream.
+        frontend: u8,
+        /// What.
+        packet: RawPacket,
+    },
+    /// Whether the frontend takes what the server queues for it.
+    FrontendReading {
+        /// Which stream.
+        frontend: u8,
+        /// Reading or not.
+        on: bool,
+    },
+    /// Time passes: `millis` times 8 ms.
+    Sleep {
+        /// How long, in units of 8 ms.
+        millis: u16,
+    },
+}
+
+/// How a stream ends.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(feature = "fuzzing", derive(arbitrary::Arbitrary))]
+pub enum StreamEnd {
+    /// The peer half-closes it.
+    Eof,
+    /// It fails with a gRPC status.
+    Error,
+    /// The connection under it dies (agents: noticed by the transport even while the reader is busy).
+    TransportLost,
+}
+
+/// An agent's answer to a dial.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(feature = "fuzzing", derive(arbitrary::Arbitrary))]
+pub enum Answer {
+    /// Connected, with a fresh connection ID.
+    Connected,
+    /// Failed, with an error text.
+    Refused,
+    /// Neither error nor connection ID.
+    NoConnectId,
+    /// Connected, with the connection ID of an earlier connection.
+    ReusedConnectId,
+}
+
+/// A packet from loosely constrained parts (any type with any payload, IDs from a small range so they collide
+/// with real ones), or bytes decoded as a packet.
+#[derive(Debug, Clone)]
+#[cfg_attr(feature = "fuzzing", derive(arbitrary::Arbitrary))]
+pub enum RawPacket {
+    /// Built from parts.
+    Parts {
+        /// The `type` field (0..=6 are known; others are not).
+        kind: i8,
+        /// Which payload (0 none, 1..=7 the payload types, in field order).
+        payload: u8,
+        /// Dial ID.
+        random: i8,
+        /// Connection ID.
+        connect_id: i8,
+        /// Whether the error text is set.
+        error: bool,
+        /// DATA length.
+        len: u8,
+        /// DATA window update.
+        window: u32,
+    },
+    /// Protobuf bytes (skipped unless they decode).
+    Bytes(Vec<u8>),
+}
+
+impl RawPacket {
+    /// The packet, if it is one.
+    pub fn to_packet(&self) -> Option<Packet> {
+        match self {
+            RawPacket::Bytes(b) => Packet::decode(b.as_slice()).ok(),
+            RawPacket::Parts { kind, payload, random, connect_id, error, len, window } => {
+                let (random, connect_id) = (i64::from(*random), i64::from(*connect_id));
+                let error = if *error { "fuzz error".to_string() } else { String::new() };
+                let payload = match payload % 8 {
+                    0 => None,
+                    1 => Some(packet::Payload::DialRequest(konnectivity_proto::DialRequest {
+                        protocol: "tcp".into(),
+                        address: "10.0.0.1:80".into(),
+                        random,
+                    })),
+                    2 => Some(packet::Payload::DialResponse(konnectivity_proto::DialResponse {
+                        error,
+                        connect_id,
+                        random,
+                    })),
+                    3 => Some(packet::Payload::Data(konnectivity_proto::Data {
+                        connect_id,
+                        error,
+                        data: Bytes::from(vec![0x5a; usize::from(*len)]),
+                        window_update: *window,
+                    })),
+                    4 => Some(packet::Payload::CloseRequest(konnectivity_proto::CloseRequest { connect_id })),
+                    5 => Some(packet::Payload::CloseResponse(konnectivity_proto::CloseResponse { error, connect_id })),
+                    6 => Some(packet::Payload::CloseDial(konnectivity_proto::CloseDial { random })),
+                    _ => Some(packet::Payload::Drain(konnectivity_proto::Drain {})),
+                };
+                Some(Packet { r#type: i32::from(*kind), payload })
+            }
+        }
+    }
+}
+
+/// Runs a scenario: every step, a check after each, then [`Harness::finish`]. Panics on any violation.
+pub fn run(ops: &[Op], backend_dial_timeout: Option<Duration>) {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().expect("tokio runtime");
+    rt.block_on(async {
+        let mut harness = Harness::new(backend_dial_timeout);
+        for op in ops {
+            harness.step(op).await;
+            harness.check();
+        }
+        harness.finish().await;
+    });
+}
+
+struct AgentSide {
+    backend: Arc<Backend>,
+    /// Packets to the server; dropped for EOF.
+    inbound: Option<mpsc::UnboundedSender<Result<Packet, Status>>>,
+    /// What the server queued for this agent; dropped once the server ends the stream.
+    outbound: Option<mpsc::Receiver<Packet>>,
+    transport: CancellationToken,
+    reading: bool,
+    task: JoinHandle<()>,
+    /// Dial IDs of the DIAL_REQs it received.
+    dials: Vec<i64>,
+    /// Connection IDs it answered with.
+    conns: Vec<i64>,
+    next_connect_id: i64,
+}
+
+struct FrontendSide {
+    frontend: Arc<Frontend>,
+    inbound: Option<mpsc::UnboundedSender<Result<Packet, Status>>>,
+    outbound: Option<mpsc::UnboundedReceiver<Queued>>,
+    reading: bool,
+    task: JoinHandle<()>,
+    /// Connection IDs from the successful DIAL_RSPs it received.
+    connect_ids: Vec<i64>,
+}
+
+/// A server's tunnel state with fake agents and frontends around it.
+pub struct Harness {
+    tunnels: Arc<Tunnels>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    backend_dial_timeout: Option<Duration>,
+    agents: Vec<AgentSide>,
+    frontends: Vec<FrontendSide>,
+    /// DIAL_REQs frontends sent: pending dials can never exceed it.
+    dial_requests: usize,
+    /// Successful DIAL_RSPs agents sent: connections can never exceed it.
+    dial_successes: usize,
+}
+
+fn pick<T>(items: &mut [T], index: u8) -> Option<&mut T> {
+    if items.is_empty() {
+        return None;
+    }
+    let n = usize::from(index) % items.len();
+    items.get_mut(n)
+}
+
+fn pick_id(ids: &[i64], index: u8) -> Option<i64> {
+    (!ids.is_empty()).then(|| ids[usize::from(index) % ids.len()])
+}
+
+impl Harness {
+    /// A server state with the default routing strategy, no egress policy and no audit log. Call inside a
+    /// tokio runtime (with a paused clock, so that the timeouts of a scenario cost no real time).
+    pub fn new(backend_dial_timeout: Option<Duration>) -> Self {
+        let shutdown = CancellationToken::new();
+        let metrics = ServerMetrics::new().expect("metrics");
+        let backends = BackendManager::new(metrics.clone(), vec![crate::routing::Strategy::Default]);
+        let tunnels = Arc::new(Tunnels::new(
+            backends,
+            metrics,
+            Arc::new(EgressPolicy::allow_all()),
+            AuditLog::disabled(),
+            shutdown.clone(),
+        ));
+        Self {
+            tunnels,
+            shutdown,
+            tracker: TaskTracker::new(),
+            backend_dial_timeout,
+            agents: Vec::new(),
+            frontends: Vec::new(),
+            dial_requests: 0,
+            dial_successes: 0,
+        }
+    }
+
+    /// Number of agent streams opened so far.
+    pub fn agents(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// Number of frontend streams opened so far.
+    pub fn frontends(&self) -> usize {
+        self.frontends.len()
+    }
+
+    /// Dials pending now.
+    pub fn pending_dials(&self) -> usize {
+        self.tunnels.pending_count()
+    }
+
+    /// Connections on every agent stream now (open or closing).
+    pub fn connections(&self) -> usize {
+        self.agents.iter().map(|a| a.backend.conns.lock().len()).sum()
+    }
+
+    /// Sends a packet from agent stream `agent` (picked modulo the count), counting successful DIAL_RSPs.
+    fn agent_send(&mut self, agent: u8, packet: Packet) {
+        let Some(a) = pick(&mut self.agents, agent) else { return };
+        if let Ok(PacketKind::DialResponse(rsp)) = packet.clone().kind()
+            && rsp.error.is_empty()
+            && rsp.connect_id != 0
+        {
+            self.dial_successes += 1;
+        }
+        if let Some(tx) = &a.inbound {
+            let _ = tx.send(Ok(packet));
+        }
+    }
+
+    /// Sends a packet from frontend `frontend` (picked modulo the count), counting DIAL_REQs.
+    fn frontend_send(&mut self, frontend: u8, packet: Packet) {
+        let Some(f) = pick(&mut self.frontends, frontend) else { return };
+        if let Ok(PacketKind::DialRequest(_)) = packet.clone().kind() {
+            self.dial_requests += 1;
+        }
+        if let Some(tx) = &f.inbound {
+            let _ = tx.send(Ok(packet));
+        }
+    }
+
+    /// Applies one step (its effects happen as the runtime runs: call [`Harness::settle`]).
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::AgentConnect { id, flow_control } => self.connect_agent(id, flow_control),
+            Op::AgentEnd { agent, how } => {
+                let Some(a) = pick(&mut self.agents, agent) else { return };
+                match how {
+                    StreamEnd::Eof => a.inbound = None,
+                    StreamEnd::Error => {
+                        if let Some(tx) = a.inbound.take() {
+                            let _ = tx.send(Err(Status::unavailable("fuzz: stream failed")));
+                        }
+                    }
+                    StreamEnd::TransportLost => a.transport.cancel(),
+                }
+            }
+            Op::AgentAnswer { agent, dial, answer } => {
+                let Some(a) = pick(&mut self.agents, agent) else { return };
+                let Some(random) = pick_id(&a.dials, dial) else { return };
+                let packet = match answer {
+                    Answer::Connected => {
+                        let id = a.next_connect_id;
+                        a.next_connect_id += 1;
+                        a.conns.push(id);
+                        Packet::dial_response(random, id, "")
+                    }
+                    Answer::Refused => Packet::dial_response(random, 0, "dial tcp 10.0.0.1:80: connect: refused"),
+                    Answer::NoConnectId => Packet::dial_response(random, 0, ""),
+                    Answer::ReusedConnectId => match a.conns.last() {
+                        Some(&id) => Packet::dial_response(random, id, ""),
+                        None => return,
+                    },
+                };
+                self.agent_send(agent, packet);
+            }
+            Op::AgentData { agent, conn, len } => {
+                let Some(a) = pick(&mut self.agents, agent) else { return };
+                let Some(id) = pick_id(&a.conns, conn) else { return };
+                let len = (usize::from(len) * 16).min(MAX_DATA);
+                self.agent_send(agent, Packet::data(id, Bytes::from(vec![0xa5; len])));
+            }
+            Op::AgentWindow { agent, conn, credit } => {
+                let Some(a) = pick(&mut self.agents, agent) else { return };
+                let Some(id) = pick_id(&a.conns, conn) else { return };
+                self.agent_send(agent, Packet::window_update(id, credit.max(1)));
+            }
+            Op::AgentClose { agent, conn, error } => {
+                let Some(a) = pick(&mut self.agents, agent) else { return };
+                let Some(id) = pick_id(&a.conns, conn) else { return };
+                self.agent_send(agent, Packet::close_response(id, if error { "endpoint reset" } else { "" }));
+            }
+            Op::AgentCancel { agent, dial } => {
+                let Some(a) = pick(&mut self.agents, agent) else { return };
+                let Some(random) = pick_id(&a.dials, dial) else { return };
+                self.agent_send(agent, Packet::close_dial(random));
+            }
+            Op::AgentDrain { agent } => self.agent_send(agent, Packet::drain()),
+            Op::AgentRaw { agent, ref packet } => {
+                if let Some(p) = packet.to_packet() {
+                    self.agent_send(agent, p);
+                }
+            }
+            Op::AgentReading { agent, on } => {
+                if let Some(a) = pick(&mut self.agents, agent) {
+                    a.reading = on;
+                }
+            }
+            Op::FrontendOpen => self.open_frontend(),
+            Op::FrontendEnd { frontend, how } => {
+                let Some(f) = pick(&mut self.frontends, frontend) else { return };
+                match how {
+                    StreamEnd::Eof => f.inbound = None,
+                    StreamEnd::Error | StreamEnd::TransportLost => {
+                        if let Some(tx) = f.inbound.take() {
+                            let _ = tx.send(Err(Status::cancelled("fuzz: stream failed")));
+                        }
+                    }
+                }
+            }
+            Op::FrontendDial { frontend, random } => {
+                let random = i64::from(random % DIAL_IDS);
+                self.frontend_send(frontend, Packet::dial_request("10.0.0.1:80", random));
+            }
+            Op::FrontendData { frontend, len } => {
+                let Some(f) = pick(&mut self.frontends, frontend) else { return };
+                let id = f.connect_ids.first().copied().unwrap_or(1);
+                let len = (usize::from(len) * 16).min(MAX_DATA);
+                self.frontend_send(frontend, Packet::data(id, Bytes::from(vec![0x3c; len])));
+            }
+            Op::FrontendClose { frontend } => {
+                let Some(f) = pick(&mut self.frontends, frontend) else { return };
+                let id = f.connect_ids.first().copied().unwrap_or(1);
+                self.frontend_send(frontend, Packet::close_request(id));
+            }
+            Op::FrontendCancel { frontend, random } => {
+                self.frontend_send(frontend, Packet::close_dial(i64::from(random % DIAL_IDS)));
+            }
+            Op::FrontendRaw { frontend, ref packet } => {
+                if let Some(p) = packet.to_packet() {
+                    self.frontend_send(frontend, p);
+                }
+            }
+            Op::FrontendReading { frontend, on } => {
+                if let Some(f) = pick(&mut self.frontends, frontend) {
+                    f.reading = on;
+                }
+            }
+            Op::Sleep { .. } => {}
+        }
+    }
+
+    fn connect_agent(&mut self, id: u8, flow_control: bool) {
+        if self.agents.len() >= MAX_AGENTS {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let transport = CancellationToken::new();
+        let (backend, outbound) = Backend::new(
+            self.tunnels.next_serial(),
+            format!("agent-{}", id % 4),
+            AgentIdentifiers::default(),
+            "fuzz".into(),
+            flow_control,
+            self.shutdown.child_token(),
+            transport.clone(),
+        );
+        // As `AgentEndpoint::connect` does.
+        self.tunnels.backends.add(backend.clone());
+        self.tunnels.metrics.grpc_connections("Connect", 1.0);
+        let task =
+            self.tracker.spawn(serve_agent(backend.clone(), UnboundedReceiverStream::new(rx), self.tunnels.clone()));
+        self.agents.push(AgentSide {
+            backend,
+            inbound: Some(tx),
+            outbound: Some(outbound),
+            transport,
+            reading: true,
+            task,
+            dials: Vec::new(),
+            conns: Vec::new(),
+            next_connect_id: 1,
+        });
+    }
+
+    fn open_frontend(&mut self) {
+        if self.frontends.len() >= MAX_FRONTENDS {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (frontend, outbound) = Frontend::new(self.tunnels.next_serial(), "grpc", ClientIdentity::Uds(None));
+        let task = self.tracker.spawn(serve_frontend(
+            self.tunnels.clone(),
+            frontend.clone(),
+            self.backend_dial_timeout,
+            UnboundedReceiverStream::new(rx),
+            self.shutdown.clone(),
+        ));
+        self.frontends.push(FrontendSide {
+            frontend,
+            inbound: Some(tx),
+            outbound: Some(outbound),
+            reading: true,
+            task,
+            connect_ids: Vec::new(),
+        });
+    }
+
+    /// Takes what the server queued for the fake peers that are reading, as the gRPC layer would; returns
+    /// whether anything was taken.
+    fn pump(&mut self) -> bool {
+        let mut progress = false;
+        for f in &mut self.frontends {
+            // The response stream ends when the frontend is closed (`take_until` in `ProxyEndpoint::proxy`);
+            // what is still queued is dropped with it.
+            if f.frontend.closed.is_cancelled() {
+                progress |= f.outbound.take().is_some();
+                continue;
+            }
+            let Some(rx) = &mut f.outbound else { continue };
+            while f.reading
+                && let Ok((queued_at, packet)) = rx.try_recv()
+            {
+                f.frontend.on_sent(&packet, queued_at, &self.tunnels);
+                if let Ok(PacketKind::DialResponse(rsp)) = packet.kind()
+                    && rsp.error.is_empty()
+                    && rsp.connect_id != 0
+                {
+                    f.connect_ids.push(rsp.connect_id);
+                }
+                progress = true;
+            }
+        }
+        for a in &mut self.agents {
+            if a.backend.closed.is_cancelled() {
+                progress |= a.outbound.take().is_some();
+                continue;
+            }
+            let Some(rx) = &mut a.outbound else { continue };
+            while a.reading
+                && let Ok(packet) = rx.try_recv()
+            {
+                if let Ok(PacketKind::DialRequest(req)) = packet.kind() {
+                    a.dials.push(req.random);
+                }
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    /// Lets every task run until nothing moves (the runtime's clock is paused: a sleep returns only once every
+    /// other task is idle), taking what the peers read.
+    pub async fn settle(&mut self) {
+        for _ in 0..1000 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if !self.pump() {
+                return;
+            }
+        }
+    }
+
+    /// Lets `d` pass, then settles.
+    pub async fn sleep(&mut self, d: Duration) {
+        tokio::time::sleep(d).await;
+        self.settle().await;
+    }
+
+    /// Applies a step and settles, sleeping for [`Op::Sleep`].
+    pub async fn step(&mut self, op: &Op) {
+        self.apply(op);
+        if let Op::Sleep { millis } = op {
+            self.sleep(Duration::from_millis(u64::from(*millis) * 8)).await;
+        }
+        self.settle().await;
+    }
+
+    /// Asserts that the state is consistent and bounded by the input. Call after [`Harness::settle`].
+    pub fn check(&self) {
+        let t = &self.tunnels;
+        let pending = t.pending_owners();
+        assert!(
+            pending.len() <= self.dial_requests,
+            "{} pending dials from {} DIAL_REQs",
+            pending.len(),
+            self.dial_requests
+        );
+        assert_eq!(t.metrics.pending_backend_dials(), pending.len() as f64, "pending_backend_dials gauge");
+        let live = t.backends.all();
+        let mut connections = 0;
+        for a in &self.agents {
+            let b = &a.backend;
+            let conns = b.conns.lock();
+            connections += conns.len();
+            let gone = b.closed.is_cancelled() && a.task.is_finished();
+            if gone {
+                assert!(conns.is_empty(), "agent stream {} ended; {} connections left on it", b.serial, conns.len());
+                assert!(b.pending.lock().is_empty(), "agent stream {} ended; dials left on it", b.serial);
+                assert!(!live.iter().any(|l| l.serial == b.serial), "ended agent stream {} still routable", b.serial);
+            }
+            for (id, state) in conns.iter() {
+                if let ConnState::Open { frontend, link } = state {
+                    assert!(
+                        frontend.links.lock().iter().any(|l| Arc::ptr_eq(l, link)),
+                        "connection {id} of agent stream {} is open but its frontend does not know it",
+                        b.serial
+                    );
+                }
+            }
+        }
+        assert!(
+            connections <= self.dial_successes,
+            "{connections} connections from {} successful DIAL_RSPs",
+            self.dial_successes
+        );
+        assert_eq!(t.metrics.established_connections(), connections as f64, "established_connections gauge");
+        for (random, backend_serial, frontend_serial) in &pending {
+            if let Some(a) = self.agents.iter().find(|a| a.backend.serial == *backend_serial) {
+                assert!(
+                    !(a.backend.closed.is_cancelled() && a.task.is_finished()),
+                    "dial {random} pending on agent stream {backend_serial}, which ended"
+                );
+            }
+            if let Some(f) = self.frontends.iter().find(|f| f.frontend.serial == *frontend_serial) {
+                assert!(!f.task.is_finished(), "dial {random} pending for frontend {frontend_serial}, which ended");
+            }
+        }
+        let queue_bound = FRONTEND_QUEUE_LIMIT.max(2 * flow::WINDOW as usize) + flow::cost(MAX_DATA) as usize;
+        for f in &self.frontends {
+            let fe = &f.frontend;
+            let queued = fe.queued();
+            assert!(queued <= queue_bound, "frontend {} holds {queued} units queued", fe.serial);
+            if f.reading && f.outbound.is_some() {
+                assert_eq!(queued, 0, "frontend {} is reading, yet {queued} units stay queued", fe.serial);
+            }
+            if f.task.is_finished() {
+                assert!(fe.links.lock().is_empty(), "frontend {} ended with connections", fe.serial);
+            }
+            for link in fe.links.lock().iter() {
+                let conns = link.backend.conns.lock();
+                match conns.get(&link.connect_id) {
+                    Some(ConnState::Open { frontend, .. }) => assert!(
+                        Arc::ptr_eq(frontend, fe),
+                        "frontend {} lists connection {} of another frontend",
+                        fe.serial,
+                        link.connect_id
+                    ),
+                    Some(ConnState::Closing { .. }) => {}
+                    None => panic!(
+                        "frontend {} lists connection {} that agent stream {} no longer has",
+                        fe.serial, link.connect_id, link.backend.serial
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Ends every stream and asserts that nothing is left: no pending dial, no connection, no queue, no task,
+    /// no reference to any stream's state.
+    pub async fn finish(mut self) {
+        for f in &mut self.frontends {
+            f.reading = true;
+            f.inbound = None;
+        }
+        for a in &mut self.agents {
+            a.reading = true;
+        }
+        self.settle().await;
+        self.check();
+        for a in &mut self.agents {
+            a.inbound = None;
+        }
+        self.settle().await;
+        // Whatever waits on a timer (a stalled frontend, a dial deadline) is over after this.
+        self.sleep(FRONTEND_STALL_LIMIT * 2).await;
+        self.check();
+        let t = &self.tunnels;
+        assert_eq!(t.pending_count(), 0, "pending dials left after every stream ended");
+        assert_eq!(self.connections(), 0, "connections left after every stream ended");
+        assert_eq!(t.backends.agent_count(), 0, "agents left registered");
+        assert_eq!(t.metrics.established_connections(), 0.0);
+        assert_eq!(t.metrics.pending_backend_dials(), 0.0);
+        for a in &self.agents {
+            assert!(a.task.is_finished(), "agent stream {} is still being read", a.backend.serial);
+            assert!(a.outbound.is_none(), "agent stream {} was never ended by the server", a.backend.serial);
+        }
+        for f in &self.frontends {
+            assert!(f.task.is_finished(), "frontend {} is still being read", f.frontend.serial);
+            assert!(f.frontend.closed.is_cancelled(), "frontend {} never closed", f.frontend.serial);
+        }
+        self.shutdown.cancel();
+        self.tracker.close();
+        tokio::time::timeout(Duration::from_secs(60), self.tracker.wait()).await.expect("tasks left running");
+        self.settle().await;
+        // Nothing else holds a stream's state: no map, no link, no task (a cycle would show here).
+        for a in &self.agents {
+            assert_eq!(Arc::strong_count(&a.backend), 1, "agent stream {} state is still referenced", a.backend.serial);
+        }
+        for f in &self.frontends {
+            assert_eq!(Arc::strong_count(&f.frontend), 1, "frontend {} state is still referenced", f.frontend.serial);
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "fuzzing_tests.rs"]
+mod tests;
