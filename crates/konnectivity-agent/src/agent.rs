@@ -9,7 +9,8 @@ use crate::session::Session;
 use http::StatusCode;
 use konnectivity_transport::http_endpoints::{self, Handler};
 use konnectivity_transport::listen::{self, ListenError};
-use konnectivity_transport::tls::{self, TlsError};
+use konnectivity_transport::tls::{self, ClientTlsSpec, TlsError};
+use konnectivity_transport::tls_reload::{self, ReloadOptions};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -189,13 +190,20 @@ pub async fn start(
     let targets = config.servers.iter().cloned().map(Target::new).collect::<Result<Vec<_>, _>>()?;
     let mut alpn: Vec<Vec<u8>> = config.alpn_protos.iter().map(|p| p.as_bytes().to_vec()).collect();
     alpn.push(tls::ALPN_H2.to_vec());
-    let identity = config.agent_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
-    let tls_config = tls::client_config(&config.ca_cert, identity, &alpn)?;
+    let tls_spec = ClientTlsSpec { ca: config.ca_cert.clone(), identity: config.agent_cert.clone(), alpn };
 
     // The agent's own stop: the caller's shutdown, or the end of a drain.
     let shutdown = shutdown.child_token();
     let metrics = AgentMetrics::new()?;
     let tracker = TaskTracker::new();
+    // The CA and client certificate files are watched: new connections use rotated ones.
+    let tls_config = tls_reload::watch_client(
+        "agent client",
+        tls_spec,
+        ReloadOptions { interval: config.tls_reload_interval, on_reload: Some(metrics.tls_reload_hook()) },
+        &shutdown,
+        &tracker,
+    )?;
     let handle = AgentHandle {
         sessions: Arc::new(Mutex::new(HashMap::new())),
         addresses: Arc::new(Mutex::new(Vec::new())),

@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub agent_cert: Option<(PathBuf, PathBuf)>,
     /// Extra ALPN protocols offered before `h2`.
     pub alpn_protos: Vec<String>,
+    /// How often `ca_cert` and `agent_cert` are checked for changes (new connections use changed files);
+    /// zero never reloads them.
+    pub tls_reload_interval: Duration,
     /// This agent's ID.
     pub agent_id: String,
     /// URL-query encoded identifiers (validated).
@@ -128,6 +131,7 @@ impl AgentConfig {
             ca_cert,
             agent_cert: None,
             alpn_protos: Vec::new(),
+            tls_reload_interval: konnectivity_transport::tls_reload::DEFAULT_RELOAD_INTERVAL,
             agent_id: uuid::Uuid::new_v4().to_string(),
             agent_identifiers: String::new(),
             sync_interval: Duration::from_secs(1),

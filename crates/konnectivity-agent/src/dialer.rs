@@ -1,5 +1,6 @@
 //! Opening one `/AgentService/Connect` stream to a proxy-server address: TCP (the name resolved again at every
-//! dial), TLS with ALPN h2, the agent's metadata, and the server's `serverid`/`servercount` answer.
+//! dial), TLS with ALPN (`--alpn-proto` values, then h2), the agent's metadata, and the server's
+//! `serverid`/`servercount` answer.
 
 use crate::agent::AgentError;
 use crate::config::{AgentConfig, ServerAddress};
@@ -8,7 +9,7 @@ use konnectivity_proto::agent::AgentServiceClient;
 use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
 use konnectivity_proto::{Packet, flow};
 use konnectivity_transport::error_chain::error_chain;
-use konnectivity_transport::tls;
+use konnectivity_transport::tls_reload::LiveConfig;
 use rand::seq::SliceRandom;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,7 +44,8 @@ impl Target {
 /// What every dial shares.
 pub(crate) struct Dialer {
     pub(crate) config: Arc<AgentConfig>,
-    pub(crate) tls: Arc<rustls::ClientConfig>,
+    /// The TLS client configuration of the moment (its files are watched and reloaded).
+    pub(crate) tls: LiveConfig<rustls::ClientConfig>,
 }
 
 /// An open stream, before it is known whether its server is new.
@@ -74,7 +76,7 @@ impl Dialer {
     /// Opens a stream to `target`. Its outbound half ends cleanly once `finish` fires.
     pub(crate) async fn open(&self, target: &Target, finish: &CancellationToken) -> Result<Opened, AgentError> {
         let addr = target.address.to_string();
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let tls = tokio_rustls::TlsConnector::from(self.tls.current());
         let server_name = target.server_name.clone();
         let address = target.address.clone();
         let connector = tower::service_fn(move |_: http::Uri| {
@@ -85,8 +87,10 @@ impl Dialer {
                 let tcp = connect_tcp(&address).await?;
                 konnectivity_transport::listen::tune_tcp(&tcp);
                 let stream = tls.connect(server_name, tcp).await?;
-                if stream.get_ref().1.alpn_protocol() != Some(tls::ALPN_H2) {
-                    return Err(std::io::Error::other("server did not negotiate ALPN h2"));
+                // As grpc-go: any protocol we offered will do (an ALPN-routing load balancer that terminates
+                // TLS may pick an --alpn-proto value and pass HTTP/2 on); none at all is refused.
+                if stream.get_ref().1.alpn_protocol().is_none() {
+                    return Err(std::io::Error::other("server negotiated no ALPN protocol (gRPC over TLS needs one)"));
                 }
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }

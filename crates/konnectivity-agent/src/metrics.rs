@@ -11,6 +11,7 @@ const LATENCY_BUCKETS: [f64; 7] = [0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0];
 #[derive(Clone)]
 pub struct AgentMetrics {
     registry: Registry,
+    tls_reloads: IntCounterVec,
     pub(crate) dial_duration: Histogram,
     pub(crate) server_connection_failures: IntCounterVec,
     pub(crate) endpoint_dial_failures: IntCounterVec,
@@ -62,6 +63,14 @@ impl AgentMetrics {
             "Dials refused by the egress policy after resolving the destination.",
         ))?;
         registry.register(Box::new(egress_denials.clone()))?;
+        let tls_reloads = IntCounterVec::new(
+            opts(
+                "tls_reloads_total",
+                "Reloads of the CA bundle and client certificate and key after they changed on disk, by result: success (new connections use them) or failure (unreadable or unusable; the previous ones stay in use).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(tls_reloads.clone()))?;
         let server_dials = IntCounterVec::new(
             opts(
                 "server_dials_total",
@@ -71,6 +80,7 @@ impl AgentMetrics {
         )?;
         registry.register(Box::new(server_dials.clone()))?;
         let m = Self {
+            tls_reloads,
             server_dials,
             bytes_to_endpoint: tunnel_bytes.with_label_values(&["to_endpoint"]),
             bytes_to_server: tunnel_bytes.with_label_values(&["to_server"]),
@@ -154,6 +164,15 @@ impl AgentMetrics {
         Ok(m)
     }
 
+    /// A hook for the TLS file watcher, counting reloads.
+    pub(crate) fn tls_reload_hook(&self) -> konnectivity_transport::tls_reload::ReloadHook {
+        let vec = self.tls_reloads.clone();
+        std::sync::Arc::new(move |result| vec.with_label_values(&[result.label()]).inc())
+    }
+    /// TLS reloads with `result` (`success` or `failure`) so far.
+    pub fn tls_reloads(&self, result: &str) -> u64 {
+        self.tls_reloads.with_label_values(&[result]).get()
+    }
     /// The registry to expose on `/metrics`.
     pub fn registry(&self) -> &Registry {
         &self.registry

@@ -74,3 +74,119 @@ impl Pki {
         })
     }
 }
+
+/// A CA kept in memory, to sign more certificates after start (rotations, expired or wrong-usage certificates).
+pub struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// What a leaf certificate from [`Ca::leaf`] looks like.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    /// Common name.
+    pub name: String,
+    /// Its one extended key usage.
+    pub usage: ExtendedKeyUsagePurpose,
+    /// Serial number (rcgen picks a random one when `None`).
+    pub serial: Option<u64>,
+    /// Already expired (valid 2020-01-01 to 2021-01-01) instead of valid now.
+    pub expired: bool,
+}
+
+impl Leaf {
+    /// A server certificate (serverAuth) for localhost, 127.0.0.1 and ::1.
+    pub fn server(name: &str) -> Self {
+        Self { name: name.into(), usage: ExtendedKeyUsagePurpose::ServerAuth, serial: None, expired: false }
+    }
+    /// A client certificate (clientAuth).
+    pub fn client(name: &str) -> Self {
+        Self { name: name.into(), usage: ExtendedKeyUsagePurpose::ClientAuth, serial: None, expired: false }
+    }
+    /// With this serial number.
+    pub fn serial(mut self, serial: u64) -> Self {
+        self.serial = Some(serial);
+        self
+    }
+    /// Expired.
+    pub fn expired(mut self) -> Self {
+        self.expired = true;
+        self
+    }
+}
+
+impl Ca {
+    /// A new self-signed CA.
+    pub fn new(name: &str) -> Result<Self, rcgen::Error> {
+        Ok(Self { issuer: ca(name)? })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// The CA certificate (DER).
+    pub fn der(&self) -> Vec<u8> {
+        self.issuer.der().to_vec()
+    }
+
+    /// Signs a leaf certificate with a fresh key: (certificate PEM, key PEM).
+    pub fn leaf(&self, leaf: &Leaf) -> Result<(String, String), rcgen::Error> {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])?;
+        params.distinguished_name.push(DnType::CommonName, leaf.name.as_str());
+        params.extended_key_usages = vec![leaf.usage.clone()];
+        if let Some(serial) = leaf.serial {
+            params.serial_number = Some(serial.into());
+        }
+        if leaf.expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// A directory laid out as kubelet mounts a Secret: each file is a symlink `name -> ..data/name`, and `..data` a
+/// symlink to a timestamped directory that [`SecretDir::publish`] replaces atomically (a rename), so that readers
+/// see either every old file or every new one.
+pub struct SecretDir {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl SecretDir {
+    /// Creates the directory and publishes `files` (name, contents) as its first version.
+    pub fn new(dir: &Path, files: &[(&str, &str)]) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let mut secret = Self { dir: dir.to_path_buf(), version: 0 };
+        secret.publish(files)?;
+        Ok(secret)
+    }
+
+    /// The path of a file in it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Replaces every file at once with `files`; a name not listed keeps pointing into the new version (and is
+    /// missing there).
+    pub fn publish(&mut self, files: &[(&str, &str)]) -> std::io::Result<()> {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        std::fs::create_dir(self.dir.join(&version))?;
+        for (name, contents) in files {
+            std::fs::write(self.dir.join(&version).join(name), contents)?;
+            let link = self.dir.join(name);
+            if link.symlink_metadata().is_err() {
+                std::os::unix::fs::symlink(Path::new("..data").join(name), &link)?;
+            }
+        }
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&version, &tmp)?;
+        std::fs::rename(&tmp, self.dir.join("..data"))
+    }
+}

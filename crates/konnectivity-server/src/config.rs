@@ -172,6 +172,11 @@ pub struct ServerConfig {
     pub proxy_strategies: Vec<crate::routing::Strategy>,
     /// Lowest TLS version on the agent port and the TCP frontend.
     pub tls_min_version: konnectivity_transport::tls::MinVersion,
+    /// TLS 1.2 cipher suites on the agent port and the TCP frontend (`--cipher-suites`; default: all of rustls's).
+    pub cipher_suites: konnectivity_transport::tls::CipherSuites,
+    /// How often certificate, key and CA files are checked for changes (new handshakes use changed files);
+    /// zero never reloads them.
+    pub tls_reload_interval: Duration,
     /// Egress policy checked before each dial (default: allow everything, as the reference).
     pub egress_policy: std::sync::Arc<konnectivity_transport::egress_policy::EgressPolicy>,
     /// The audit log, if enabled (off by default).
@@ -207,6 +212,8 @@ impl ServerConfig {
             enable_profiling: false,
             proxy_strategies: vec![crate::routing::Strategy::Default],
             tls_min_version: konnectivity_transport::tls::MinVersion::Tls12,
+            cipher_suites: konnectivity_transport::tls::CipherSuites::default(),
+            tls_reload_interval: konnectivity_transport::tls_reload::DEFAULT_RELOAD_INTERVAL,
             egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
             audit: None,
             kube: KubeClientConfig::default(),

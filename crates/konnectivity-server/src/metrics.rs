@@ -89,6 +89,7 @@ pub struct ServerMetrics {
     frontend_stall_closes: IntCounter,
     flow_control_waits: IntCounter,
     tls_handshake_failures: IntCounterVec,
+    tls_reloads: IntCounterVec,
     egress_denials: IntCounter,
     audit_events: IntCounterVec,
     audit_dropped: IntCounterVec,
@@ -238,6 +239,14 @@ impl ServerMetrics {
             &["listener", "reason"],
         )?;
         registry.register(Box::new(tls_handshake_failures.clone()))?;
+        let tls_reloads = IntCounterVec::new(
+            opts(
+                "tls_reloads_total",
+                "Reloads of certificate, key and CA files after they changed on disk, by listener (agent, frontend) and result: success (new handshakes use them) or failure (unreadable or unusable; the previous ones stay in use).",
+            ),
+            &["listener", "result"],
+        )?;
+        registry.register(Box::new(tls_reloads.clone()))?;
         let egress_denials = IntCounter::with_opts(opts(
             "egress_policy_denials_total",
             "Dials refused by the egress policy before being sent to an agent.",
@@ -289,6 +298,7 @@ impl ServerMetrics {
             frontend_stall_closes,
             flow_control_waits,
             tls_handshake_failures,
+            tls_reloads,
             egress_denials,
             audit_events,
             audit_dropped,
@@ -344,6 +354,19 @@ impl ServerMetrics {
     ) -> konnectivity_transport::listen::HandshakeFailureHook {
         let vec = self.tls_handshake_failures.clone();
         std::sync::Arc::new(move |reason| vec.with_label_values(&[listener, reason]).inc())
+    }
+    /// A hook for the TLS file watchers, counting reloads of `listener`'s files.
+    pub(crate) fn tls_reload_hook(&self, listener: &'static str) -> konnectivity_transport::tls_reload::ReloadHook {
+        let vec = self.tls_reloads.clone();
+        std::sync::Arc::new(move |result| vec.with_label_values(&[listener, result.label()]).inc())
+    }
+    /// TLS reloads of `listener` with `result` (`success` or `failure`) so far.
+    pub fn tls_reloads(&self, listener: &str, result: &str) -> u64 {
+        self.tls_reloads.with_label_values(&[listener, result]).get()
+    }
+    /// Failed TLS handshakes of `listener` with `reason` so far.
+    pub fn tls_handshake_failures(&self, listener: &str, reason: &str) -> u64 {
+        self.tls_handshake_failures.with_label_values(&[listener, reason]).get()
     }
     pub(crate) fn observe_frontend_write(&self, seconds: f64) {
         self.frontend_write_duration.observe(seconds);

@@ -16,7 +16,8 @@ use konnectivity_proto::proxy::ProxyServiceServer;
 use konnectivity_transport::h2_authority::AuthorityFix;
 use konnectivity_transport::http_endpoints::{self, Handler};
 use konnectivity_transport::listen::{self, ListenError};
-use konnectivity_transport::tls::{self, ALPN_H2, ClientAuth, TlsError};
+use konnectivity_transport::tls::{ALPN_H2, ClientAuth, ServerTlsSpec, TlsError};
+use konnectivity_transport::tls_reload::{self, ReloadOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -271,13 +272,14 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     }
 
     // Agent port: always TLS; mTLS when a cluster CA is configured.
+    // Its files are watched: new handshakes use rotated certificates, established streams are untouched.
     let client_auth = config.cluster_ca.clone().map(ClientAuth::Require).unwrap_or(ClientAuth::None);
-    let agent_tls = tls::server_config_with(
-        &config.cluster_cert,
-        &config.cluster_key,
-        &client_auth,
-        &[ALPN_H2],
-        config.tls_min_version,
+    let agent_tls = tls_reload::watch_server(
+        "agent listener",
+        tls_spec(&config, &config.cluster_cert, &config.cluster_key, client_auth, &[ALPN_H2]),
+        ReloadOptions { interval: config.tls_reload_interval, on_reload: Some(metrics.tls_reload_hook("agent")) },
+        &shutdown,
+        &tracker,
     )?;
     let agent_listener = listen::bind_tcp(&config.agent_bind, config.agent_port).await?;
     let agent_addr =
@@ -436,8 +438,16 @@ async fn start_frontend(
                 FrontendMode::Grpc => &[ALPN_H2],
                 FrontendMode::HttpConnect => &[b"http/1.1"],
             };
-            let tls =
-                tls::server_config_with(cert, key, &ClientAuth::Require(ca.clone()), alpn, config.tls_min_version)?;
+            let tls = tls_reload::watch_server(
+                "frontend listener",
+                tls_spec(config, cert, key, ClientAuth::Require(ca.clone()), alpn),
+                ReloadOptions {
+                    interval: config.tls_reload_interval,
+                    on_reload: Some(tunnels.metrics.tls_reload_hook("frontend")),
+                },
+                shutdown,
+                tracker,
+            )?;
             let listener = listen::bind_tcp(bind, *port).await?;
             let addr =
                 listener.local_addr().map_err(|source| ListenError::Tcp { addr: "frontend".into(), cause: source })?;
@@ -474,6 +484,20 @@ async fn start_frontend(
             Ok(FrontendAddr::Tcp(addr))
         }
     }
+}
+
+/// A TLS listener's spec: its files, and the configured TLS versions and cipher suites.
+fn tls_spec(
+    config: &ServerConfig,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+) -> ServerTlsSpec {
+    let mut spec = ServerTlsSpec::new(cert, key, client_auth, alpn);
+    spec.min_version = config.tls_min_version;
+    spec.cipher_suites = config.cipher_suites.clone();
+    spec
 }
 
 /// Runs one CONNECT handler task per accepted connection until `shutdown`.

@@ -18,3 +18,4 @@ pub mod process_metrics;
 pub mod profiling;
 pub mod signals;
 pub mod tls;
+pub mod tls_reload;

@@ -1,6 +1,8 @@
 //! Listeners: Unix sockets with the reference's permissions, and TLS over TCP where every handshake runs in its
 //! own task with a timeout, so one slow or hostile client never holds up the accept loop.
 
+use crate::tls::ALPN_H2;
+use crate::tls_reload::LiveConfig;
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use std::io;
@@ -13,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::mpsc;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -207,8 +209,8 @@ pub fn tune_tcp(stream: &TcpStream) {
     let _ = sock.set_tcp_keepalive(&keepalive);
 }
 
-/// Called with a short reason (`timeout`, `no_certificate`, `bad_certificate`, `alert`, `protocol`, `io`)
-/// for every failed handshake, to count them.
+/// Called with a short reason (`timeout`, `no_certificate`, `bad_certificate`, `alpn`, `alert`, `protocol`,
+/// `io`) for every failed handshake, to count them.
 pub type HandshakeFailureHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// A short, bounded label for why a TLS handshake failed.
@@ -216,25 +218,86 @@ pub fn handshake_failure_reason(e: &io::Error) -> &'static str {
     match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
         Some(rustls::Error::NoCertificatesPresented) => "no_certificate",
         Some(rustls::Error::InvalidCertificate(_)) => "bad_certificate",
+        Some(rustls::Error::NoApplicationProtocol) => "alpn",
         Some(rustls::Error::AlertReceived(_)) => "alert",
         Some(_) => "protocol",
         None => "io",
     }
 }
 
+/// Why one handshake failed.
+struct HandshakeFailure {
+    reason: &'static str,
+    message: String,
+}
+
+/// The ALPN protocols a client offered, for messages: `["foo", "h2"]`, or `none`.
+fn show_alpn(offered: &Option<Vec<Vec<u8>>>) -> String {
+    match offered {
+        None => "none".into(),
+        Some(list) => format!("{:?}", list.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>()),
+    }
+}
+
+/// Runs the server side of one TLS handshake with the listener's configuration of the moment.
+///
+/// A listener that offers `h2` serves gRPC, and grpc-go (the reference) refuses a client that negotiates no ALPN
+/// protocol there; so does this. A client whose ALPN list lacks every protocol of the listener is refused by
+/// rustls with a `no_application_protocol` alert, as Go does.
+async fn handshake(
+    tcp: TcpStream,
+    config: &LiveConfig<ServerConfig>,
+) -> Result<TlsStream<TcpStream>, HandshakeFailure> {
+    let io_failure = |e: io::Error, offered: &Option<Vec<Vec<u8>>>, ours: &[Vec<u8>]| {
+        let reason = handshake_failure_reason(&e);
+        let message = if reason == "alpn" {
+            format!(
+                "client offered ALPN protocols {}, none of which this listener speaks ({})",
+                show_alpn(offered),
+                show_alpn(&Some(ours.to_vec()))
+            )
+        } else {
+            e.to_string()
+        };
+        HandshakeFailure { reason, message }
+    };
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+        .await
+        .map_err(|e| io_failure(e, &None, &[]))?;
+    let offered: Option<Vec<Vec<u8>>> = start.client_hello().alpn().map(|list| list.map(<[u8]>::to_vec).collect());
+    let config = config.current();
+    let needs_alpn = config.alpn_protocols.iter().any(|p| p == ALPN_H2);
+    let ours = config.alpn_protocols.clone();
+    let mut tls = start.into_stream(config).await.map_err(|e| io_failure(e, &offered, &ours))?;
+    if needs_alpn && tls.get_ref().1.alpn_protocol().is_none() {
+        // A close_notify first, as Go sends: the client sees a clean close rather than only a reset.
+        let _ = tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(&mut tls)).await;
+        return Err(HandshakeFailure {
+            reason: "alpn",
+            message: format!(
+                "client negotiated no ALPN protocol (offered {}); gRPC over TLS needs h2",
+                show_alpn(&offered)
+            ),
+        });
+    }
+    Ok(tls)
+}
+
 /// Accepts TCP connections and hands out handshaken TLS connections as a stream (for tonic's
-/// `serve_with_incoming`). Handshakes run in tasks tracked by `tracker`; failures are logged with the peer and
-/// reason, reported to `on_failure`, and harm nothing else. The stream ends when `shutdown` is cancelled.
+/// `serve_with_incoming`). Each handshake uses the configuration `config` holds at that moment, so a reloaded
+/// certificate applies to new connections only. Handshakes run in tasks tracked by `tracker`; failures are
+/// logged with the peer and reason, reported to `on_failure`, and harm nothing else. The stream ends when
+/// `shutdown` is cancelled.
 pub fn tls_incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: impl Into<LiveConfig<ServerConfig>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     what: &'static str,
     on_failure: Option<HandshakeFailureHook>,
 ) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
+    let config = config.into();
     let accept_tracker = tracker.clone();
     tracker.spawn(async move {
         let mut backoff = Duration::from_millis(5);
@@ -253,20 +316,19 @@ pub fn tls_incoming(
                 },
             };
             tune_tcp(&tcp);
-            let acceptor = acceptor.clone();
+            let config = config.clone();
             let tx = tx.clone();
             let shutdown = shutdown.clone();
             let on_failure = on_failure.clone();
             accept_tracker.spawn(async move {
-                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
                 let tls = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = handshake => match r {
+                    r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, &config)) => match r {
                         Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::warn!(listener = what, %peer, "TLS handshake failed: {e}");
+                        Ok(Err(failure)) => {
+                            tracing::warn!(listener = what, %peer, reason = failure.reason, "TLS handshake failed: {}", failure.message);
                             if let Some(hook) = &on_failure {
-                                hook(handshake_failure_reason(&e));
+                                hook(failure.reason);
                             }
                             return;
                         }

@@ -14,4 +14,5 @@ mod observability;
 mod policy;
 mod routing;
 mod routing_netns;
+mod tls;
 mod tunnel;

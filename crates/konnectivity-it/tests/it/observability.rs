@@ -207,6 +207,8 @@ const EXTENSIONS: &[(&str, &str, &[&str])] = &[
     ("konnectivity_network_proxy_server_frontend_stall_closes_total", "counter", &[]),
     ("konnectivity_network_proxy_server_flow_control_waits_total", "counter", &[]),
     ("konnectivity_network_proxy_server_tls_handshake_failures_total", "counter", &["listener", "reason"]),
+    ("konnectivity_network_proxy_server_tls_reloads_total", "counter", &["listener", "result"]),
+    ("konnectivity_network_proxy_agent_tls_reloads_total", "counter", &["result"]),
     ("konnectivity_network_proxy_agent_tunnel_bytes_total", "counter", &["direction"]),
     ("konnectivity_network_proxy_agent_flow_control_waits_total", "counter", &[]),
     ("konnectivity_network_proxy_server_egress_policy_denials_total", "counter", &[]),
