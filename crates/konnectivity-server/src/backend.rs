@@ -120,6 +120,34 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// A new agent stream's state, and the receiving end of its queue towards the agent.
+    pub(crate) fn new(
+        serial: u64,
+        agent_id: String,
+        identifiers: AgentIdentifiers,
+        peer: String,
+        flow_control: bool,
+        closed: CancellationToken,
+        transport_closed: CancellationToken,
+    ) -> (Arc<Self>, mpsc::Receiver<Packet>) {
+        let (to_agent, rx) = mpsc::channel(AGENT_QUEUE_PACKETS);
+        let backend = Arc::new(Backend {
+            serial,
+            agent_id,
+            identifiers,
+            peer,
+            connected_at: Instant::now(),
+            flow_control,
+            to_agent,
+            draining: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashSet::new()),
+            closed,
+            transport_closed,
+        });
+        (backend, rx)
+    }
+
     /// Sends a packet to the agent, waiting for room; fails if the stream has ended.
     pub(crate) async fn send(&self, packet: Packet, tunnels: &Tunnels) -> Result<(), Status> {
         let packet_type = packet.r#type;
@@ -211,7 +239,7 @@ impl BackendManager {
         }
     }
 
-    fn add(&self, backend: Arc<Backend>) {
+    pub(crate) fn add(&self, backend: Arc<Backend>) {
         let mut inner = self.inner.lock();
         let streams = inner.by_agent.entry(backend.agent_id.clone()).or_default();
         streams.push(backend.clone());
@@ -362,22 +390,16 @@ impl AgentService for AgentEndpoint {
         let transport_closed = info.map(|i| i.transport_closed.clone()).unwrap_or_default();
 
         let flow_control = md.get(flow::METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(flow::VERSION);
-        let (to_agent, rx) = mpsc::channel(AGENT_QUEUE_PACKETS);
         let closed = self.shutdown.child_token();
-        let backend = Arc::new(Backend {
-            serial: self.tunnels.next_serial(),
-            agent_id: agent_id.clone(),
+        let (backend, rx) = Backend::new(
+            self.tunnels.next_serial(),
+            agent_id.clone(),
             identifiers,
-            peer: peer.clone(),
-            connected_at: Instant::now(),
+            peer.clone(),
             flow_control,
-            to_agent,
-            draining: AtomicBool::new(false),
-            conns: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashSet::new()),
-            closed: closed.clone(),
+            closed.clone(),
             transport_closed,
-        });
+        );
         self.tunnels.backends.add(backend.clone());
         if let Some(info) = info {
             self.tunnels.backends.inner.lock().aborts.insert(backend.serial, info.abort.clone());
@@ -411,10 +433,16 @@ impl AgentService for AgentEndpoint {
     }
 }
 
-async fn serve_agent(backend: Arc<Backend>, mut inbound: Streaming<Packet>, tunnels: Arc<Tunnels>) {
+/// Reads an agent's stream until it ends, then cleans up after it. `inbound` is the gRPC request stream (or, in
+/// the fuzzing harness, packets fed to it directly).
+pub(crate) async fn serve_agent(
+    backend: Arc<Backend>,
+    mut inbound: impl Stream<Item = Result<Packet, Status>> + Unpin,
+    tunnels: Arc<Tunnels>,
+) {
     loop {
         let msg = tokio::select! {
-            m = inbound.message() => m,
+            m = inbound.next() => m.transpose(),
             _ = backend.closed.cancelled() => break,
             _ = backend.transport_closed.cancelled() => {
                 tracing::info!("agent connection lost");
