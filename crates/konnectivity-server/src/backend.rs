@@ -188,10 +188,25 @@ impl Backend {
     /// Marks the connection `connect_id` closing (for `reason`, unless it has a cause already) and asks the
     /// agent to close it.
     pub(crate) fn close_conn(&self, connect_id: i64, reason: CloseReason, tunnels: &Tunnels) {
-        if let Some(state) = self.conns.lock().get_mut(&connect_id) {
+        let owner = {
+            let mut conns = self.conns.lock();
+            let Some(state) = conns.get_mut(&connect_id) else {
+                drop(conns);
+                self.send_control(Packet::close_request(connect_id), tunnels);
+                return;
+            };
             let link = state.link().clone();
             link.closing_because(reason);
-            *state = ConnState::Closing { link };
+            match std::mem::replace(state, ConnState::Closing { link }) {
+                ConnState::Open { frontend, .. } => Some(frontend),
+                ConnState::Closing { .. } => None,
+            }
+        };
+        // The frontend no longer owns it: the agent's CLOSE_RSP for a closing connection is not relayed (nor
+        // forgotten there), so a link left in the frontend's list would outlive the connection, and the frontend
+        // would still "own" its ID if the agent ever reused it (found by the fuzzing harness's checks).
+        if let Some(frontend) = owner {
+            frontend.forget(self.serial, connect_id);
         }
         self.send_control(Packet::close_request(connect_id), tunnels);
     }

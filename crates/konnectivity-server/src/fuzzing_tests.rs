@@ -128,3 +128,25 @@ fn reusing_a_timed_out_dial_id_does_not_spin() {
         Some(Duration::from_millis(36_751)),
     );
 }
+
+/// A frontend that stops reading while a Go agent (no flow control) sends to it is cut off after the stall limit;
+/// the agent's CLOSE_RSP for that connection then arrives while the frontend's stream is still open.
+#[test]
+fn stalled_frontend_then_agent_close() {
+    use Op::*;
+    let mut ops = vec![
+        AgentConnect { id: 0, flow_control: false },
+        FrontendOpen,
+        FrontendDial { frontend: 0, random: 1 },
+        AgentAnswer { agent: 0, dial: 0, answer: Answer::Connected },
+        FrontendReading { frontend: 0, on: false },
+    ];
+    // 5 MiB: past the 4 MiB a frontend may hold queued.
+    ops.extend((0..20).map(|_| AgentData { agent: 0, conn: 0, len: 16_384 }));
+    ops.extend([
+        Sleep { millis: 1000 },
+        AgentClose { agent: 0, conn: 0, error: false },
+        FrontendData { frontend: 0, len: 10 },
+    ]);
+    run_within(std::time::Duration::from_secs(30), ops, None);
+}
