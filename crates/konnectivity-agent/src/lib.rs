@@ -12,10 +12,10 @@ mod agent;
 pub mod config;
 mod dialer;
 mod drain;
+pub mod flags;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod flags;
 mod lease_counter;
 pub mod metrics;
 mod server_set;
