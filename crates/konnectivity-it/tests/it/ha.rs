@@ -188,7 +188,9 @@ async fn an_address_that_hangs_delays_no_other() {
     ];
     let started = Instant::now();
     let agent = stack.start_agent(agent_for(&stack, &addresses)).await.expect("agent");
-    konnectivity_it::eventually!(3, server.handle.ready(), "addresses: {:?}", agent.handle.addresses());
+    // Within 8 s: well under the 10 s the hanging dial lasts, so a sequential dialer could not pass, with room for
+    // a loaded CI machine (3 s was too tight there).
+    konnectivity_it::eventually!(8, server.handle.ready(), "addresses: {:?}", agent.handle.addresses());
     eprintln!("connected past a hanging address in {:?}", started.elapsed());
     let status = agent.handle.addresses();
     assert!(status[0].dialing && status[0].servers.is_empty(), "{status:?}");
