@@ -190,7 +190,13 @@ async fn an_address_that_hangs_delays_no_other() {
     let agent = stack.start_agent(agent_for(&stack, &addresses)).await.expect("agent");
     // Within 8 s: well under the 10 s the hanging dial lasts, so a sequential dialer could not pass, with room for
     // a loaded CI machine (3 s was too tight there).
-    konnectivity_it::eventually!(8, server.handle.ready(), "addresses: {:?}", agent.handle.addresses());
+    // (The server registers the agent a moment before the agent records the server: wait for both.)
+    konnectivity_it::eventually!(
+        8,
+        server.handle.ready() && agent.handle.connected_servers() == ["server-a"],
+        "addresses: {:?}",
+        agent.handle.addresses()
+    );
     eprintln!("connected past a hanging address in {:?}", started.elapsed());
     let status = agent.handle.addresses();
     assert!(status[0].dialing && status[0].servers.is_empty(), "{status:?}");
