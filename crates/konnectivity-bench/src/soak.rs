@@ -408,10 +408,12 @@ async fn main() -> anyhow::Result<()> {
     let pki = konnectivity_it::pki::Pki::generate(tmp.path())?;
     let stop_target = CancellationToken::new();
     let target = target::start(stop_target.clone()).await?;
-    let refused = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        l.local_addr()?
-    };
+    // A port that refuses for the whole run: bound but never listening, so no other process (the machine's other
+    // tests) can take it and no outgoing connection can get it as its source port and connect to itself (a port
+    // merely left free did both, now and then, over 75 000 dials).
+    let refused_socket = tokio::net::TcpSocket::new_v4()?;
+    refused_socket.bind("127.0.0.1:0".parse()?)?;
+    let refused = refused_socket.local_addr()?;
     let mut stack = Stack::start(&args, &pki, tmp.path())?;
     let proxy = ProxyAddress::Uds(stack.uds.clone());
     let path = match args.mode.as_str() {
@@ -529,6 +531,7 @@ async fn main() -> anyhow::Result<()> {
     let idle_after = proc_stats(stack.server.pid());
     let thread_names = thread_names(stack.server.pid());
     stop_target.cancel();
+    drop(refused_socket);
 
     let c = &load.counters;
     println!();
