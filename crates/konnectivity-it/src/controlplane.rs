@@ -18,7 +18,7 @@
 //! `controlplane/build.sh`; proxy-server and proxy-agent are this workspace's binaries.
 
 use crate::TempDir;
-use crate::netns::{NetNs, ip};
+use crate::netns::{NetNs, veth};
 use crate::targets::{Target, serve_listener};
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -494,24 +494,7 @@ impl ControlPlane {
         let control = Arc::new(NetNs::create(&format!("krs-c{id}"))?);
         let cluster = Arc::new(NetNs::create(&format!("krs-k{id}"))?);
         let (veth_c, veth_k) = (format!("kc{id}"), format!("kk{id}"));
-        ip(&[
-            "link",
-            "add",
-            &veth_c,
-            "netns",
-            control.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &veth_k,
-            "netns",
-            cluster.name(),
-        ])?;
-        control.ip(&["addr", "add", &format!("{CONTROL_LINK}/30"), "dev", &veth_c])?;
-        cluster.ip(&["addr", "add", &format!("{CLUSTER_LINK}/30"), "dev", &veth_k])?;
-        control.ip(&["link", "set", &veth_c, "up"])?;
-        cluster.ip(&["link", "set", &veth_k, "up"])?;
+        veth(&control, &veth_c, &format!("{CONTROL_LINK}/30"), &cluster, &veth_k, &format!("{CLUSTER_LINK}/30"))?;
         // The overlapping addresses: real endpoints in the cluster, decoys in the control network.
         for ns in [&control, &cluster] {
             for addr in [NODE_IP, POD_IP, WEBHOOK_IP] {

@@ -20,6 +20,16 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Links two namespaces with a veth pair: interface `a_if` with address `a_addr` (CIDR) in `a`, `b_if` with
+/// `b_addr` in `b`, both up.
+pub fn veth(a: &NetNs, a_if: &str, a_addr: &str, b: &NetNs, b_if: &str, b_addr: &str) -> anyhow::Result<()> {
+    ip(&["link", "add", a_if, "netns", a.name(), "type", "veth", "peer", "name", b_if, "netns", b.name()])?;
+    a.ip(&["addr", "add", a_addr, "dev", a_if])?;
+    b.ip(&["addr", "add", b_addr, "dev", b_if])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])
+}
+
 /// A network namespace, deleted on drop.
 pub struct NetNs {
     name: String,

@@ -6,7 +6,7 @@
 use konnectivity_client::{ProxyAddress, Tunnel};
 use konnectivity_it::TempDir;
 use konnectivity_it::controlplane::{ClusterPki, Proc, metric, workspace_bin};
-use konnectivity_it::netns::{NetNs, ip};
+use konnectivity_it::netns::{NetNs, veth};
 use konnectivity_it::targets::{Target, serve_listener};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -70,25 +70,7 @@ async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same
         (&cluster_b, "b", "198.19.254.2/30", "198.19.254.1/30"),
     ] {
         let (vc, vk) = (format!("rc{tag}{id}"), format!("rk{tag}{id}"));
-        ip(&[
-            "link",
-            "add",
-            &vc,
-            "netns",
-            control.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &vk,
-            "netns",
-            cluster.name(),
-        ])
-        .expect("veth");
-        control.ip(&["addr", "add", remote, "dev", &vc]).expect("addr");
-        cluster.ip(&["addr", "add", local, "dev", &vk]).expect("addr");
-        control.ip(&["link", "set", &vc, "up"]).expect("up");
-        cluster.ip(&["link", "set", &vk, "up"]).expect("up");
+        veth(&control, &vc, remote, cluster, &vk, local).expect("veth");
     }
     cluster_b.ip(&["route", "add", &format!("{CONTROL}/32"), "via", "198.19.254.1"]).expect("route");
 

@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use konnectivity_client::{ProxyAddress, Tunnel, TunnelConn};
 use konnectivity_it::TempDir;
 use konnectivity_it::controlplane::{ClusterPki, Proc, metric, plain_get, workspace_bin};
-use konnectivity_it::netns::{NetNs, ip};
+use konnectivity_it::netns::{NetNs, veth};
 use konnectivity_it::targets::{Target, echo_target_on, http_target_on, serve_listener};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -137,24 +137,14 @@ impl Fabric {
         let control = Arc::new(NetNs::create(&format!("kfc{id}"))?);
         let cluster = Arc::new(NetNs::create(&format!("kfk{id}"))?);
         let (veth_control, veth_cluster) = (format!("vfc{id}"), format!("vfk{id}"));
-        ip(&[
-            "link",
-            "add",
+        veth(
+            &control,
             &veth_control,
-            "netns",
-            control.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
+            &format!("{CONTROL_LINK}/30"),
+            &cluster,
             &veth_cluster,
-            "netns",
-            cluster.name(),
-        ])?;
-        control.ip(&["addr", "add", &format!("{CONTROL_LINK}/30"), "dev", &veth_control])?;
-        cluster.ip(&["addr", "add", &format!("{CLUSTER_LINK}/30"), "dev", &veth_cluster])?;
-        control.ip(&["link", "set", &veth_control, "up"])?;
-        cluster.ip(&["link", "set", &veth_cluster, "up"])?;
+            &format!("{CLUSTER_LINK}/30"),
+        )?;
         for addr in [TARGET_IP, BLACKHOLE_IP] {
             cluster.ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
         }
