@@ -183,6 +183,19 @@ impl Stack {
     }
 }
 
+/// How many dials an agent made (its `dial_duration_seconds` count).
+pub fn dials(agent: &AgentRun) -> u64 {
+    agent
+        .handle
+        .metrics()
+        .registry()
+        .gather()
+        .iter()
+        .find(|f| f.name() == "konnectivity_network_proxy_agent_dial_duration_seconds")
+        .map(|f| f.get_metric()[0].get_histogram().get_sample_count())
+        .unwrap_or(0)
+}
+
 /// Starts a server (with `frontend`) and an agent, and waits until the agent is connected.
 pub async fn server_and_agent(stack: &Stack, frontend: Frontend) -> anyhow::Result<(ServerRun, AgentRun)> {
     let server = stack.start_server(stack.server_config(frontend)).await?;

@@ -41,18 +41,7 @@ async fn get_success(stack: &Stack, server: &ServerRun, host: &str) {
     assert_eq!((status, &body[..]), (200, &b"success"[..]));
 }
 
-/// How many dials an agent made (its `dial_duration_seconds` count).
-fn dials(agent: &AgentRun) -> u64 {
-    agent
-        .handle
-        .metrics()
-        .registry()
-        .gather()
-        .iter()
-        .find(|f| f.name() == "konnectivity_network_proxy_agent_dial_duration_seconds")
-        .map(|f| f.get_metric()[0].get_histogram().get_sample_count())
-        .unwrap_or(0)
-}
+use konnectivity_it::stack::dials;
 
 #[tokio::test]
 async fn agent_with_three_addresses_connects_to_all_and_reconnects_to_a_restarted_one() {

@@ -5,18 +5,7 @@ use konnectivity_it::stack::{Frontend, Stack, assert_settled};
 use konnectivity_it::targets::http_target;
 use konnectivity_server::routing::Strategy;
 
-/// How many dials an agent made (its `dial_duration_seconds` count).
-fn dials(agent: &konnectivity_it::stack::AgentRun) -> u64 {
-    agent
-        .handle
-        .metrics()
-        .registry()
-        .gather()
-        .iter()
-        .find(|f| f.name() == "konnectivity_network_proxy_agent_dial_duration_seconds")
-        .map(|f| f.get_metric()[0].get_histogram().get_sample_count())
-        .unwrap_or(0)
-}
+use konnectivity_it::stack::dials;
 
 #[tokio::test]
 async fn strategies_route_by_identifiers_and_fall_through_in_order() {
