@@ -4,10 +4,11 @@
 //! For `--duration` it runs, at once: bulk transfers both ways, small request/response exchanges on fresh
 //! tunnels, dial churn (connect, echo a little, close) including dials to a refused port, and it restarts the
 //! agent (SIGKILL, then a new process) every `--agent-restart-every`. Every `--sample-every` it records the
-//! server's and agent's RSS, open descriptors and threads (from /proc) and the request counts, and prints a
-//! trend table. The verdict: server RSS growth after the warm-up under 5% (median of the first three samples
-//! against the last three), server threads not growing under load, server descriptors and threads back to their
-//! idle level (within a slack of 2) once the load stops, no connection or pending dial left on the server, and no
+//! server's and agent's RSS, open descriptors and threads (from /proc), the server's runtime tasks (its
+//! `tokio_alive_tasks` metric) and the request counts, and prints a trend table. The verdict: server RSS growth
+//! after the warm-up under 5% (median of the first three samples against the last three), server threads not
+//! growing under load, server descriptors, threads and tasks back to their idle level (within a slack of 2) once
+//! the load stops, no connection or pending dial left on the server, and no
 //! failed request beyond the injected faults (dials to the refused port, requests cut by an agent restart).
 #![forbid(unsafe_code)]
 
@@ -30,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Soak test of konnectivity-rs: mixed load for a while against real processes, watching RSS, fds and threads.
 #[derive(Debug, Parser)]
-#[command(name = "konnectivity-soak", version, about)]
+#[command(name = "konnectivity-soak", version)]
 struct Args {
     /// How long the load runs, in seconds.
     #[arg(long, default_value_t = 1800)]
@@ -66,6 +67,8 @@ struct Args {
 /// uses). A leak is a count that grows with the load; these do not.
 const FD_SLACK: usize = 2;
 const THREAD_SLACK: u64 = 2;
+/// Runtime tasks likewise (the scrape that reads the figure is one).
+const TASK_SLACK: f64 = 2.0;
 
 /// A child process, killed when dropped.
 struct Proc(Child);
@@ -369,6 +372,8 @@ impl Stack {
 struct Sample {
     at: Duration,
     server: ProcStats,
+    /// The server's `tokio_alive_tasks`.
+    server_tasks: Option<f64>,
     agent: ProcStats,
     ok: u64,
     bytes: u64,
@@ -384,11 +389,12 @@ fn mib(kib: u64) -> f64 {
 
 fn print_row(s: &Sample) {
     println!(
-        "| {:>6.1} | {:>8.1} | {:>4} | {:>3} | {:>8.1} | {:>4} | {:>3} | {:>9} | {:>9.0} | {:>7} | {:>7} | {:>5} | {:>3} |",
+        "| {:>6.1} | {:>8.1} | {:>4} | {:>3} | {:>5} | {:>8.1} | {:>4} | {:>3} | {:>9} | {:>9.0} | {:>7} | {:>7} | {:>5} | {:>3} |",
         s.at.as_secs_f64() / 60.0,
         mib(s.server.rss_kib),
         s.server.fds,
         s.server.threads,
+        s.server_tasks.map_or("?".to_string(), |t| format!("{t:.0}")),
         mib(s.agent.rss_kib),
         s.agent.fds,
         s.agent.threads,
@@ -425,15 +431,17 @@ async fn main() -> anyhow::Result<()> {
     // figures the end is compared with.
     tokio::time::sleep(Duration::from_secs(12)).await;
     let idle_before = proc_stats(stack.server.pid());
+    let idle_tasks_before = server_gauge(&stack, "tokio_alive_tasks");
     println!(
         "konnectivity-soak: {} s of mixed load ({}), agent restarts every {} s, samples every {} s, warm-up {} s",
         args.duration, args.mode, args.agent_restart_every, args.sample_every, args.warmup
     );
     println!(
-        "idle server before the load: RSS {:.1} MiB, {} fds, {} threads",
+        "idle server before the load: RSS {:.1} MiB, {} fds, {} threads, {:?} tasks",
         mib(idle_before.rss_kib),
         idle_before.fds,
-        idle_before.threads
+        idle_before.threads,
+        idle_tasks_before
     );
 
     let load = Arc::new(Load {
@@ -458,10 +466,10 @@ async fn main() -> anyhow::Result<()> {
 
     println!();
     println!(
-        "| min    | srv MiB  | fds  | thr | agt MiB  | fds  | thr | requests  | MiB moved | refused | restart | unexp | rst |"
+        "| min    | srv MiB  | fds  | thr | tasks | agt MiB  | fds  | thr | requests  | MiB moved | refused | restart | unexp | rst |"
     );
     println!(
-        "|--------|----------|------|-----|----------|------|-----|-----------|-----------|---------|---------|-------|-----|"
+        "|--------|----------|------|-----|-------|----------|------|-----|-----------|-----------|---------|---------|-------|-----|"
     );
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.duration);
@@ -492,6 +500,7 @@ async fn main() -> anyhow::Result<()> {
             let s = Sample {
                 at: start.elapsed(),
                 server: proc_stats(stack.server.pid()),
+                server_tasks: server_gauge(&stack, "tokio_alive_tasks"),
                 agent: proc_stats(stack.agent.pid()),
                 ok: c.ok.load(Ordering::Relaxed),
                 bytes: c.bytes.load(Ordering::Relaxed),
@@ -513,14 +522,17 @@ async fn main() -> anyhow::Result<()> {
 
     // Once the load is over, nothing may be left on the server, and its descriptors and threads go back to idle.
     let settle_deadline = Instant::now() + Duration::from_secs(30);
-    let (mut established, mut pending);
+    let (mut established, mut pending, mut idle_tasks_after);
+    let tasks_ok = |after: Option<f64>| matches!((idle_tasks_before, after), (Some(b), Some(a)) if a <= b + TASK_SLACK);
     loop {
         established = server_gauge(&stack, "konnectivity_network_proxy_server_established_connections");
         pending = server_gauge(&stack, "konnectivity_network_proxy_server_pending_backend_dials");
+        idle_tasks_after = server_gauge(&stack, "tokio_alive_tasks");
         let idle = proc_stats(stack.server.pid());
         // Threads too: tokio's blocking pool keeps an idle thread for 10 s.
         let settled = established == Some(0.0)
             && pending == Some(0.0)
+            && tasks_ok(idle_tasks_after)
             && idle.fds <= idle_before.fds + FD_SLACK
             && idle.threads <= idle_before.threads + THREAD_SLACK;
         if settled || Instant::now() > settle_deadline {
@@ -550,11 +562,12 @@ async fn main() -> anyhow::Result<()> {
         println!("  unexpected: {e}");
     }
     println!(
-        "idle server after the load: RSS {:.1} MiB, {} fds, {} threads ({}); established {:?}, pending dials {:?}",
+        "idle server after the load: RSS {:.1} MiB, {} fds, {} threads ({}), {:?} tasks; established {:?}, pending dials {:?}",
         mib(idle_after.rss_kib),
         idle_after.fds,
         idle_after.threads,
         thread_names.join(", "),
+        idle_tasks_after,
         established,
         pending
     );
@@ -585,6 +598,9 @@ async fn main() -> anyhow::Result<()> {
         let fds: Vec<usize> = after_warmup.iter().map(|s| s.server.fds).collect();
         let (lo, hi) = (fds.iter().min().copied().unwrap_or(0), fds.iter().max().copied().unwrap_or(0));
         verdict.push(format!("server fds under load after warm-up: {lo}..{hi}"));
+        let tasks: Vec<f64> = after_warmup.iter().filter_map(|s| s.server_tasks).collect();
+        let (lo, hi) = tasks.iter().fold((f64::MAX, 0.0f64), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
+        verdict.push(format!("server tasks under load after warm-up: {lo:.0}..{hi:.0}"));
         // Threads must not grow under load: the last third of the samples has no more than the first third.
         let third = after_warmup.len().div_ceil(3);
         let first = after_warmup.iter().take(third).map(|s| s.server.threads).max().unwrap_or(0);
@@ -614,6 +630,12 @@ async fn main() -> anyhow::Result<()> {
         idle_before.threads,
         idle_after.threads,
         if threads_ok { "ok (flat)" } else { "FAIL" }
+    ));
+    let idle_tasks_ok = tasks_ok(idle_tasks_after);
+    pass &= idle_tasks_ok;
+    verdict.push(format!(
+        "server tasks idle before/after: {idle_tasks_before:?}/{idle_tasks_after:?}: {}",
+        if idle_tasks_ok { "ok (flat)" } else { "FAIL" }
     ));
     let left_ok = established == Some(0.0) && pending == Some(0.0);
     pass &= left_ok;

@@ -1,5 +1,6 @@
 //! The `process_*` metrics that client_golang's process collector exports (and so the reference's
-//! `/metrics`), read from /proc at scrape time.
+//! `/metrics`), read from /proc at scrape time, and `tokio_alive_tasks`, our counterpart of Go's
+//! `go_goroutines`: the tasks alive in the runtime that serves the scrape.
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -14,6 +15,7 @@ pub struct ProcessMetrics {
     virtual_memory_max: Gauge,
     resident_memory: Gauge,
     start_time: Gauge,
+    alive_tasks: Gauge,
     descs: Vec<Desc>,
 }
 
@@ -38,13 +40,28 @@ impl ProcessMetrics {
             "process_start_time_seconds",
             "Start time of the process since unix epoch in seconds.",
         ))?;
+        let alive_tasks = Gauge::with_opts(Opts::new(
+            "tokio_alive_tasks",
+            "Number of tasks alive in the async runtime serving this endpoint (konnectivity-rs; the Go reference's counterpart is go_goroutines).",
+        ))?;
         let mut descs = Vec::new();
-        for c in [&open_fds, &max_fds, &virtual_memory, &virtual_memory_max, &resident_memory, &start_time] {
+        for c in
+            [&open_fds, &max_fds, &virtual_memory, &virtual_memory_max, &resident_memory, &start_time, &alive_tasks]
+        {
             descs.extend(c.desc().into_iter().cloned());
         }
         descs.extend(cpu.desc().into_iter().cloned());
-        let this =
-            Self { cpu, open_fds, max_fds, virtual_memory, virtual_memory_max, resident_memory, start_time, descs };
+        let this = Self {
+            cpu,
+            open_fds,
+            max_fds,
+            virtual_memory,
+            virtual_memory_max,
+            resident_memory,
+            start_time,
+            alive_tasks,
+            descs,
+        };
         if let Some(start) = start_time_seconds() {
             this.start_time.set(start);
         }
@@ -106,7 +123,15 @@ impl Collector for ProcessMetrics {
         if let Some(v) = limit("Max address space") {
             self.virtual_memory_max.set(v);
         }
+        // The scrape is served by the process's runtime; a gather from outside any runtime omits the gauge.
+        let in_runtime = tokio::runtime::Handle::try_current().ok();
+        if let Some(handle) = &in_runtime {
+            self.alive_tasks.set(handle.metrics().num_alive_tasks() as f64);
+        }
         let mut out = Vec::new();
+        if in_runtime.is_some() {
+            out.extend(self.alive_tasks.collect());
+        }
         for g in [
             &self.open_fds,
             &self.max_fds,
@@ -146,5 +171,28 @@ mod tests {
         assert!(value("process_start_time_seconds").unwrap_or(0.0) > 1.6e9);
         assert!(value("process_max_fds").unwrap_or(0.0) >= 1024.0);
         assert!(value("process_cpu_seconds_total").is_some());
+        assert_eq!(value("tokio_alive_tasks"), None, "no runtime here, so no task gauge");
+    }
+
+    #[tokio::test]
+    async fn counts_the_runtime_tasks() {
+        let registry = prometheus::Registry::new();
+        registry.register(Box::new(ProcessMetrics::new().expect("collector"))).expect("register");
+        let alive = || {
+            registry
+                .gather()
+                .iter()
+                .find(|f| f.name() == "tokio_alive_tasks")
+                .map(|f| f.get_metric()[0].get_gauge().get_value())
+        };
+        let before = alive().expect("tokio_alive_tasks inside a runtime");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = rx.await;
+        });
+        assert_eq!(alive(), Some(before + 1.0));
+        drop(tx);
+        task.await.expect("task");
+        assert_eq!(alive(), Some(before));
     }
 }
