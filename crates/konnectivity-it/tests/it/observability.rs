@@ -216,7 +216,7 @@ const EXTENSIONS: &[(&str, &str, &[&str])] = &[
     ("konnectivity_network_proxy_agent_server_dials_total", "counter", &["result"]),
 ];
 
-/// client_golang's process collector families.
+/// client_golang's process collector families, and our runtime's task count.
 const PROCESS: &[(&str, &str)] = &[
     ("process_cpu_seconds_total", "counter"),
     ("process_open_fds", "gauge"),
@@ -225,6 +225,8 @@ const PROCESS: &[(&str, &str)] = &[
     ("process_virtual_memory_max_bytes", "gauge"),
     ("process_resident_memory_bytes", "gauge"),
     ("process_start_time_seconds", "gauge"),
+    // Ours, Go's go_goroutines counterpart.
+    ("tokio_alive_tasks", "gauge"),
 ];
 
 #[derive(Debug, Default)]
