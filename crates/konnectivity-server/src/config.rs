@@ -160,6 +160,9 @@ pub struct ServerConfig {
     pub frontend_keepalive_time: Duration,
     /// Fail a dial the agent has not answered (or could not be sent) within this time; `None` waits forever.
     pub backend_dial_timeout: Option<Duration>,
+    /// HTTP CONNECT: how long a tunnel whose client has hung up may still wait for its endpoint to read the
+    /// client's last bytes (an upload waiting for flow-control credit) before it is closed.
+    pub connect_hangup_grace: Duration,
     /// Health port bind address and port (`/healthz`, `/readyz`, `/metrics`); `None` disables it.
     pub health: Option<(String, u16)>,
     /// Admin port bind address and port (`/metrics`); `None` disables it.
@@ -206,6 +209,7 @@ impl ServerConfig {
             keepalive_timeout: Duration::from_secs(20),
             frontend_keepalive_time: Duration::from_secs(3600),
             backend_dial_timeout: None,
+            connect_hangup_grace: crate::connect::HANGUP_GRACE,
             health: Some((String::new(), 8092)),
             admin: Some(("127.0.0.1".into(), 8095)),
             graceful_shutdown_timeout: Duration::ZERO,

@@ -4,7 +4,9 @@
 //! through an agent, answers exactly `HTTP/1.1 200 Connection Established\r\n\r\n` (and nothing before it: DATA
 //! can only follow the DIAL_RSP through this task's own queue), then pipes. Unlike the reference, agent data
 //! is written to the socket here and never in the agent's receive loop, so one slow client cannot stall the
-//! others; and a client that disconnects while its dial is pending is noticed and its dial abandoned.
+//! others; a client that disconnects while its dial is pending is noticed and its dial abandoned; and a client
+//! that hangs up while its upload waits for an endpoint that does not read is noticed too (see
+//! [`HANGUP_GRACE`]), where the reference keeps the tunnel until the endpoint reads or goes away.
 
 use crate::audit::{ClientIdentity, CloseReason, DialFailure};
 use crate::backend::Backend;
@@ -12,10 +14,13 @@ use crate::state::{DialStartError, Frontend, Tunnels};
 use bytes::BytesMut;
 use konnectivity_proto::names::BACKEND_DIAL_TIMEOUT;
 use konnectivity_proto::{Packet, PacketKind, flow};
+use konnectivity_transport::listen::{SocketFd, SocketWatch};
 use rand::Rng;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 /// How long a client may take to send its request head (the reference's `ReadHeaderTimeout`).
@@ -26,6 +31,13 @@ const MAX_HEAD: usize = 1 << 20;
 const MAX_EARLY_DATA: usize = 1 << 20;
 /// Client read size (the reference reads 32 KiB).
 const CLIENT_READ: usize = 64 * 1024;
+
+/// How long a tunnel whose client has hung up (its socket reports the peer's FIN or a reset) may wait for the
+/// endpoint to take the client's remaining bytes before it is closed. The bytes already read from the client are
+/// waiting for flow-control credit, so the endpoint has not read for a while. A client that only shut down its
+/// sending side still has its last bytes delivered while the endpoint makes progress within this time (the
+/// tunnel then closes, as on any client EOF, like the reference's).
+pub const HANGUP_GRACE: Duration = Duration::from_secs(30);
 
 /// The exact success answer kube-apiserver expects; nothing may follow it until the client speaks.
 pub const CONNECTION_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
@@ -63,6 +75,7 @@ fn reason(status: u16) -> &'static str {
 pub(crate) struct ConnectFrontend {
     pub(crate) tunnels: Arc<Tunnels>,
     pub(crate) backend_dial_timeout: Option<Duration>,
+    pub(crate) hangup_grace: Duration,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -78,7 +91,7 @@ impl ConnectFrontend {
     /// Serves one client connection until it ends.
     pub(crate) async fn handle<IO>(self: Arc<Self>, mut io: IO, peer: ClientIdentity)
     where
-        IO: AsyncRead + AsyncWrite + Unpin + Send,
+        IO: AsyncRead + AsyncWrite + SocketFd + Unpin + Send,
     {
         self.tunnels.metrics.http_connections(1.0);
         let _gauge = ConnectionGauge(self.tunnels.clone());
@@ -118,7 +131,7 @@ impl ConnectFrontend {
 
     async fn connect<IO>(&self, mut io: IO, target: String, mut early: BytesMut, peer: ClientIdentity)
     where
-        IO: AsyncRead + AsyncWrite + Unpin + Send,
+        IO: AsyncRead + AsyncWrite + SocketFd + Unpin + Send,
     {
         let tunnels = &self.tunnels;
         let (frontend, mut rx) = Frontend::new(tunnels.next_serial(), "http-connect", peer);
@@ -204,8 +217,11 @@ impl ConnectFrontend {
         }
         tracing::debug!(%peer, %target, connect_id, "connection established");
         let link = frontend.link(backend.serial, connect_id);
-        let (mut rd, mut wr) = tokio::io::split(io);
-        let to_agent = pipe_to_agent(&mut rd, early, &backend, connect_id, link, tunnels);
+        let io = Arc::new(Mutex::new(io));
+        let (mut rd, mut wr) = (Shared(io.clone()), Shared(io.clone()));
+        let watch = || hangup_watch(&io);
+        let hangup = Hangup { watch: &watch, grace: self.hangup_grace };
+        let to_agent = pipe_to_agent(&mut rd, early, &backend, connect_id, link, hangup, tunnels);
         let to_client = async {
             while let Some((queued_at, packet)) = rx.recv().await {
                 match &packet.payload {
@@ -244,13 +260,64 @@ impl ConnectFrontend {
     }
 }
 
-/// Forwards client bytes (first those that came with the head) as DATA, honouring the agent's credit.
+/// The client socket, shared by the two directions of a tunnel (as `tokio::io::split` does) and by the hangup
+/// watch, which needs the socket itself.
+struct Shared<IO>(Arc<Mutex<IO>>);
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Shared<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let mut io = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Pin::new(&mut *io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Shared<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let mut io = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Pin::new(&mut *io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut io = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Pin::new(&mut *io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut io = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        Pin::new(&mut *io).poll_shutdown(cx)
+    }
+}
+
+/// A watch on the client's socket (see [`SocketWatch::hung_up`]), made only while an upload waits for credit
+/// and dropped after.
+fn hangup_watch<IO: SocketFd>(io: &Mutex<IO>) -> Option<SocketWatch> {
+    io.lock().unwrap_or_else(PoisonError::into_inner).watch()
+}
+
+/// Resolves once the client has hung up; never if its socket cannot be watched.
+async fn hung_up(watch: Option<SocketWatch>) {
+    match watch {
+        Some(w) => w.hung_up().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How [`pipe_to_agent`] watches the client while it waits for credit.
+struct Hangup<'a> {
+    watch: &'a (dyn Fn() -> Option<SocketWatch> + Sync),
+    grace: Duration,
+}
+
+/// Forwards client bytes (first those that came with the head) as DATA, honouring the agent's credit. Returns
+/// when the client has finished or gone, the agent is gone, or the client hung up while the endpoint took
+/// nothing for the hangup grace.
 async fn pipe_to_agent<R: AsyncRead + Unpin>(
     rd: &mut R,
     early: BytesMut,
     backend: &Arc<Backend>,
     connect_id: i64,
     link: Option<Arc<crate::state::Link>>,
+    hangup: Hangup<'_>,
     tunnels: &Tunnels,
 ) {
     let upload_window = link.as_ref().and_then(|l| l.upload_window.clone());
@@ -270,12 +337,37 @@ async fn pipe_to_agent<R: AsyncRead + Unpin>(
             }
         };
         if let Some(window) = &upload_window {
-            if window.available_permits() < flow::cost(chunk.len()) as usize {
+            let need = flow::cost(chunk.len());
+            let acquire = window.acquire_many(need);
+            tokio::pin!(acquire);
+            if window.available_permits() < need as usize {
                 tunnels.metrics.flow_control_wait();
-            }
-            match window.acquire_many(flow::cost(chunk.len())).await {
-                Ok(permit) => permit.forget(),
-                Err(_) => return,
+                // The endpoint is behind: watch the client meanwhile, since nothing reads its socket now.
+                tokio::select! {
+                    permit = &mut acquire => match permit {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => return,
+                    },
+                    _ = hung_up((hangup.watch)()) => {
+                        match tokio::time::timeout(hangup.grace, &mut acquire).await {
+                            Ok(Ok(permit)) => permit.forget(),
+                            Ok(Err(_)) => return,
+                            Err(_) => {
+                                tracing::debug!(
+                                    connect_id,
+                                    "client hung up while the endpoint had read nothing for {:?}; closing",
+                                    hangup.grace
+                                );
+                                return;
+                            }
+                        }
+                    }
+                }
+            } else {
+                match acquire.await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return,
+                }
             }
         }
         let len = chunk.len() as u64;

@@ -415,4 +415,8 @@ impl ServerMetrics {
     pub fn dial_failures(&self, reason: DialFailureReason) -> u64 {
         self.dial_failures.with_label_values(&[reason.label()]).get()
     }
+    /// `flow_control_waits_total`.
+    pub fn flow_control_waits(&self) -> u64 {
+        self.flow_control_waits.get()
+    }
 }

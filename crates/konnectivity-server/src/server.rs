@@ -399,6 +399,7 @@ async fn start_frontend(
     let connect = Arc::new(ConnectFrontend {
         tunnels: tunnels.clone(),
         backend_dial_timeout: config.backend_dial_timeout,
+        hangup_grace: config.connect_hangup_grace,
         shutdown: shutdown.clone(),
     });
     let token = shutdown.clone();
@@ -508,7 +509,12 @@ fn serve_connect<S, IO>(
     tracker: &TaskTracker,
 ) where
     S: futures_util::Stream<Item = std::io::Result<(IO, ClientIdentity)>> + Send + Unpin + 'static,
-    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + konnectivity_transport::listen::SocketFd
+        + Unpin
+        + Send
+        + 'static,
 {
     let handlers = tracker.clone();
     tracker.spawn(async move {

@@ -140,6 +140,78 @@ impl TlsConn {
     }
 }
 
+/// A stream connection whose socket can be watched for its peer hanging up while nobody reads it (the HTTP
+/// CONNECT frontend does, when an upload waits for an endpoint that does not read).
+pub trait SocketFd {
+    /// A second handle on the connection's socket, for [`SocketWatch::hung_up`]; `None` if it cannot be made.
+    fn watch(&self) -> Option<SocketWatch>;
+}
+
+/// A duplicate descriptor of a connection's socket, registered for readiness only. Dropping it closes only the
+/// duplicate: the connection is untouched.
+pub enum SocketWatch {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl SocketWatch {
+    fn tcp(socket: &TcpStream) -> Option<Self> {
+        use std::os::fd::AsFd;
+        let dup = std::net::TcpStream::from(socket.as_fd().try_clone_to_owned().ok()?);
+        // Non-blocking is a property of the shared file description: already set.
+        TcpStream::from_std(dup).ok().map(Self::Tcp)
+    }
+
+    fn unix(socket: &tokio::net::UnixStream) -> Option<Self> {
+        use std::os::fd::AsFd;
+        let dup = std::os::unix::net::UnixStream::from(socket.as_fd().try_clone_to_owned().ok()?);
+        tokio::net::UnixStream::from_std(dup).ok().map(Self::Unix)
+    }
+
+    /// Resolves once the peer has shut down its sending side or the connection failed (EPOLLRDHUP, EPOLLHUP),
+    /// which the kernel reports even while unread bytes are queued ahead of the FIN, where a read would have to
+    /// take those bytes first. Never resolves if the socket cannot be watched.
+    pub async fn hung_up(&self) {
+        use tokio::io::Interest;
+        loop {
+            let ready = match self {
+                Self::Tcp(s) => s.ready(Interest::READABLE).await,
+                Self::Unix(s) => s.ready(Interest::READABLE).await,
+            };
+            match ready {
+                Ok(r) if r.is_read_closed() => return,
+                Ok(_) => {
+                    // Plain readability (bytes queued): clear it without reading, and wait for the next event.
+                    let clear = || Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock));
+                    let _ = match self {
+                        Self::Tcp(s) => s.try_io(Interest::READABLE, clear),
+                        Self::Unix(s) => s.try_io(Interest::READABLE, clear),
+                    };
+                }
+                Err(_) => return std::future::pending().await,
+            }
+        }
+    }
+}
+
+impl SocketFd for TlsConn {
+    fn watch(&self) -> Option<SocketWatch> {
+        SocketWatch::tcp(self.inner.get_ref().0)
+    }
+}
+
+impl SocketFd for tokio::net::UnixStream {
+    fn watch(&self) -> Option<SocketWatch> {
+        SocketWatch::unix(self)
+    }
+}
+
+impl SocketFd for TcpStream {
+    fn watch(&self) -> Option<SocketWatch> {
+        SocketWatch::tcp(self)
+    }
+}
+
 impl tonic::transport::server::Connected for TlsConn {
     type ConnectInfo = TlsConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {

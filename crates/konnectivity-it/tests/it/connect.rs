@@ -320,3 +320,71 @@ async fn a_client_that_leaves_while_its_dial_is_pending_is_noticed() {
     assert_settled(&server, None).await;
     server.stop().await;
 }
+
+/// An upload into an endpoint that never reads waits for flow-control credit, so nothing reads the client's
+/// socket; when the client then hangs up, the server still notices (from the socket's readiness, not a read)
+/// and closes the tunnel after the hangup grace, on both frontends. A client that stays keeps its tunnel.
+///
+/// Over TCP the client here closes with a reset (SO_LINGER 0): a client that closes with its own send queue
+/// full has its FIN queued behind bytes the server's zero receive window does not let through, so the server
+/// cannot see that close until the endpoint reads (or the client's kernel gives up on the orphaned socket and
+/// the server's TCP keepalive finds it gone). Over the Unix socket, kube-apiserver's usual way in, a close is
+/// seen at once.
+#[tokio::test]
+async fn a_client_that_hangs_up_during_a_stalled_upload_is_noticed() {
+    const GRACE: Duration = Duration::from_secs(1);
+    for frontend in [Frontend::ConnectUds, Frontend::ConnectTcpMtls] {
+        let stack = Stack::new().expect("pki");
+        let mut config = stack.server_config(frontend);
+        config.connect_hangup_grace = GRACE;
+        let server = stack.start_server(config).await.expect("server");
+        let agent = stack.start_agent(stack.agent_config(server.agent_addr)).await.expect("agent");
+        konnectivity_it::eventually!(10, server.handle.ready(), "agent not registered");
+        // Accepts and holds every connection, never reading.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let target = konnectivity_it::targets::serve_listener(listener, |tcp, stop| async move {
+            stop.cancelled().await;
+            drop(tcp);
+        })
+        .expect("target");
+        let host = target.addr.to_string();
+
+        let proxy = stack.proxy_address(&server).expect("addr");
+        let conn = http_connect::dial(&proxy, &host, "test").await.expect("connect");
+        if let http_connect::ConnectStream::Tls(tls) = &conn {
+            tls.get_ref().0.set_zero_linger().expect("SO_LINGER 0");
+        }
+        let (rd, mut wr) = tokio::io::split(conn);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![7u8; 64 * 1024];
+            loop {
+                if wr.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        // The upload fills the endpoint's window and waits for credit.
+        let waits = || server.handle.metrics().flow_control_waits();
+        konnectivity_it::eventually!(20, waits() > 0, "{frontend:?}: the upload never waited for credit");
+        // A client that is still there keeps its tunnel well past the grace.
+        tokio::time::sleep(GRACE * 2).await;
+        assert_eq!(server.handle.established_connections(), 1, "{frontend:?}: tunnel of a live client closed");
+
+        writer.abort();
+        let _ = writer.await;
+        drop(rd);
+        let gone = std::time::Instant::now();
+        // The grace, then the agent's own limit for delivering what it holds to an endpoint that does not read.
+        konnectivity_it::eventually!(
+            20,
+            server.handle.established_connections() == 0,
+            "{frontend:?}: the hung-up client's tunnel is still open"
+        );
+        let took = gone.elapsed();
+        println!("CONNECT {frontend:?}: tunnel of a client that hung up mid-stall closed after {took:.2?}");
+        assert!(took >= GRACE / 2, "{frontend:?}: closed before the grace ({took:?})");
+        assert_settled(&server, Some(&agent)).await;
+        agent.stop().await;
+        server.stop().await;
+    }
+}
