@@ -170,6 +170,16 @@ impl FrontendSession {
                 if self.connect_id == 0 && self.frontend.owns(backend.serial, data.connect_id) {
                     self.connect_id = data.connect_id;
                 }
+                if self.connect_id == 0 && self.frontend.closed_lately(backend.serial, data.connect_id) {
+                    // The connection was closed (by its endpoint, its agent's death, the server) before this
+                    // frontend's first DATA for it arrived; the frontend has its CLOSE_RSP queued already, so
+                    // the DATA is dropped (not taken for another stream's ID: no "mismatched connection IDs").
+                    tracing::debug!(
+                        connect_id = data.connect_id,
+                        "dropping DATA for a connection closed before its first DATA"
+                    );
+                    return;
+                }
                 if data.connect_id != self.connect_id {
                     // Either a second ID on one stream or an ID this stream never dialed: close ours, and
                     // never touch a connection that belongs to another frontend.

@@ -102,11 +102,17 @@ pub(crate) struct Frontend {
     /// Connections established for this frontend. The agent loop adds them; the frontend's own task reads them
     /// to check DATA and to clean up when the stream ends.
     pub(crate) links: Mutex<Vec<Arc<Link>>>,
+    /// The last connections of this frontend that were closed (agent stream serial, connect ID), at most
+    /// [`RECENTLY_CLOSED`]: DATA the frontend sent for one before it read the close is dropped quietly.
+    recently_closed: Mutex<std::collections::VecDeque<(u64, i64)>>,
     /// Cancelled when the frontend stream has ended (or is being ended by [`Frontend::abort`]).
     pub(crate) closed: CancellationToken,
     /// The status the response stream ends with, if it is ended by us with an error.
     final_status: Mutex<Option<Status>>,
 }
+
+/// How many closed connections a frontend remembers (kube-apiserver uses one stream per connection).
+const RECENTLY_CLOSED: usize = 8;
 
 /// What happened to a packet handed to a frontend.
 #[derive(Debug, PartialEq, Eq)]
@@ -136,6 +142,7 @@ impl Frontend {
             tx,
             budget: QueueBudget::default(),
             links: Mutex::new(Vec::new()),
+            recently_closed: Mutex::new(std::collections::VecDeque::new()),
             closed: CancellationToken::new(),
             final_status: Mutex::new(None),
         });
@@ -224,7 +231,21 @@ impl Frontend {
 
     /// Forgets an established connection (it was closed).
     pub(crate) fn forget(&self, backend_serial: u64, connect_id: i64) {
-        self.links.lock().retain(|l| !(l.backend.serial == backend_serial && l.connect_id == connect_id));
+        let mut links = self.links.lock();
+        let before = links.len();
+        links.retain(|l| !(l.backend.serial == backend_serial && l.connect_id == connect_id));
+        if links.len() < before {
+            let mut closed = self.recently_closed.lock();
+            if closed.len() == RECENTLY_CLOSED {
+                closed.pop_front();
+            }
+            closed.push_back((backend_serial, connect_id));
+        }
+    }
+
+    /// Whether this frontend owned connection `connect_id` on `backend_serial` until it was closed lately.
+    pub(crate) fn closed_lately(&self, backend_serial: u64, connect_id: i64) -> bool {
+        self.recently_closed.lock().contains(&(backend_serial, connect_id))
     }
 
     /// This frontend's link for connection `connect_id` on the agent stream `backend_serial`, if it owns it.

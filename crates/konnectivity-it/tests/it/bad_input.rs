@@ -321,3 +321,47 @@ async fn tls13_only_server_refuses_a_tls12_client_and_serves_agents() {
     agent.stop().await;
     server.stop().await;
 }
+
+/// A connection that closes before the frontend's first DATA for it (here the endpoint hangs up at once) is
+/// not a protocol error: the late DATA is dropped, with no "mismatched connection IDs" close, and the stream
+/// stays usable.
+#[tokio::test]
+async fn data_for_a_connection_closed_before_the_first_data_is_dropped_quietly() {
+    let stack = Stack::new().expect("pki");
+    let (server, agent) = server_and_agent(&stack, Frontend::Uds).await.expect("stack");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let target = konnectivity_it::targets::serve_listener(listener, |tcp, _| async move { drop(tcp) }).expect("target");
+
+    let mut client = raw_frontend(&stack).await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(Packet::dial_request(target.addr.to_string(), 42)).await.expect("queue");
+    let mut inbound = client.proxy(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(5), inbound.message())
+            .await
+            .expect("answer")
+            .expect("ok")
+            .expect("packet")
+    };
+    let connect_id = match next().await.kind() {
+        Ok(PacketKind::DialResponse(r)) if r.error.is_empty() => r.connect_id,
+        other => panic!("expected a successful DIAL_RSP, got {other:?}"),
+    };
+    match next().await.kind() {
+        Ok(PacketKind::CloseResponse(c)) => assert_eq!((c.connect_id, c.error.as_str()), (connect_id, "")),
+        other => panic!("expected the endpoint's CLOSE_RSP, got {other:?}"),
+    }
+    konnectivity_it::eventually!(5, server.handle.established_connections() == 0, "connection not closed");
+
+    tx.send(Packet::data(connect_id, bytes::Bytes::from_static(b"late"))).await.expect("queue");
+    let after = tokio::time::timeout(Duration::from_millis(500), inbound.message()).await;
+    assert!(after.is_err(), "late DATA was answered: {after:?}");
+
+    // The stream was not stopped as a protocol error: it ends cleanly when the frontend ends it.
+    drop(tx);
+    let end = tokio::time::timeout(Duration::from_secs(5), inbound.message()).await.expect("stream ends");
+    assert!(matches!(end, Ok(None)), "stream ended with {end:?}");
+    assert_settled(&server, Some(&agent)).await;
+    agent.stop().await;
+    server.stop().await;
+}
