@@ -15,7 +15,7 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -117,6 +117,19 @@ pub struct Backend {
     pub(crate) closed: CancellationToken,
     /// Cancelled when the agent's connection itself has died: noticed even while the reader is busy.
     transport_closed: CancellationToken,
+    /// Cancelling it closes the agent's connection at once (TLS connections; a token nothing watches otherwise).
+    abort: CancellationToken,
+    /// Packets read from the agent so far (the stale-stream probe compares it).
+    packets_in: AtomicU64,
+}
+
+/// The agent connection under a stream, as far as the stream needs it.
+#[derive(Default)]
+pub(crate) struct AgentTransport {
+    /// Cancelled when the connection has died.
+    pub(crate) closed: CancellationToken,
+    /// Cancel to close the connection at once.
+    pub(crate) abort: CancellationToken,
 }
 
 impl Backend {
@@ -128,7 +141,7 @@ impl Backend {
         peer: String,
         flow_control: bool,
         closed: CancellationToken,
-        transport_closed: CancellationToken,
+        transport: AgentTransport,
     ) -> (Arc<Self>, mpsc::Receiver<Packet>) {
         let (to_agent, rx) = mpsc::channel(AGENT_QUEUE_PACKETS);
         let backend = Arc::new(Backend {
@@ -143,7 +156,9 @@ impl Backend {
             conns: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashSet::new()),
             closed,
-            transport_closed,
+            transport_closed: transport.closed,
+            abort: transport.abort,
+            packets_in: AtomicU64::new(0),
         });
         (backend, rx)
     }
@@ -217,8 +232,6 @@ pub struct BackendManager {
     inner: Mutex<ManagerInner>,
     metrics: crate::metrics::ServerMetrics,
     strategies: Vec<crate::routing::Strategy>,
-    /// Liveness probes in progress (see [`STALE_STREAM_PROBE_TIMEOUT`]): while zero, a packet costs no lock.
-    probes_active: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -227,20 +240,11 @@ struct ManagerInner {
     by_agent: HashMap<String, Vec<Arc<Backend>>>,
     /// Agent IDs, for random choice.
     ids: Vec<String>,
-    /// Probed streams by serial, woken by any packet from them.
-    probes: HashMap<u64, Arc<tokio::sync::Notify>>,
-    /// What closes each stream's connection at once (TLS agent connections only), by serial.
-    aborts: HashMap<u64, CancellationToken>,
 }
 
 impl BackendManager {
     pub(crate) fn new(metrics: crate::metrics::ServerMetrics, strategies: Vec<crate::routing::Strategy>) -> Self {
-        let this = Self {
-            inner: Mutex::new(ManagerInner::default()),
-            metrics,
-            strategies,
-            probes_active: AtomicUsize::new(0),
-        };
+        let this = Self { inner: Mutex::new(ManagerInner::default()), metrics, strategies };
         this.publish(&ManagerInner::default());
         this
     }
@@ -266,7 +270,6 @@ impl BackendManager {
 
     fn remove(&self, backend: &Backend) {
         let mut inner = self.inner.lock();
-        inner.aborts.remove(&backend.serial);
         let Some(streams) = inner.by_agent.get_mut(&backend.agent_id) else { return };
         streams.retain(|b| b.serial != backend.serial);
         if streams.is_empty() {
@@ -306,35 +309,17 @@ impl BackendManager {
             .unwrap_or_default()
     }
 
-    /// Records a packet from the stream `serial` (wakes its liveness probe, if one runs).
-    fn note_activity(&self, serial: u64) {
-        if self.probes_active.load(Ordering::Relaxed) == 0 {
-            return;
-        }
-        if let Some(probe) = self.inner.lock().probes.get(&serial) {
-            probe.notify_one();
-        }
-    }
-
     /// Probes `old` (an older stream of an agent that just opened another): drops it if nothing arrives on it
-    /// within [`STALE_STREAM_PROBE_TIMEOUT`].
+    /// within [`STALE_STREAM_PROBE_TIMEOUT`]. Probes of one stream started close together do not disturb each
+    /// other: each compares the stream's packet count with its own starting point.
     async fn probe(&self, old: Arc<Backend>, tunnels: &Tunnels) {
-        let answered = Arc::new(tokio::sync::Notify::new());
-        self.inner.lock().probes.insert(old.serial, answered.clone());
-        self.probes_active.fetch_add(1, Ordering::Relaxed);
+        let before = old.packets_in.load(Ordering::Relaxed);
         old.send_control(Packet::close_request(PROBE_CONNECT_ID), tunnels);
-        let alive = tokio::select! {
-            _ = answered.notified() => true,
-            _ = old.closed.cancelled() => true,
-            _ = tokio::time::sleep(STALE_STREAM_PROBE_TIMEOUT) => false,
-        };
-        self.probes_active.fetch_sub(1, Ordering::Relaxed);
-        let abort = {
-            let mut inner = self.inner.lock();
-            inner.probes.remove(&old.serial);
-            inner.aborts.get(&old.serial).cloned()
-        };
-        if alive {
+        tokio::select! {
+            _ = tokio::time::sleep(STALE_STREAM_PROBE_TIMEOUT) => {}
+            _ = old.closed.cancelled() => return,
+        }
+        if old.packets_in.load(Ordering::Relaxed) != before {
             return;
         }
         tracing::warn!(
@@ -344,9 +329,7 @@ impl BackendManager {
              it is dead (half-open); dropping it, with its connections and dials"
         );
         old.closed.cancel();
-        if let Some(abort) = abort {
-            abort.cancel();
-        }
+        old.abort.cancel();
     }
 }
 
@@ -402,7 +385,9 @@ impl AgentService for AgentEndpoint {
                 }
             }
         }
-        let transport_closed = info.map(|i| i.transport_closed.clone()).unwrap_or_default();
+        let transport = info
+            .map(|i| AgentTransport { closed: i.transport_closed.clone(), abort: i.abort.clone() })
+            .unwrap_or_default();
 
         let flow_control = md.get(flow::METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(flow::VERSION);
         let closed = self.shutdown.child_token();
@@ -413,12 +398,9 @@ impl AgentService for AgentEndpoint {
             peer.clone(),
             flow_control,
             closed.clone(),
-            transport_closed,
+            transport,
         );
         self.tunnels.backends.add(backend.clone());
-        if let Some(info) = info {
-            self.tunnels.backends.inner.lock().aborts.insert(backend.serial, info.abort.clone());
-        }
         for old in self.tunnels.backends.older_streams(&backend) {
             let tunnels = self.tunnels.clone();
             self.tracker.spawn(async move { tunnels.backends.probe(old, &tunnels).await });
@@ -466,7 +448,7 @@ pub(crate) async fn serve_agent(
         };
         match msg {
             Ok(Some(packet)) => {
-                tunnels.backends.note_activity(backend.serial);
+                backend.packets_in.fetch_add(1, Ordering::Relaxed);
                 handle_agent_packet(&backend, packet, &tunnels).await
             }
             Ok(None) => {

@@ -12,7 +12,7 @@
 //! crate's `server_state` target).
 
 use crate::audit::{AuditLog, ClientIdentity};
-use crate::backend::{AgentIdentifiers, Backend, BackendManager, ConnState, serve_agent};
+use crate::backend::{AgentIdentifiers, AgentTransport, Backend, BackendManager, ConnState, serve_agent};
 use crate::frontend::serve_frontend;
 use crate::metrics::ServerMetrics;
 use crate::state::{FRONTEND_QUEUE_LIMIT, FRONTEND_STALL_LIMIT, Frontend, Queued, Tunnels};
@@ -525,7 +525,7 @@ impl Harness {
             "fuzz".into(),
             flow_control,
             self.shutdown.child_token(),
-            transport.clone(),
+            AgentTransport { closed: transport.clone(), abort: CancellationToken::new() },
         );
         // As `AgentEndpoint::connect` does.
         self.tunnels.backends.add(backend.clone());
