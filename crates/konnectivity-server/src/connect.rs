@@ -14,13 +14,14 @@ use crate::state::{DialStartError, Frontend, Tunnels};
 use bytes::BytesMut;
 use konnectivity_proto::names::BACKEND_DIAL_TIMEOUT;
 use konnectivity_proto::{Packet, PacketKind, flow};
-use konnectivity_transport::listen::{SocketFd, SocketWatch};
+use konnectivity_transport::listen::SocketFd;
 use rand::Rng;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 /// How long a client may take to send its request head (the reference's `ReadHeaderTimeout`).
@@ -38,6 +39,9 @@ const CLIENT_READ: usize = 64 * 1024;
 /// sending side still has its last bytes delivered while the endpoint makes progress within this time (the
 /// tunnel then closes, as on any client EOF, like the reference's).
 pub const HANGUP_GRACE: Duration = Duration::from_secs(30);
+
+/// How long an upload waits for credit before the client's socket is watched for a hangup.
+const WATCH_AFTER: Duration = Duration::from_millis(500);
 
 /// The exact success answer kube-apiserver expects; nothing may follow it until the client speaks.
 pub const CONNECTION_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\r\n\r\n";
@@ -218,10 +222,8 @@ impl ConnectFrontend {
         tracing::debug!(%peer, %target, connect_id, "connection established");
         let link = frontend.link(backend.serial, connect_id);
         let io = Arc::new(Mutex::new(io));
-        let (mut rd, mut wr) = (Shared(io.clone()), Shared(io.clone()));
-        let watch = || hangup_watch(&io);
-        let hangup = Hangup { watch: &watch, grace: self.hangup_grace };
-        let to_agent = pipe_to_agent(&mut rd, early, &backend, connect_id, link, hangup, tunnels);
+        let (mut rd, mut wr) = (Shared(io.clone()), Shared(io));
+        let to_agent = pipe_to_agent(&mut rd, early, &backend, connect_id, link, self.hangup_grace, tunnels);
         let to_client = async {
             while let Some((queued_at, packet)) = rx.recv().await {
                 match &packet.payload {
@@ -264,60 +266,78 @@ impl ConnectFrontend {
 /// watch, which needs the socket itself.
 struct Shared<IO>(Arc<Mutex<IO>>);
 
+impl<IO> Shared<IO> {
+    fn io(&self) -> std::sync::MutexGuard<'_, IO> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 impl<IO: AsyncRead + Unpin> AsyncRead for Shared<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let mut io = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        Pin::new(&mut *io).poll_read(cx, buf)
+        Pin::new(&mut *self.io()).poll_read(cx, buf)
     }
 }
 
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Shared<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let mut io = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        Pin::new(&mut *io).poll_write(cx, buf)
+        Pin::new(&mut *self.io()).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let mut io = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        Pin::new(&mut *io).poll_flush(cx)
+        Pin::new(&mut *self.io()).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let mut io = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        Pin::new(&mut *io).poll_shutdown(cx)
+        Pin::new(&mut *self.io()).poll_shutdown(cx)
     }
 }
 
-/// A watch on the client's socket (see [`SocketWatch::hung_up`]), made only while an upload waits for credit
-/// and dropped after.
-fn hangup_watch<IO: SocketFd>(io: &Mutex<IO>) -> Option<SocketWatch> {
-    io.lock().unwrap_or_else(PoisonError::into_inner).watch()
-}
-
-/// Resolves once the client has hung up; never if its socket cannot be watched.
-async fn hung_up(watch: Option<SocketWatch>) {
-    match watch {
-        Some(w) => w.hung_up().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// How [`pipe_to_agent`] watches the client while it waits for credit.
-struct Hangup<'a> {
-    watch: &'a (dyn Fn() -> Option<SocketWatch> + Sync),
+/// Takes `need` units of the endpoint's credit for `connect_id`. While it waits, nothing reads the client's
+/// socket, so the socket is watched for a hangup ([`konnectivity_transport::listen::SocketWatch::hung_up`],
+/// made only once the wait has lasted [`WATCH_AFTER`]: an endpoint that is merely slower than the client makes
+/// many short waits, none of which needs one); after one, the endpoint has `grace` to make room. `false`: no
+/// credit will come (the connection is closing, or the grace passed).
+async fn take_credit<IO: SocketFd>(
+    window: &Semaphore,
+    need: u32,
+    client: &Shared<IO>,
     grace: Duration,
+    connect_id: i64,
+) -> bool {
+    let acquire = window.acquire_many(need);
+    tokio::pin!(acquire);
+    let hung_up = async {
+        tokio::time::sleep(WATCH_AFTER).await;
+        let watch = client.io().watch();
+        match watch {
+            Some(w) => w.hung_up().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        permit = &mut acquire => return permit.map(SemaphorePermit::forget).is_ok(),
+        _ = hung_up => {}
+    }
+    match tokio::time::timeout(grace, acquire).await {
+        Ok(permit) => permit.map(SemaphorePermit::forget).is_ok(),
+        Err(_) => {
+            tracing::debug!(connect_id, "client hung up while the endpoint had read nothing for {grace:?}; closing");
+            false
+        }
+    }
 }
 
 /// Forwards client bytes (first those that came with the head) as DATA, honouring the agent's credit. Returns
 /// when the client has finished or gone, the agent is gone, or the client hung up while the endpoint took
 /// nothing for the hangup grace.
-async fn pipe_to_agent<R: AsyncRead + Unpin>(
-    rd: &mut R,
+async fn pipe_to_agent<IO: AsyncRead + SocketFd + Unpin>(
+    rd: &mut Shared<IO>,
     early: BytesMut,
     backend: &Arc<Backend>,
     connect_id: i64,
     link: Option<Arc<crate::state::Link>>,
-    hangup: Hangup<'_>,
+    hangup_grace: Duration,
     tunnels: &Tunnels,
 ) {
     let upload_window = link.as_ref().and_then(|l| l.upload_window.clone());
@@ -338,36 +358,11 @@ async fn pipe_to_agent<R: AsyncRead + Unpin>(
         };
         if let Some(window) = &upload_window {
             let need = flow::cost(chunk.len());
-            let acquire = window.acquire_many(need);
-            tokio::pin!(acquire);
             if window.available_permits() < need as usize {
                 tunnels.metrics.flow_control_wait();
-                // The endpoint is behind: watch the client meanwhile, since nothing reads its socket now.
-                tokio::select! {
-                    permit = &mut acquire => match permit {
-                        Ok(permit) => permit.forget(),
-                        Err(_) => return,
-                    },
-                    _ = hung_up((hangup.watch)()) => {
-                        match tokio::time::timeout(hangup.grace, &mut acquire).await {
-                            Ok(Ok(permit)) => permit.forget(),
-                            Ok(Err(_)) => return,
-                            Err(_) => {
-                                tracing::debug!(
-                                    connect_id,
-                                    "client hung up while the endpoint had read nothing for {:?}; closing",
-                                    hangup.grace
-                                );
-                                return;
-                            }
-                        }
-                    }
-                }
-            } else {
-                match acquire.await {
-                    Ok(permit) => permit.forget(),
-                    Err(_) => return,
-                }
+            }
+            if !take_credit(window, need, rd, hangup_grace, connect_id).await {
+                return;
             }
         }
         let len = chunk.len() as u64;
