@@ -307,6 +307,19 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Killable<T> {
         self.check(cx)?;
         std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
     }
+    // Forwarded so that h2 keeps writing a frame's head and payload in one call (it falls back to copying
+    // into its own buffer, or to two writes, when the transport says it cannot).
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.check(cx)?;
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
