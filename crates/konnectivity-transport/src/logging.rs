@@ -129,10 +129,9 @@ struct KlogLine {
 
 impl std::io::Write for KlogLine {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Ok(mut sink) = self.sink.lock() {
-            // A full disk must not stop the process; the line still reaches stderr if it is severe.
-            let _ = sink.write(buf);
-        }
+        // A full disk must not stop the process (the line still reaches stderr if it is severe), nor may a panic
+        // while another thread held the lock end file logging for good.
+        let _ = self.sink.lock().unwrap_or_else(std::sync::PoisonError::into_inner).write(buf);
         if self.also_stderr {
             let _ = std::io::stderr().write_all(buf);
         }
@@ -156,7 +155,6 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for KlogWriter {
 /// Installs the global subscriber for the klog flags: verbosity, destination (see [`LogDestination`]) and
 /// `--log-format`. Fails if the log file cannot be opened.
 pub fn init_klog(klog: &crate::flags::KlogFlags, program: &str) -> std::io::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(klog.v)));
     match klog.destination(program) {
         LogDestination::Stderr => {
             init_format(klog.v, klog.log_format);
@@ -172,6 +170,8 @@ pub fn init_klog(klog: &crate::flags::KlogFlags, program: &str) -> std::io::Resu
                 sink: std::sync::Arc::new(std::sync::Mutex::new(FileSink { path, file, size, max_bytes })),
                 stderr_from,
             };
+            let filter =
+                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(klog.v)));
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(writer)
