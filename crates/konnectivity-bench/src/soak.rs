@@ -361,9 +361,14 @@ impl Stack {
         let started = Instant::now();
         let _ = self.agent.0.kill();
         let _ = self.agent.0.wait();
+        // The server notices the old stream's end first (else its /readyz still counts the dead agent), then the
+        // new agent connects.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while server_gauge(self, "konnectivity_network_proxy_server_ready_backend_connections") != Some(0.0) {
+            anyhow::ensure!(Instant::now() < deadline, "the server still counts the killed agent after 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.agent = spawn(&self.agent_bin, &self.agent_args, &self.dir.join("agent.log"))?;
-        // The server notices the old stream's end first, then the new agent connects.
-        std::thread::sleep(Duration::from_millis(200));
         self.wait_ready(Duration::from_secs(30))?;
         Ok(started.elapsed())
     }
@@ -383,6 +388,36 @@ struct Sample {
     restarts: u32,
 }
 
+/// The end-of-run checks, as printed lines, and whether all passed.
+struct Verdict {
+    lines: Vec<String>,
+    pass: bool,
+}
+
+impl Default for Verdict {
+    fn default() -> Self {
+        Self { lines: Vec::new(), pass: true }
+    }
+}
+
+impl Verdict {
+    /// A check: `what`, then the first word of `(ok, fail)` that applies.
+    fn check(&mut self, what: String, ok: bool, (ok_text, fail_text): (&str, &str)) {
+        self.pass &= ok;
+        self.lines.push(format!("{what}: {}", if ok { ok_text } else { fail_text }));
+    }
+
+    /// A figure without a pass/fail of its own.
+    fn note(&mut self, line: String) {
+        self.lines.push(line);
+    }
+}
+
+/// A metric value read from a scrape, or `?` when the scrape failed.
+fn count(value: Option<f64>) -> String {
+    value.map_or("?".into(), |v| format!("{v:.0}"))
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -394,7 +429,7 @@ fn print_row(s: &Sample) {
         mib(s.server.rss_kib),
         s.server.fds,
         s.server.threads,
-        s.server_tasks.map_or("?".to_string(), |t| format!("{t:.0}")),
+        count(s.server_tasks),
         mib(s.agent.rss_kib),
         s.agent.fds,
         s.agent.threads,
@@ -437,11 +472,11 @@ async fn main() -> anyhow::Result<()> {
         args.duration, args.mode, args.agent_restart_every, args.sample_every, args.warmup
     );
     println!(
-        "idle server before the load: RSS {:.1} MiB, {} fds, {} threads, {:?} tasks",
+        "idle server before the load: RSS {:.1} MiB, {} fds, {} threads, {} tasks",
         mib(idle_before.rss_kib),
         idle_before.fds,
         idle_before.threads,
-        idle_tasks_before
+        count(idle_tasks_before)
     );
 
     let load = Arc::new(Load {
@@ -555,27 +590,26 @@ async fn main() -> anyhow::Result<()> {
         c.refused_as_expected.load(Ordering::Relaxed),
         c.during_restart.load(Ordering::Relaxed),
         restarts,
-        restart_times.iter().map(|d| format!("{:.1}s", d.as_secs_f64())).collect::<Vec<_>>().join(", "),
+        restart_times.iter().map(|d| format!("{:.2}s", d.as_secs_f64())).collect::<Vec<_>>().join(", "),
         c.unexpected.load(Ordering::Relaxed)
     );
     for e in load.errors.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         println!("  unexpected: {e}");
     }
     println!(
-        "idle server after the load: RSS {:.1} MiB, {} fds, {} threads ({}), {:?} tasks; established {:?}, pending dials {:?}",
+        "idle server after the load: RSS {:.1} MiB, {} fds, {} threads ({}), {} tasks; established {}, pending dials {}",
         mib(idle_after.rss_kib),
         idle_after.fds,
         idle_after.threads,
         thread_names.join(", "),
-        idle_tasks_after,
-        established,
-        pending
+        count(idle_tasks_after),
+        count(established),
+        count(pending)
     );
 
     // The verdict.
     let after_warmup: Vec<&Sample> = samples.iter().filter(|s| s.at >= Duration::from_secs(args.warmup)).collect();
-    let mut verdict = Vec::new();
-    let mut pass = true;
+    let mut verdict = Verdict::default();
     if after_warmup.len() >= 2 {
         // Medians of the first and of the last three samples: RSS moves by a MiB or two from one sample to the
         // next with what the allocator holds at that moment.
@@ -587,72 +621,57 @@ async fn main() -> anyhow::Result<()> {
         let base = median(after_warmup.iter().take(3).map(|s| s.server.rss_kib).collect());
         let end = median(after_warmup.iter().rev().take(3).map(|s| s.server.rss_kib).collect());
         let growth = (end - base) / base * 100.0;
-        let ok = growth < 5.0;
-        pass &= ok;
-        verdict.push(format!(
-            "server RSS after warm-up {:.1} -> {:.1} MiB ({growth:+.1}%): {}",
-            base / 1024.0,
-            end / 1024.0,
-            if ok { "ok (< 5%)" } else { "FAIL (>= 5%)" }
-        ));
+        verdict.check(
+            format!("server RSS after warm-up {:.1} -> {:.1} MiB ({growth:+.1}%)", base / 1024.0, end / 1024.0),
+            growth < 5.0,
+            ("ok (< 5%)", "FAIL (>= 5%)"),
+        );
         let fds: Vec<usize> = after_warmup.iter().map(|s| s.server.fds).collect();
         let (lo, hi) = (fds.iter().min().copied().unwrap_or(0), fds.iter().max().copied().unwrap_or(0));
-        verdict.push(format!("server fds under load after warm-up: {lo}..{hi}"));
+        verdict.note(format!("server fds under load after warm-up: {lo}..{hi}"));
         let tasks: Vec<f64> = after_warmup.iter().filter_map(|s| s.server_tasks).collect();
         let (lo, hi) = tasks.iter().fold((f64::MAX, 0.0f64), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
-        verdict.push(format!("server tasks under load after warm-up: {lo:.0}..{hi:.0}"));
+        verdict.note(format!("server tasks under load after warm-up: {lo:.0}..{hi:.0}"));
         // Threads must not grow under load: the last third of the samples has no more than the first third.
         let third = after_warmup.len().div_ceil(3);
         let first = after_warmup.iter().take(third).map(|s| s.server.threads).max().unwrap_or(0);
         let last = after_warmup.iter().rev().take(third).map(|s| s.server.threads).max().unwrap_or(0);
-        let ok = last <= first;
-        pass &= ok;
-        verdict.push(format!(
-            "server threads under load, first/last third: {first}/{last}: {}",
-            if ok { "ok (flat)" } else { "FAIL (growing)" }
-        ));
+        verdict.check(
+            format!("server threads under load, first/last third: {first}/{last}"),
+            last <= first,
+            ("ok (flat)", "FAIL (growing)"),
+        );
     } else {
-        pass = false;
-        verdict.push("too few samples after the warm-up for an RSS trend: FAIL (run longer)".into());
+        verdict.check("too few samples after the warm-up for an RSS trend".into(), false, ("", "FAIL (run longer)"));
     }
-    let fds_ok = idle_after.fds <= idle_before.fds + FD_SLACK;
-    pass &= fds_ok;
-    verdict.push(format!(
-        "server fds idle before/after: {}/{}: {}",
-        idle_before.fds,
-        idle_after.fds,
-        if fds_ok { "ok (flat)" } else { "FAIL" }
-    ));
-    let threads_ok = idle_after.threads <= idle_before.threads + THREAD_SLACK;
-    pass &= threads_ok;
-    verdict.push(format!(
-        "server threads idle before/after: {}/{}: {}",
-        idle_before.threads,
-        idle_after.threads,
-        if threads_ok { "ok (flat)" } else { "FAIL" }
-    ));
-    let idle_tasks_ok = tasks_ok(idle_tasks_after);
-    pass &= idle_tasks_ok;
-    verdict.push(format!(
-        "server tasks idle before/after: {idle_tasks_before:?}/{idle_tasks_after:?}: {}",
-        if idle_tasks_ok { "ok (flat)" } else { "FAIL" }
-    ));
-    let left_ok = established == Some(0.0) && pending == Some(0.0);
-    pass &= left_ok;
-    verdict.push(format!(
-        "server connections/pending dials left: {established:?}/{pending:?}: {}",
-        if left_ok { "ok" } else { "FAIL" }
-    ));
+    const FLAT: (&str, &str) = ("ok (flat)", "FAIL");
+    verdict.check(
+        format!("server fds idle before/after: {}/{}", idle_before.fds, idle_after.fds),
+        idle_after.fds <= idle_before.fds + FD_SLACK,
+        FLAT,
+    );
+    verdict.check(
+        format!("server threads idle before/after: {}/{}", idle_before.threads, idle_after.threads),
+        idle_after.threads <= idle_before.threads + THREAD_SLACK,
+        FLAT,
+    );
+    verdict.check(
+        format!("server tasks idle before/after: {}/{}", count(idle_tasks_before), count(idle_tasks_after)),
+        tasks_ok(idle_tasks_after),
+        FLAT,
+    );
+    verdict.check(
+        format!("server connections/pending dials left: {}/{}", count(established), count(pending)),
+        established == Some(0.0) && pending == Some(0.0),
+        ("ok", "FAIL"),
+    );
     let unexpected = c.unexpected.load(Ordering::Relaxed);
-    pass &= unexpected == 0;
-    verdict.push(format!(
-        "failures beyond the injected faults: {unexpected}: {}",
-        if unexpected == 0 { "ok" } else { "FAIL" }
-    ));
+    verdict.check(format!("failures beyond the injected faults: {unexpected}"), unexpected == 0, ("ok", "FAIL"));
     println!();
-    for v in &verdict {
+    for v in &verdict.lines {
         println!("verdict: {v}");
     }
+    let pass = verdict.pass;
     println!("verdict: {}", if pass { "PASS" } else { "FAIL" });
     drop(stack);
     if !pass {
