@@ -165,32 +165,35 @@ async fn binaries_explain_startup_failures_log_where_klog_would_and_show_help() 
     // --logtostderr=false --log-file: the log goes to the file, errors to stderr as well (klog's default
     // --stderrthreshold=ERROR).
     let log = stack.dir().join("server.log");
-    let mut server = Command::new(binary("proxy-server"))
-        .args([
-            format!("--uds-name={}", stack.dir().join("s.sock").display()),
-            "--server-port=0".into(),
-            format!("--cluster-cert={}", stack.pki.server_cert.display()),
-            format!("--cluster-key={}", stack.pki.server_key.display()),
-            "--agent-port=0".into(),
-            "--admin-port=0".into(),
-            "--health-port=0".into(),
-            "--logtostderr=false".into(),
-            format!("--log-file={}", log.display()),
-        ])
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut server = KillOnDrop(
+        Command::new(binary("proxy-server"))
+            .args([
+                format!("--uds-name={}", stack.dir().join("s.sock").display()),
+                "--server-port=0".into(),
+                format!("--cluster-cert={}", stack.pki.server_cert.display()),
+                format!("--cluster-key={}", stack.pki.server_key.display()),
+                "--agent-port=0".into(),
+                "--admin-port=0".into(),
+                "--health-port=0".into(),
+                "--logtostderr=false".into(),
+                format!("--log-file={}", log.display()),
+            ])
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening for agents") {
         assert!(Instant::now() < deadline, "no start-up line in {}", log.display());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _ = Command::new("kill").arg(server.id().to_string()).status();
-    let status = server.wait().expect("wait");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.0.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).expect("SIGTERM");
+    let status = server.0.wait().expect("wait");
     assert!(status.success(), "{status}");
     let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut server.stderr.take().expect("stderr"), &mut stderr).expect("read");
+    std::io::Read::read_to_string(&mut server.0.stderr.take().expect("stderr"), &mut stderr).expect("read");
     assert!(!stderr.contains("listening for agents"), "info lines stay in the file: {stderr}");
 
     for bin in ["proxy-server", "proxy-agent", "proxy-test-client"] {

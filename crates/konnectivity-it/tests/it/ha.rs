@@ -6,7 +6,7 @@ use konnectivity_agent::{AgentConfig, ServerAddress};
 use konnectivity_client::Tunnel;
 use konnectivity_it::fake_agent::FakeAgent;
 use konnectivity_it::http;
-use konnectivity_it::stack::{AgentRun, Frontend, ServerRun, Stack, assert_settled};
+use konnectivity_it::stack::{AgentRun, Frontend, ServerRun, Stack, assert_settled, dials};
 use konnectivity_it::targets::{StreamHash, http_target, pattern_sha256};
 use konnectivity_proto::{Packet, PacketKind};
 use konnectivity_server::routing::Strategy;
@@ -40,8 +40,6 @@ async fn get_success(stack: &Stack, server: &ServerRun, host: &str) {
     let (status, body) = http::get(conn, host, "/success").await.expect("get");
     assert_eq!((status, &body[..]), (200, &b"success"[..]));
 }
-
-use konnectivity_it::stack::dials;
 
 #[tokio::test]
 async fn agent_with_three_addresses_connects_to_all_and_reconnects_to_a_restarted_one() {

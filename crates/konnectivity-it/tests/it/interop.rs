@@ -946,13 +946,12 @@ async fn alpn_and_cipher_suites_agree_with_the_reference() {
         "--v=2".into(),
     ];
     let go_agent = Proc::spawn("proxy-agent", &args, stack.dir().join("go-alpn-agent.log"));
-    for _ in 0..750 {
-        if server.handle.ready() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(server.handle.ready(), "the Go agent did not reach our server; log:\n{}", go_agent.log_tail());
+    konnectivity_it::eventually!(
+        15,
+        server.handle.ready(),
+        "the Go agent did not reach our server; log:\n{}",
+        go_agent.log_tail()
+    );
     assert_eq!(router.offered()[0], ["konnectivity", "h2"], "the Go agent's ALPN list");
     drop(go_agent);
     drop(router);

@@ -1,11 +1,9 @@
 //! Agent selection: `--proxy-strategies` in order, with the agents' identifiers.
 
 use konnectivity_it::http;
-use konnectivity_it::stack::{Frontend, Stack, assert_settled};
+use konnectivity_it::stack::{Frontend, Stack, assert_settled, dials};
 use konnectivity_it::targets::http_target;
 use konnectivity_server::routing::Strategy;
-
-use konnectivity_it::stack::dials;
 
 #[tokio::test]
 async fn strategies_route_by_identifiers_and_fall_through_in_order() {

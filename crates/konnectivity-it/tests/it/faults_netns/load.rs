@@ -6,7 +6,7 @@ use super::fabric::{
 };
 use super::traffic::*;
 use konnectivity_client::Tunnel;
-use konnectivity_it::controlplane::workspace_bin;
+use konnectivity_it::controlplane::{Proc, workspace_bin};
 use konnectivity_it::targets::pattern_sha256;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -191,7 +191,24 @@ async fn stalled_and_slow_readers_block_no_one_and_leave_nothing() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Until they are backed up: the stalled frontend's queue on the server holds a good part of its window, and the
+    // writers have pushed more than the targets' socket buffers take.
+    let max_queued = |debug: &serde_json::Value| {
+        debug["connections"].as_array().into_iter().flatten().filter_map(|c| c["queued_bytes"].as_u64()).max()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let queued = max_queued(&f.server_debug().await.unwrap()).unwrap_or(0);
+        let pushed = written.load(Ordering::Relaxed);
+        if queued >= 1 << 20 && pushed >= 16 << 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not backed up after 30 s: frontend queue {queued} bytes, {pushed} bytes written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The normal transfer and echo round trips, beside them.
     let (sha, len, beside) = download_hashed(&f, 16 << 20, Duration::from_secs(60)).await.unwrap();
@@ -205,13 +222,7 @@ async fn stalled_and_slow_readers_block_no_one_and_leave_nothing() {
     drop(echo);
     let rss_during = f.rss();
     let debug = f.server_debug().await.unwrap();
-    let max_queued = debug["connections"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c["queued_bytes"].as_u64())
-        .max()
-        .unwrap_or(0);
+    let max_queued = max_queued(&debug).unwrap_or(0);
     let open = debug["connections"].as_array().map_or(0, Vec::len);
     report(
         tag,
@@ -279,20 +290,17 @@ async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
         }));
     }
     let mut clients = Vec::new();
-    for _ in 0..25 {
-        let child = std::process::Command::new(workspace_bin("proxy-test-client").unwrap())
-            .args([
-                format!("--proxy-uds={}", f.uds.display()),
-                "--mode=grpc".into(),
-                format!("--request-host={BLACKHOLE_IP}"),
-                "--request-port=80".into(),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        clients.push(child);
+    // Proc kills them when dropped, should the test fail before it does.
+    let client_bin = workspace_bin("proxy-test-client").unwrap();
+    for i in 0..25 {
+        let args = [
+            format!("--proxy-uds={}", f.uds.display()),
+            "--mode=grpc".into(),
+            format!("--request-host={BLACKHOLE_IP}"),
+            "--request-port=80".into(),
+        ];
+        let log = f.dir.path().join(format!("test-client-{i}.log"));
+        clients.push(Proc::spawn(&f.control, "proxy-test-client", &client_bin, &args, log).unwrap());
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -309,8 +317,7 @@ async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
         d.abort();
     }
     for c in &mut clients {
-        let _ = c.kill();
-        let _ = c.wait();
+        c.kill();
     }
     let vanished = Instant::now();
     let mut server_clear = None;

@@ -186,13 +186,13 @@ impl Netem {
     }
 
     fn finish(&mut self) {
+        // Once only: `stop` finishes, then drop comes here again.
+        let Some(thread) = self.thread.take() else { return };
         let mut del = vec!["netns", "exec", self.ns.name(), "iptables", "-w", "-D"];
         del.extend(self.rule.iter().map(String::as_str));
         let _ = std::process::Command::new("ip").args(&del).output();
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        let _ = thread.join();
     }
 }
 

@@ -22,6 +22,13 @@ pub(super) struct Download {
     pub(super) task: JoinHandle<Result<(), std::io::Error>>,
 }
 
+/// A scenario that fails half-way must not leave its endless downloads running.
+impl Drop for Download {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 pub(super) async fn start_download(f: &Fabric, size: u64) -> anyhow::Result<Download> {
     let host = http_addr();
     let (tunnel, mut conn) = f.dial(&host, Duration::from_secs(10)).await?;
@@ -46,11 +53,11 @@ pub(super) async fn wait_progress(downloads: &[&Download], bytes: u64, within: D
 
 /// How a transfer that should have been cut ended: `Err` if it hung past `within`.
 pub(super) async fn ended_within(
-    d: Download,
+    mut d: Download,
     within: Duration,
 ) -> anyhow::Result<(Duration, Result<(), std::io::Error>)> {
     let started = Instant::now();
-    match tokio::time::timeout(within, d.task).await {
+    match tokio::time::timeout(within, &mut d.task).await {
         Ok(joined) => Ok((started.elapsed(), joined?)),
         Err(_) => anyhow::bail!("transfer still running {within:?} later (a hang)"),
     }
@@ -69,7 +76,7 @@ pub(super) async fn download_hashed(
         .await?;
     let body = tokio::time::timeout(within.saturating_sub(started.elapsed()), read_body(&mut conn))
         .await
-        .map_err(|_| anyhow::anyhow!("16 MiB transfer not done within {within:?}"))??;
+        .map_err(|_| anyhow::anyhow!("{size}-byte transfer not done within {within:?}"))??;
     Ok((body.0, body.1, started.elapsed()))
 }
 
