@@ -270,20 +270,19 @@ impl FrontendSession {
     fn expire_dials(&mut self) {
         let now = Instant::now();
         let me = self.frontend.serial;
-        let expired: Vec<i64> =
-            self.dials.iter().filter(|(_, d)| d.is_some_and(|d| d <= now)).map(|(r, _)| *r).collect();
+        // Answered or not, a passed deadline no longer applies: every one is cleared. A stream may reuse a dial
+        // ID after its first dial timed out, and a passed deadline left in the list would fire the timer again at
+        // once, forever (the loop spun a core; found by the `server_state` fuzz target).
+        let mut expired = Vec::new();
+        for (random, deadline) in &mut self.dials {
+            if deadline.take_if(|d| *d <= now).is_some() {
+                expired.push(*random);
+            }
+        }
         for random in expired {
             if let Some(dial) = self.tunnels.take_pending(random, |d| d.frontend.serial == me) {
                 self.tunnels.fail_dial(random, &dial, DialFailureReason::BackendDialTimeout, BACKEND_DIAL_TIMEOUT);
                 dial.backend.send_control(Packet::close_dial(random), &self.tunnels);
-            }
-        }
-        // Answered or not, a passed deadline no longer applies. Every one of them: a stream may reuse a dial ID
-        // after its first dial timed out, and a passed deadline left in the list would fire the timer again at
-        // once, forever (the loop spun a core; found by the `server_state` fuzz target).
-        for (_, deadline) in &mut self.dials {
-            if deadline.is_some_and(|d| d <= now) {
-                *deadline = None;
             }
         }
     }
