@@ -5,7 +5,7 @@
 
 use arbitrary::Arbitrary;
 use konnectivity_transport::h2_authority::AuthorityFix;
-use konnectivity_transport::hpack::{self, Decoder};
+use konnectivity_transport::h2_authority::hpack::{self, Decoder};
 use libfuzzer_sys::fuzz_target;
 use std::collections::VecDeque;
 use std::io;

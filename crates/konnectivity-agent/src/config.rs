@@ -92,7 +92,7 @@ pub struct AgentConfig {
     /// Serve `/debug/pprof/profile` on the admin port.
     pub enable_profiling: bool,
     /// Egress policy checked against every address a dial resolves to (default: allow everything).
-    pub egress_policy: std::sync::Arc<konnectivity_transport::egress_policy::EgressPolicy>,
+    pub egress_policy: std::sync::Arc<konnectivity_egress_policy::EgressPolicy>,
     /// After a drain starts, how long open connections may take to end before the agent closes them and
     /// stops. `None`: no limit (the agent stops once they have ended, or when its shutdown token fires).
     pub drain_timeout: Option<Duration>,
@@ -144,7 +144,7 @@ impl AgentConfig {
             health: Some((String::new(), 8093)),
             admin: Some(("127.0.0.1".into(), 8094)),
             enable_profiling: false,
-            egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
+            egress_policy: std::sync::Arc::new(konnectivity_egress_policy::EgressPolicy::allow_all()),
             drain_timeout: Some(DEFAULT_DRAIN_TIMEOUT),
             service_account_token_path: None,
             lease_count: None,

@@ -2,8 +2,8 @@
 //! dial), TLS with ALPN (`--alpn-proto` values, then h2), the agent's metadata, and the server's
 //! `serverid`/`servercount` answer.
 
-use crate::agent::AgentError;
 use crate::config::{AgentConfig, ServerAddress};
+use crate::error::AgentError;
 use hyper_util::rt::TokioIo;
 use konnectivity_proto::agent::AgentServiceClient;
 use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
@@ -143,7 +143,7 @@ impl Dialer {
         let response = match tokio::time::timeout(HEADER_TIMEOUT, client.connect(request)).await {
             Ok(Ok(r)) => r,
             Ok(Err(status)) => return Err(AgentError::Stream { addr, status }),
-            Err(_) => return Err(AgentError::HeaderTimeout(addr)),
+            Err(_) => return Err(AgentError::HeaderTimeout { addr, after: HEADER_TIMEOUT }),
         };
         let header = |key: &str| -> Result<String, AgentError> {
             let values: Vec<_> = response.metadata().get_all(key).iter().collect();

@@ -3,7 +3,7 @@
 //! once none is left, or when `--drain-timeout` passes, closing the rest with an error their frontends see.
 //! Either way the server streams are then ended cleanly, so no queued byte is lost on exit.
 
-use crate::agent::AgentHandle;
+use crate::handle::AgentHandle;
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ pub(crate) async fn drain_then_stop(
         _ = stop.cancelled() => return,
     }
     let started = Instant::now();
-    let timeout_text = timeout.map_or_else(|| "none".to_string(), konnectivity_transport::flags::format_go_duration);
+    let timeout_text = timeout.map_or_else(|| "none".to_string(), konnectivity_process::flags::format_go_duration);
     tracing::info!(
         connections = handle.connections_in_progress(),
         drain_timeout = %timeout_text,

@@ -4,7 +4,8 @@
 use crate::config::{AgentConfig, LeaseCountConfig, ServerAddress, validate_identifiers};
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
-use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
+pub use konnectivity_process::flags::FlagError;
+use konnectivity_process::flags::{KlogFlags, go_duration};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -136,19 +137,8 @@ pub struct AgentFlags {
     pub host_port_given: bool,
 }
 
-/// Why the flags do not form a valid configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum FlagError {
-    /// A flag's value is invalid, or flags conflict.
-    #[error("{0}")]
-    Invalid(String),
-    /// A reference flag whose feature is not built yet.
-    #[error(transparent)]
-    NotSupported(#[from] NotSupported),
-}
-
 impl AgentFlags {
-    /// Parses a command line (after [`konnectivity_transport::flags::normalize_args`]), noting which flags were
+    /// Parses a command line (after [`konnectivity_process::flags::normalize_args`]), noting which flags were
     /// given rather than defaulted where that matters.
     pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Self, clap::Error> {
         let matches = Self::command().try_get_matches_from(args)?;
@@ -289,13 +279,8 @@ impl AgentFlags {
         config.health = Some((self.health_server_host, self.health_server_port));
         config.admin = Some((self.admin_bind_address, self.admin_server_port));
         config.enable_profiling = self.enable_profiling;
-        if !self.egress_policy_file.is_empty() {
-            let policy = konnectivity_transport::egress_policy::EgressPolicy::load(std::path::Path::new(
-                &self.egress_policy_file,
-            ))
-            .map_err(|e| invalid(e.to_string()))?;
-            config.egress_policy = std::sync::Arc::new(policy);
-        }
+        config.egress_policy = konnectivity_egress_policy::EgressPolicy::from_flag(&self.egress_policy_file)
+            .map_err(|e| FlagError::invalid(e.to_string()))?;
         Ok(config)
     }
 }
@@ -308,7 +293,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<AgentConfig, String> {
         let mut all = vec!["proxy-agent".to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
-        let all = konnectivity_transport::flags::normalize_args(all);
+        let all = konnectivity_process::flags::normalize_args(all);
         AgentFlags::parse_args(all).map_err(|e| e.to_string())?.into_config().map_err(|e| e.to_string())
     }
 

@@ -12,15 +12,19 @@ mod agent;
 pub mod config;
 mod dialer;
 mod drain;
+mod endpoint;
+mod error;
 pub mod flags;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod handle;
 mod lease_counter;
 pub mod metrics;
 mod server_set;
 mod session;
 
-pub use agent::{AgentError, AgentHandle, RunningAgent, run, start};
+pub use agent::{RunningAgent, run, start};
 pub use config::{AgentConfig, LeaseCountConfig, ServerAddress};
-pub use server_set::AddressStatus;
+pub use error::AgentError;
+pub use handle::{AddressStatus, AgentHandle};

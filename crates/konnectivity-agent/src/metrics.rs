@@ -1,16 +1,16 @@
 //! The agent's Prometheus metrics, spelled as the reference's `pkg/agent/metrics`, in a registry of their own.
 
+use konnectivity_process::metric_set::MetricSet;
 use konnectivity_proto::names::METRICS_NAMESPACE;
-use konnectivity_transport::packet_counters::PacketCounters;
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use konnectivity_proto::packet_counters::PacketCounters;
+use prometheus::{Gauge, Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
 
-const SUBSYSTEM: &str = "agent";
 const LATENCY_BUCKETS: [f64; 7] = [0.005, 0.025, 0.1, 0.5, 2.5, 10.0, 30.0];
 
 /// The agent's metrics.
 #[derive(Clone)]
 pub struct AgentMetrics {
-    registry: Registry,
+    set: MetricSet,
     tls_reloads: IntCounterVec,
     pub(crate) dial_duration: Histogram,
     pub(crate) server_connection_failures: IntCounterVec,
@@ -20,148 +20,104 @@ pub struct AgentMetrics {
     pub(crate) open_endpoint_connections: Gauge,
     stream_packets: std::sync::Arc<PacketCounters>,
     pub(crate) stream_errors: IntCounterVec,
-    pub(crate) bytes_to_endpoint: prometheus::IntCounter,
-    pub(crate) bytes_to_server: prometheus::IntCounter,
-    pub(crate) flow_control_waits: prometheus::IntCounter,
-    pub(crate) egress_denials: prometheus::IntCounter,
+    pub(crate) bytes_to_endpoint: IntCounter,
+    pub(crate) bytes_to_server: IntCounter,
+    pub(crate) flow_control_waits: IntCounter,
+    pub(crate) egress_denials: IntCounter,
     pub(crate) server_dials: IntCounterVec,
     pub(crate) lease_lists: IntCounterVec,
-    pub(crate) lease_list_latency: prometheus::HistogramVec,
-}
-
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help).namespace(METRICS_NAMESPACE).subsystem(SUBSYSTEM)
+    pub(crate) lease_list_latency: HistogramVec,
 }
 
 impl AgentMetrics {
-    /// Creates the metrics in a fresh registry.
+    /// Creates the metrics in a fresh registry. Names, HELP texts, labels and buckets are the reference's,
+    /// except the konnectivity-rs additions marked below.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let stream_packets = IntCounterVec::new(
-            opts(
-                "stream_packets_total",
-                "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
-            ),
-            &["segment", "packet_type"],
+        let m = MetricSet::new(METRICS_NAMESPACE, "agent");
+        let by_code_and_reason = &["http_response_code", "reason"];
+        m.collector(Box::new(konnectivity_process::process_metrics::ProcessMetrics::new()?))?;
+        // As the reference registers it, and never increments it either: list results are counted in
+        // lease_lists_total.
+        m.counter_vec(
+            "lease_watches_total",
+            "Count of server lease watch calls made by the agent to the k8s apiserver, labeled by HTTP response code and reason",
+            by_code_and_reason,
         )?;
-        // konnectivity-rs additions (not in the reference).
-        let tunnel_bytes = IntCounterVec::new(
-            opts(
-                "tunnel_bytes_total",
-                "Bytes carried through tunnels, by direction: to_endpoint (server to endpoint) or to_server (endpoint to server).",
-            ),
+        // konnectivity-rs addition: bytes carried, by direction.
+        let tunnel_bytes = m.counter_vec(
+            "tunnel_bytes_total",
+            "Bytes carried through tunnels, by direction: to_endpoint (server to endpoint) or to_server (endpoint to server).",
             &["direction"],
         )?;
-        let flow_control_waits = prometheus::IntCounter::with_opts(opts(
-            "flow_control_waits_total",
-            "Times endpoint data waited for its connection's flow-control credit from the server.",
-        ))?;
-        registry.register(Box::new(tunnel_bytes.clone()))?;
-        registry.register(Box::new(flow_control_waits.clone()))?;
-        let egress_denials = prometheus::IntCounter::with_opts(opts(
-            "egress_policy_denials_total",
-            "Dials refused by the egress policy after resolving the destination.",
-        ))?;
-        registry.register(Box::new(egress_denials.clone()))?;
-        let tls_reloads = IntCounterVec::new(
-            opts(
-                "tls_reloads_total",
-                "Reloads of the CA bundle and client certificate and key after they changed on disk, by result: success (new connections use them) or failure (unreadable or unusable; the previous ones stay in use).",
-            ),
-            &["result"],
-        )?;
-        registry.register(Box::new(tls_reloads.clone()))?;
-        let server_dials = IntCounterVec::new(
-            opts(
-                "server_dials_total",
-                "Attempts to open a stream to a proxy-server address, by result: new_server, duplicate (the address reached a server the agent already holds a stream to; the new stream is closed) or error.",
-            ),
-            &["result"],
-        )?;
-        registry.register(Box::new(server_dials.clone()))?;
-        let m = Self {
-            tls_reloads,
-            server_dials,
-            bytes_to_endpoint: tunnel_bytes.with_label_values(&["to_endpoint"]),
-            bytes_to_server: tunnel_bytes.with_label_values(&["to_server"]),
-            flow_control_waits,
-            egress_denials,
-            dial_duration: Histogram::with_opts(
-                HistogramOpts::from(opts("dial_duration_seconds", "Latency of dial to the remote endpoint in seconds"))
-                    .buckets(LATENCY_BUCKETS.to_vec()),
+        Ok(Self {
+            dial_duration: m.histogram(
+                "dial_duration_seconds",
+                "Latency of dial to the remote endpoint in seconds",
+                Some(&LATENCY_BUCKETS),
             )?,
-            server_connection_failures: IntCounterVec::new(
-                opts(
-                    "server_connection_failure_count",
-                    "Count of failures to send to or receive from the proxy server, labeled by the direction (from_server or to_server). DEPRECATED, please use stream_events_error_total",
-                ),
+            server_connection_failures: m.counter_vec(
+                "server_connection_failure_count",
+                "Count of failures to send to or receive from the proxy server, labeled by the direction (from_server or to_server). DEPRECATED, please use stream_events_error_total",
                 &["direction"],
             )?,
-            endpoint_dial_failures: IntCounterVec::new(
-                opts(
-                    "endpoint_dial_failure_total",
-                    "Number of failures dialing the remote endpoint, by reason (example: timeout).",
-                ),
+            endpoint_dial_failures: m.counter_vec(
+                "endpoint_dial_failure_total",
+                "Number of failures dialing the remote endpoint, by reason (example: timeout).",
                 &["reason"],
             )?,
-            open_server_connections: Gauge::with_opts(opts(
-                "open_server_connections",
-                "Current number of open server connections.",
-            ))?,
-            known_server_count: Gauge::with_opts(opts(
-                "known_server_count",
-                "Current number of servers agent is trying to connect to.",
-            ))?,
-            open_endpoint_connections: Gauge::with_opts(opts(
-                "open_endpoint_connections",
-                "Current number of open endpoint connections.",
-            ))?,
-            lease_lists: IntCounterVec::new(
-                opts(
-                    "lease_lists_total",
-                    "Count of server lease list calls made by the agent to the k8s apiserver, labeled by HTTP response code and reason",
-                ),
-                &["http_response_code", "reason"],
+            open_server_connections: m
+                .gauge("open_server_connections", "Current number of open server connections.")?,
+            known_server_count: m
+                .gauge("known_server_count", "Current number of servers agent is trying to connect to.")?,
+            open_endpoint_connections: m
+                .gauge("open_endpoint_connections", "Current number of open endpoint connections.")?,
+            lease_lists: m.counter_vec(
+                "lease_lists_total",
+                "Count of server lease list calls made by the agent to the k8s apiserver, labeled by HTTP response code and reason",
+                by_code_and_reason,
             )?,
-            lease_list_latency: prometheus::HistogramVec::new(
-                HistogramOpts::from(opts("lease_list_latency_seconds", "Latency of server lease listing in seconds"))
-                    .buckets(LATENCY_BUCKETS.to_vec()),
+            lease_list_latency: m.histogram_vec(
+                "lease_list_latency_seconds",
+                "Latency of server lease listing in seconds",
+                Some(&LATENCY_BUCKETS),
                 &["http_response_code"],
             )?,
             stream_packets: std::sync::Arc::new(PacketCounters::new(
-                stream_packets.clone(),
+                m.counter_vec(
+                    "stream_packets_total",
+                    "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
+                    &["segment", "packet_type"],
+                )?,
                 &["from_agent", "to_agent"],
             )),
-            stream_errors: IntCounterVec::new(
-                opts(
-                    "stream_errors_total",
-                    "Count of gRPC stream errors, by segment, grpc Code, packet type. (example: from_agent, Code.Unavailable, DIAL_RSP)",
-                ),
+            stream_errors: m.counter_vec(
+                "stream_errors_total",
+                "Count of gRPC stream errors, by segment, grpc Code, packet type. (example: from_agent, Code.Unavailable, DIAL_RSP)",
                 &["segment", "code", "packet_type"],
             )?,
-            registry,
-        };
-        m.registry.register(Box::new(m.dial_duration.clone()))?;
-        m.registry.register(Box::new(m.server_connection_failures.clone()))?;
-        m.registry.register(Box::new(m.endpoint_dial_failures.clone()))?;
-        m.registry.register(Box::new(m.open_server_connections.clone()))?;
-        m.registry.register(Box::new(m.known_server_count.clone()))?;
-        m.registry.register(Box::new(m.open_endpoint_connections.clone()))?;
-        m.registry.register(Box::new(stream_packets.clone()))?;
-        // Lease metrics, as the reference registers them (lease_watches_total is never incremented there either:
-        // list results are counted in lease_lists_total).
-        m.registry.register(Box::new(m.lease_lists.clone()))?;
-        m.registry.register(Box::new(IntCounterVec::new(
-            opts(
-                "lease_watches_total",
-                "Count of server lease watch calls made by the agent to the k8s apiserver, labeled by HTTP response code and reason",
-            ),
-            &["http_response_code", "reason"],
-        )?))?;
-        m.registry.register(Box::new(m.lease_list_latency.clone()))?;
-        m.registry.register(Box::new(konnectivity_transport::process_metrics::ProcessMetrics::new()?))?;
-        m.registry.register(Box::new(m.stream_errors.clone()))?;
-        Ok(m)
+            // konnectivity-rs additions from here on (not in the reference).
+            bytes_to_endpoint: tunnel_bytes.with_label_values(&["to_endpoint"]),
+            bytes_to_server: tunnel_bytes.with_label_values(&["to_server"]),
+            flow_control_waits: m.counter(
+                "flow_control_waits_total",
+                "Times endpoint data waited for its connection's flow-control credit from the server.",
+            )?,
+            egress_denials: m.counter(
+                "egress_policy_denials_total",
+                "Dials refused by the egress policy after resolving the destination.",
+            )?,
+            tls_reloads: m.counter_vec(
+                "tls_reloads_total",
+                "Reloads of the CA bundle and client certificate and key after they changed on disk, by result: success (new connections use them) or failure (unreadable or unusable; the previous ones stay in use).",
+                &["result"],
+            )?,
+            server_dials: m.counter_vec(
+                "server_dials_total",
+                "Attempts to open a stream to a proxy-server address, by result: new_server, duplicate (the address reached a server the agent already holds a stream to; the new stream is closed) or error.",
+                &["result"],
+            )?,
+            set: m,
+        })
     }
 
     /// A hook for the TLS file watcher, counting reloads.
@@ -175,7 +131,7 @@ impl AgentMetrics {
     }
     /// The registry to expose on `/metrics`.
     pub fn registry(&self) -> &Registry {
-        &self.registry
+        self.set.registry()
     }
 
     /// Counts a packet sent to a server (PacketType number).

@@ -16,9 +16,9 @@
 //!
 //! Draining (or finishing) stops all dialing; a stream that opens meanwhile is closed at once.
 
-use crate::agent::AgentHandle;
 use crate::config::AgentConfig;
 use crate::dialer::{Dialer, Opened, Target};
+use crate::handle::{AddressStatus, AgentHandle};
 use crate::session::Session;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -30,19 +30,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
-
-/// One configured server address, as [`AgentHandle::addresses`] reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AddressStatus {
-    /// The address as configured (`host:port`, `[v6]:port`).
-    pub address: String,
-    /// IDs of the servers reached through it whose stream is open (several if it is a load balancer).
-    pub servers: Vec<String>,
-    /// Whether a dial to it is in progress.
-    pub dialing: bool,
-    /// Why its latest dial failed, if it did (cleared by the next success).
-    pub last_error: Option<String>,
-}
 
 /// What the loop knows about one address.
 struct Slot {

@@ -4,13 +4,14 @@
 //! task with its own bounded queue; the receive loop only queues, so a slow endpoint holds up the others for
 //! at most [`ENDPOINT_STALL_LIMIT`], after which that one connection is closed.
 
+use crate::endpoint::{DialFailure, dial_tcp};
 use crate::metrics::AgentMetrics;
 use bytes::{Bytes, BytesMut};
+use konnectivity_egress_policy::EgressPolicy;
+use konnectivity_proto::flow::QueueBudget;
 use konnectivity_proto::flow::{self, CreditMeter};
 use konnectivity_proto::names::{UNKNOWN_CONNECT_ID, UNRECOGNIZED_CONNECT_ID};
 use konnectivity_proto::{Packet, PacketKind};
-use konnectivity_transport::budget::QueueBudget;
-use konnectivity_transport::egress_policy::{EgressPolicy, Verdict};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
@@ -497,128 +498,5 @@ impl Session {
             };
             self.send(Packet::close_response(connect_id, error)).await;
         }
-    }
-}
-
-/// Why a dial to an endpoint failed; the text is what Go's net package would say, because frontends (and
-/// the HTTP CONNECT status mapping) match on it.
-#[derive(Debug, thiserror::Error)]
-enum DialFailure {
-    #[error("dial tcp {0}: i/o timeout")]
-    Timeout(String),
-    #[error("dial tcp: lookup {0}: no such host")]
-    NoSuchHost(String),
-    #[error("dial tcp {addr}: connect: {text}")]
-    Connect { addr: String, text: String },
-    #[error("{0}")]
-    Other(String),
-    #[error("dial cancelled")]
-    Cancelled,
-    #[error("{0}")]
-    Denied(String),
-}
-
-fn go_errno_text(e: &io::Error) -> String {
-    use io::ErrorKind::*;
-    match e.kind() {
-        ConnectionRefused => "connection refused".into(),
-        ConnectionReset => "connection reset by peer".into(),
-        HostUnreachable => "no route to host".into(),
-        NetworkUnreachable => "network is unreachable".into(),
-        NetworkDown => "network is down".into(),
-        AddrNotAvailable => "cannot assign requested address".into(),
-        PermissionDenied => "permission denied".into(),
-        _ => {
-            // Fall back to the OS text without Rust's " (os error N)" suffix, lower-cased as Go prints it.
-            let s = e.to_string();
-            let s = s.split(" (os error").next().unwrap_or(&s);
-            s.to_lowercase()
-        }
-    }
-}
-
-async fn dial_tcp(address: &str, timeout: Duration, policy: &EgressPolicy) -> Result<TcpStream, DialFailure> {
-    let attempt = async {
-        let (host, port) = split_host_port(address)
-            .ok_or_else(|| DialFailure::Other(format!("dial tcp: address {address}: missing port in address")))?;
-        let port: u16 =
-            port.parse().map_err(|_| DialFailure::Other(format!("dial tcp: address {address}: invalid port")))?;
-        // What the policy can decide from the name alone is decided before asking any resolver.
-        if let Verdict::Deny(reason) = policy.check_before_resolution(host, port) {
-            return Err(DialFailure::Denied(reason));
-        }
-        let resolved: Vec<_> = match tokio::net::lookup_host(address).await {
-            Ok(a) => a.collect(),
-            Err(_) => return Err(DialFailure::NoSuchHost(host.to_string())),
-        };
-        if resolved.is_empty() {
-            return Err(DialFailure::NoSuchHost(host.to_string()));
-        }
-        // Only addresses the policy allows are dialed: a name resolving into a denied range is refused here,
-        // where the resolution happens.
-        let mut denied = None;
-        let addrs: Vec<_> = resolved
-            .into_iter()
-            .filter(|a| match policy.check_resolved(host, a.ip(), port) {
-                Verdict::Allow => true,
-                Verdict::Deny(reason) => {
-                    denied.get_or_insert(reason);
-                    false
-                }
-            })
-            .collect();
-        if addrs.is_empty() {
-            return Err(DialFailure::Denied(denied.unwrap_or_default()));
-        }
-        let mut last = None;
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(s) => {
-                    konnectivity_transport::listen::tune_tcp(&s);
-                    return Ok(s);
-                }
-                Err(e) => last = Some(DialFailure::Connect { addr: addr.to_string(), text: go_errno_text(&e) }),
-            }
-        }
-        Err(last.unwrap_or_else(|| DialFailure::Other(format!("dial tcp {address}: no address"))))
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(DialFailure::Timeout(address.to_string())),
-    }
-}
-
-fn split_host_port(address: &str) -> Option<(&str, &str)> {
-    if let Some(rest) = address.strip_prefix('[') {
-        let (host, port) = rest.split_once("]:")?;
-        return Some((host, port));
-    }
-    let (host, port) = address.rsplit_once(':')?;
-    if host.contains(':') {
-        return None; // an IPv6 literal needs brackets
-    }
-    Some((host, port))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn host_port() {
-        assert_eq!(split_host_port("a:80"), Some(("a", "80")));
-        assert_eq!(split_host_port("[::1]:443"), Some(("::1", "443")));
-        assert_eq!(split_host_port("::1:443"), None);
-        assert_eq!(split_host_port("nohost"), None);
-    }
-
-    #[tokio::test]
-    async fn refused_dial_reads_like_go() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = l.local_addr().expect("addr");
-        drop(l);
-        let err =
-            dial_tcp(&addr.to_string(), Duration::from_secs(5), &EgressPolicy::allow_all()).await.expect_err("refused");
-        assert_eq!(err.to_string(), format!("dial tcp {addr}: connect: connection refused"));
     }
 }

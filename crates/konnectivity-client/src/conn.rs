@@ -1,6 +1,6 @@
 //! A dialed connection as a byte stream.
 
-use crate::tunnel::Transport;
+use crate::transport::Transport;
 use bytes::Bytes;
 use konnectivity_proto::{Packet, PacketKind};
 use std::io;
@@ -10,6 +10,9 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 use tokio_util::sync::PollSender;
+
+/// How long closing a connection waits for the server to confirm (the reference's `CloseTimeout`).
+pub const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Packets queued towards the server per connection.
 pub(crate) const OUTBOUND_PACKETS: usize = 64;
@@ -70,7 +73,7 @@ impl TunnelConn {
 
 /// Reads the stream's packets into the connection until it closes. The request side stays open (the server
 /// treats a half-close as the end) until the connection is dropped and CLOSE_RSP arrives, or
-/// [`crate::CLOSE_TIMEOUT`] passes; then the tunnel's connection is closed by force (see [`Transport`]).
+/// [`CLOSE_TIMEOUT`] passes; then the tunnel's connection is closed by force (see [`Transport`]).
 async fn serve(
     connect_id: i64,
     mut inbound: tonic::Streaming<Packet>,
@@ -87,14 +90,10 @@ async fn serve(
                 // The reader was dropped (the connection is closing): wait for CLOSE_RSP, bounded.
                 _ = r.closed() => { reader = None; continue; }
             },
-            None => match tokio::time::timeout(crate::CLOSE_TIMEOUT, inbound.message()).await {
+            None => match tokio::time::timeout(CLOSE_TIMEOUT, inbound.message()).await {
                 Ok(m) => m,
                 Err(_) => {
-                    tracing::debug!(
-                        connect_id,
-                        "no CLOSE_RSP within {:?}; closing the tunnel by force",
-                        crate::CLOSE_TIMEOUT
-                    );
+                    tracing::debug!(connect_id, "no CLOSE_RSP within {:?}; closing the tunnel by force", CLOSE_TIMEOUT);
                     transport.close_stuck(single_use);
                     break;
                 }

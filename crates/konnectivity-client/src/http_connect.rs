@@ -2,7 +2,8 @@
 //! `HTTPConnect` egress does: one Unix or mutual-TLS connection per dial, `CONNECT host:port HTTP/1.1`, then
 //! raw bytes.
 
-use crate::tunnel::{DialError, DialFailureReason, ProxyAddress};
+use crate::address::ProxyAddress;
+use crate::error::{DialError, DialFailureReason};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};

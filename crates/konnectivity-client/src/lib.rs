@@ -14,10 +14,15 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+mod address;
 mod conn;
+mod error;
 pub mod http_connect;
 pub mod metrics;
+mod transport;
 mod tunnel;
 
-pub use conn::TunnelConn;
-pub use tunnel::{CLOSE_TIMEOUT, DIAL_TIMEOUT, DialError, DialFailureReason, ProxyAddress, Tunnel};
+pub use address::ProxyAddress;
+pub use conn::{CLOSE_TIMEOUT, TunnelConn};
+pub use error::{DialError, DialFailureReason};
+pub use tunnel::{DIAL_TIMEOUT, Tunnel};

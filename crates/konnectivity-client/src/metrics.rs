@@ -4,7 +4,7 @@
 //! exports them; call [`register`] to export them.
 
 use konnectivity_proto::names::METRICS_NAMESPACE;
-use konnectivity_transport::packet_counters::PacketCounters;
+use konnectivity_proto::packet_counters::PacketCounters;
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
 use std::sync::OnceLock;
 

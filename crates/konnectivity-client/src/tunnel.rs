@@ -1,11 +1,13 @@
 //! Tunnels and dialing.
 
+use crate::address::ProxyAddress;
 use crate::conn::{self, TunnelConn};
+use crate::error::{DialError, DialFailureReason};
+use crate::transport::{Killable, Transport};
 use hyper_util::rt::TokioIo;
 use konnectivity_proto::proxy::ProxyServiceClient;
 use konnectivity_proto::{Packet, PacketKind};
 use rand::Rng;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,107 +17,6 @@ use tonic::transport::{Channel, Endpoint};
 
 /// How long a dial waits for the server's answer (the reference's fixed backstop).
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long closing a connection waits for the server to confirm (the reference's `CloseTimeout`).
-pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why a dial failed, with the reference client's reason names (its `dial_failure_total` labels).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DialFailureReason {
-    /// Anything else.
-    Unknown,
-    /// No answer within [`DIAL_TIMEOUT`] (or the caller's timeout).
-    Timeout,
-    /// The caller gave up.
-    Context,
-    /// The server or agent answered with an error (refused, unreachable, no agent, …).
-    Endpoint,
-    /// The server closed the dial.
-    DialClosed,
-    /// The tunnel closed while dialing, or was closed before.
-    TunnelClosed,
-    /// A second dial on a single-use tunnel.
-    TunnelStarted,
-    /// The stream could not be opened.
-    StreamSetup,
-}
-
-impl DialFailureReason {
-    /// The reference's label for this reason.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unknown => "unknown",
-            Self::Timeout => "timeout",
-            Self::Context => "context",
-            Self::Endpoint => "endpoint",
-            Self::DialClosed => "dialclosed",
-            Self::TunnelClosed => "tunnelclosed",
-            Self::TunnelStarted => "tunnelstarted",
-            Self::StreamSetup => "streamsetup",
-        }
-    }
-}
-
-/// A failed dial or tunnel set-up.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct DialError {
-    /// Why, as a reason label.
-    pub reason: DialFailureReason,
-    /// What happened, in words (for `Endpoint`, the agent's or server's own text).
-    pub message: String,
-}
-
-impl DialError {
-    pub(crate) fn new(reason: DialFailureReason, message: impl Into<String>) -> Self {
-        Self { reason, message: message.into() }
-    }
-}
-
-/// Where the proxy-server's frontend listens.
-#[derive(Clone)]
-pub enum ProxyAddress {
-    /// A Unix socket path (no TLS), as kube-apiserver uses.
-    Uds(PathBuf),
-    /// TCP with mutual TLS.
-    Tcp {
-        /// Host to dial; also the TLS server name checked unless `server_name` is set.
-        host: String,
-        /// Port.
-        port: u16,
-        /// Client TLS configuration (CA, client certificate, ALPN h2).
-        tls: Arc<rustls::ClientConfig>,
-        /// Server name to verify, if not `host`.
-        server_name: Option<String>,
-    },
-}
-
-impl std::fmt::Debug for ProxyAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Uds(p) => write!(f, "unix:{}", p.display()),
-            Self::Tcp { host, port, .. } => write!(f, "{host}:{port} (mTLS)"),
-        }
-    }
-}
-
-impl ProxyAddress {
-    /// A TCP address with an mTLS client configuration built from PEM files.
-    pub fn tcp_mtls(
-        host: impl Into<String>,
-        port: u16,
-        ca: &std::path::Path,
-        cert: &std::path::Path,
-        key: &std::path::Path,
-    ) -> Result<Self, DialError> {
-        let tls = konnectivity_transport::tls::client_config(
-            ca,
-            Some((cert, key)),
-            &[konnectivity_transport::tls::ALPN_H2.to_vec()],
-        )
-        .map_err(|e| DialError::new(DialFailureReason::Unknown, e.to_string()))?;
-        Ok(Self::Tcp { host: host.into(), port, tls, server_name: None })
-    }
-}
 
 /// A connection to a proxy-server's frontend.
 #[derive(Clone)]
@@ -230,108 +131,6 @@ impl Tunnel {
         };
         guard.disarm();
         Ok(TunnelConn::start(connect_id, to_server, inbound, self.transport.clone(), self.single_use.is_some()))
-    }
-}
-
-/// A tunnel's HTTP/2 connection, and what closes it by force.
-///
-/// A connection whose close cannot reach the server (its CLOSE_REQ, and the stream's end, wait behind data that
-/// flow control holds back, e.g. an upload into an endpoint that stopped reading) would otherwise keep its
-/// HTTP/2 stream, and so the whole connection, open for as long as the endpoint does not read: hyper offers no
-/// way to reset one stream once its response has arrived. When such a close times out, the connection is
-/// closed by force: at once for a single-use tunnel (it carries nothing else), otherwise when the last handle
-/// of the tunnel is dropped. The server then sees the connection end and cleans up.
-#[derive(Default)]
-pub(crate) struct Transport {
-    kill: tokio_util::sync::CancellationToken,
-    stuck: AtomicBool,
-}
-
-impl Transport {
-    /// A connection's close timed out; `single_use`: the tunnel carries nothing else.
-    pub(crate) fn close_stuck(&self, single_use: bool) {
-        self.stuck.store(true, Ordering::SeqCst);
-        if single_use {
-            self.kill.cancel();
-        }
-    }
-}
-
-impl Drop for Transport {
-    fn drop(&mut self) {
-        if self.stuck.load(Ordering::SeqCst) {
-            self.kill.cancel();
-        }
-    }
-}
-
-/// A transport that fails every read and write once `kill` is cancelled, which ends its HTTP/2 connection.
-struct Killable<T> {
-    inner: T,
-    killed: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-}
-
-impl<T> Killable<T> {
-    fn new(inner: T, kill: &tokio_util::sync::CancellationToken) -> Self {
-        Self { inner, killed: Box::pin(kill.clone().cancelled_owned()) }
-    }
-
-    fn check(&mut self, cx: &mut std::task::Context<'_>) -> Result<(), std::io::Error> {
-        match self.killed.as_mut().poll(cx) {
-            std::task::Poll::Ready(()) => Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionAborted,
-                "tunnel connection closed by force (a connection's close timed out)",
-            )),
-            std::task::Poll::Pending => Ok(()),
-        }
-    }
-}
-
-impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Killable<T> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.check(cx)?;
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Killable<T> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.check(cx)?;
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    // Forwarded so that h2 keeps writing a frame's head and payload in one call (it falls back to copying
-    // into its own buffer, or to two writes, when the transport says it cannot).
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.check(cx)?;
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        self.check(cx)?;
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

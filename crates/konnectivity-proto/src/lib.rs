@@ -19,6 +19,7 @@ pub use generated::*;
 pub mod codec;
 pub mod flow;
 pub mod names;
+pub mod packet_counters;
 mod packets;
 
 pub use packets::{MalformedPacket, PacketKind, describe};

@@ -3,6 +3,58 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// How many audit records may wait for the writer before new ones are dropped.
+pub const DEFAULT_AUDIT_QUEUE_CAPACITY: usize = 8192;
+
+/// How long an HTTP CONNECT tunnel whose client has hung up (its socket reports the peer's FIN or a reset) may
+/// wait for the endpoint to take the client's remaining bytes before it is closed (the default of
+/// [`ServerConfig::connect_hangup_grace`]). The bytes already read from the client are waiting for flow-control
+/// credit, so the endpoint has not read for a while. A client that only shut down its sending side still has its
+/// last bytes delivered while the endpoint makes progress within this time (the tunnel then closes, as on any
+/// client EOF, like the reference's).
+pub const DEFAULT_HANGUP_GRACE: Duration = Duration::from_secs(30);
+
+/// Default bound on HTTP CONNECT connections handled at once: each is one tunnel of kube-apiserver's (an exec,
+/// a log stream, a webhook call), so it is generous; what it prevents is a flood of idle sockets exhausting
+/// descriptors and memory.
+pub const DEFAULT_MAX_CONNECT_CONNECTIONS: usize = 16384;
+
+/// One agent-selection strategy (`--proxy-strategies`); what each selects is `crate::routing`'s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Any agent.
+    Default,
+    /// Agents that advertise the destination host exactly (`host`, `ipv4` or `ipv6` identifier).
+    DestHost,
+    /// Agents that advertise `default-route=true`.
+    DefaultRoute,
+    /// Agents whose `cidr` identifiers contain the destination IP (most specific prefix first).
+    DestCidr,
+}
+
+impl Strategy {
+    /// Parses a `--proxy-strategies` name.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "default" => Some(Self::Default),
+            "destHost" => Some(Self::DestHost),
+            "defaultRoute" => Some(Self::DefaultRoute),
+            "destCIDR" => Some(Self::DestCidr),
+            _ => None,
+        }
+    }
+
+    /// The name, as the `proxy_strategy` metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Default => "default",
+            Self::DestHost => "destHost",
+            Self::DefaultRoute => "defaultRoute",
+            Self::DestCidr => "destCIDR",
+        }
+    }
+}
+
 /// Where the frontend (kube-apiserver side) listens.
 #[derive(Debug, Clone)]
 pub enum FrontendListen {
@@ -62,7 +114,7 @@ pub struct AuditConfig {
 impl AuditConfig {
     /// An audit log to `output` with the defaults of the flags (100 MiB files, 5 backups).
     pub fn new(output: AuditOutput) -> Self {
-        Self { output, max_size: 100 << 20, max_backups: 5, queue_capacity: crate::audit::DEFAULT_QUEUE_CAPACITY }
+        Self { output, max_size: 100 << 20, max_backups: 5, queue_capacity: DEFAULT_AUDIT_QUEUE_CAPACITY }
     }
 }
 
@@ -172,16 +224,20 @@ pub struct ServerConfig {
     /// Serve `/debug/pprof/profile` on the admin port.
     pub enable_profiling: bool,
     /// Agent-selection strategies, tried in order.
-    pub proxy_strategies: Vec<crate::routing::Strategy>,
+    pub proxy_strategies: Vec<Strategy>,
     /// Lowest TLS version on the agent port and the TCP frontend.
     pub tls_min_version: konnectivity_transport::tls::MinVersion,
     /// TLS 1.2 cipher suites on the agent port and the TCP frontend (`--cipher-suites`; default: all of rustls's).
     pub cipher_suites: konnectivity_transport::tls::CipherSuites,
+    /// TLS handshakes in progress at most, per TLS listener (agent port, TCP frontend); more wait in the backlog.
+    pub max_handshakes: usize,
+    /// HTTP CONNECT connections handled at once at most; more wait in the backlog.
+    pub max_connect_connections: usize,
     /// How often certificate, key and CA files are checked for changes (new handshakes use changed files);
     /// zero never reloads them.
     pub tls_reload_interval: Duration,
     /// Egress policy checked before each dial (default: allow everything, as the reference).
-    pub egress_policy: std::sync::Arc<konnectivity_transport::egress_policy::EgressPolicy>,
+    pub egress_policy: std::sync::Arc<konnectivity_egress_policy::EgressPolicy>,
     /// The audit log, if enabled (off by default).
     pub audit: Option<AuditConfig>,
     /// How to reach kube-apiserver, when token auth or leases need it.
@@ -209,16 +265,18 @@ impl ServerConfig {
             keepalive_timeout: Duration::from_secs(20),
             frontend_keepalive_time: Duration::from_secs(3600),
             backend_dial_timeout: None,
-            connect_hangup_grace: crate::connect::HANGUP_GRACE,
+            connect_hangup_grace: DEFAULT_HANGUP_GRACE,
             health: Some((String::new(), 8092)),
             admin: Some(("127.0.0.1".into(), 8095)),
             graceful_shutdown_timeout: Duration::ZERO,
             enable_profiling: false,
-            proxy_strategies: vec![crate::routing::Strategy::Default],
+            proxy_strategies: vec![Strategy::Default],
             tls_min_version: konnectivity_transport::tls::MinVersion::Tls12,
             cipher_suites: konnectivity_transport::tls::CipherSuites::default(),
             tls_reload_interval: konnectivity_transport::tls_reload::DEFAULT_RELOAD_INTERVAL,
-            egress_policy: std::sync::Arc::new(konnectivity_transport::egress_policy::EgressPolicy::allow_all()),
+            max_handshakes: konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES,
+            max_connect_connections: DEFAULT_MAX_CONNECT_CONNECTIONS,
+            egress_policy: std::sync::Arc::new(konnectivity_egress_policy::EgressPolicy::allow_all()),
             audit: None,
             kube: KubeClientConfig::default(),
             agent_auth: None,

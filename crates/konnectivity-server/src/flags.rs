@@ -8,7 +8,8 @@ use crate::config::{
 };
 use crate::routing::Strategy;
 use clap::{ArgAction, Parser};
-use konnectivity_transport::flags::{KlogFlags, NotSupported, go_duration};
+pub use konnectivity_process::flags::FlagError;
+use konnectivity_process::flags::{KlogFlags, go_duration};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -186,32 +187,17 @@ pub struct ServerFlags {
     pub klog: KlogFlags,
 }
 
-/// Why the flags do not form a valid configuration.
-#[derive(Debug, thiserror::Error)]
-pub enum FlagError {
-    /// A flag's value is invalid, or flags conflict.
-    #[error("{0}")]
-    Invalid(String),
-    /// A reference flag whose feature is not built yet.
-    #[error(transparent)]
-    NotSupported(#[from] NotSupported),
-}
-
-fn invalid(msg: impl Into<String>) -> FlagError {
-    FlagError::Invalid(msg.into())
-}
-
 /// Parses `k=v,k=v` (the reference's `--lease-label` format).
 fn parse_labels(s: &str) -> Result<std::collections::BTreeMap<String, String>, FlagError> {
     let mut labels = std::collections::BTreeMap::new();
     for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((k, v)) = pair.split_once('=') else {
-            return Err(invalid(format!("--lease-label: {pair:?} is not key=value")));
+            return Err(FlagError::invalid(format!("--lease-label: {pair:?} is not key=value")));
         };
         let (k, v) = (k.trim(), v.trim());
         let valid = |x: &str| x.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
         if k.is_empty() || !valid(k) || !valid(v) {
-            return Err(invalid(format!("--lease-label: {pair:?} is not a valid label")));
+            return Err(FlagError::invalid(format!("--lease-label: {pair:?} is not a valid label")));
         }
         labels.insert(k.to_string(), v.to_string());
     }
@@ -229,35 +215,40 @@ impl ServerFlags {
         let mode = match self.mode.as_str() {
             "grpc" => FrontendMode::Grpc,
             "http-connect" => FrontendMode::HttpConnect,
-            other => return Err(invalid(format!("--mode must be 'grpc' or 'http-connect', got {other:?}"))),
+            other => return Err(FlagError::invalid(format!("--mode must be 'grpc' or 'http-connect', got {other:?}"))),
         };
         if self.xfr_channel_size <= 0 {
-            return Err(invalid(format!("--xfr-channel-size must be greater than 0, got {}", self.xfr_channel_size)));
+            return Err(FlagError::invalid(format!(
+                "--xfr-channel-size must be greater than 0, got {}",
+                self.xfr_channel_size
+            )));
         }
         if self.keepalive_timeout.is_zero() {
-            return Err(invalid("--keepalive-timeout must be greater than 0"));
+            return Err(FlagError::invalid("--keepalive-timeout must be greater than 0"));
         }
         let mut strategies = Vec::new();
         for name in self.proxy_strategies.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match Strategy::parse(name) {
                 Some(s) if !strategies.contains(&s) => strategies.push(s),
-                Some(_) => return Err(invalid(format!("--proxy-strategies lists {name} twice"))),
+                Some(_) => return Err(FlagError::invalid(format!("--proxy-strategies lists {name} twice"))),
                 None => {
-                    return Err(invalid(format!(
+                    return Err(FlagError::invalid(format!(
                         "unknown proxy strategy {name:?} (want default, destHost, defaultRoute or destCIDR)"
                     )));
                 }
             }
         }
         if strategies.is_empty() {
-            return Err(invalid("--proxy-strategies must not be empty"));
+            return Err(FlagError::invalid("--proxy-strategies must not be empty"));
         }
         let token_auth = !self.agent_namespace.is_empty()
             || !self.agent_service_account.is_empty()
             || !self.authentication_audience.is_empty();
         if token_auth {
             if !self.cluster_ca_cert.is_empty() {
-                return Err(invalid("--cluster-ca-cert can not be used when agent authentication is enabled"));
+                return Err(FlagError::invalid(
+                    "--cluster-ca-cert can not be used when agent authentication is enabled",
+                ));
             }
             for (flag, value) in [
                 ("agent-namespace", &self.agent_namespace),
@@ -265,23 +256,25 @@ impl ServerFlags {
                 ("authentication-audience", &self.authentication_audience),
             ] {
                 if value.is_empty() {
-                    return Err(invalid(format!("--{flag} cannot be empty when agent authentication is enabled")));
+                    return Err(FlagError::invalid(format!(
+                        "--{flag} cannot be empty when agent authentication is enabled"
+                    )));
                 }
             }
         }
         if !self.kubeconfig.is_empty() && !std::path::Path::new(&self.kubeconfig).exists() {
-            return Err(invalid(format!("checking --kubeconfig {:?}: no such file", self.kubeconfig)));
+            return Err(FlagError::invalid(format!("checking --kubeconfig {:?}: no such file", self.kubeconfig)));
         }
         match self.kube_api_content_type.as_str() {
             "application/vnd.kubernetes.protobuf" | "application/json" => {}
             other => {
-                return Err(invalid(format!(
+                return Err(FlagError::invalid(format!(
                     "--kube-api-content-type={other:?}: want application/vnd.kubernetes.protobuf or application/json"
                 )));
             }
         }
         if self.lease_label.trim().is_empty() {
-            return Err(invalid("--lease-label must not be empty"));
+            return Err(FlagError::invalid("--lease-label must not be empty"));
         }
         let lease_labels = parse_labels(&self.lease_label)?;
         for (flag, d) in [
@@ -290,14 +283,14 @@ impl ServerFlags {
             ("lease-gc-interval", self.lease_gc_interval),
         ] {
             if d < Duration::from_secs(1) {
-                return Err(invalid(format!("--{flag} must be at least 1s, got {d:?}")));
+                return Err(FlagError::invalid(format!("--{flag} must be at least 1s, got {d:?}")));
             }
         }
         if self.lease_renew_interval >= self.lease_duration {
-            return Err(invalid("--lease-renew-interval must be shorter than --lease-duration"));
+            return Err(FlagError::invalid("--lease-renew-interval must be shorter than --lease-duration"));
         }
         let cipher_suites = konnectivity_transport::tls::CipherSuites::parse(&self.cipher_suites)
-            .map_err(|e| invalid(format!("--cipher-suites: {e}")))?;
+            .map_err(|e| FlagError::invalid(format!("--cipher-suites: {e}")))?;
         if cipher_suites.excludes_tls12() {
             tracing::warn!("--cipher-suites lists only TLS 1.3 suites: TLS 1.2 clients cannot connect");
         }
@@ -305,16 +298,16 @@ impl ServerFlags {
             "" | "VersionTLS12" => konnectivity_transport::tls::MinVersion::Tls12,
             "VersionTLS13" => konnectivity_transport::tls::MinVersion::Tls13,
             "VersionTLS10" | "VersionTLS11" => {
-                return Err(invalid(format!(
+                return Err(FlagError::invalid(format!(
                     "--tls-min-version={}: TLS below 1.2 is not offered by this server",
                     self.tls_min_version
                 )));
             }
-            other => return Err(invalid(format!("--tls-min-version: unknown version {other:?}"))),
+            other => return Err(FlagError::invalid(format!("--tls-min-version: unknown version {other:?}"))),
         };
         if self.enable_contention_profiling {
             if !self.enable_profiling {
-                return Err(invalid("--enable-contention-profiling requires --enable-profiling"));
+                return Err(FlagError::invalid("--enable-contention-profiling requires --enable-profiling"));
             }
             tracing::warn!(
                 "--enable-contention-profiling has no effect here: there is no Go block profile; CPU profiles are served"
@@ -323,26 +316,37 @@ impl ServerFlags {
 
         let frontend = if !self.uds_name.is_empty() {
             if self.server_port != 0 {
-                return Err(invalid(format!("--server-port must be 0 with --uds-name, got {}", self.server_port)));
+                return Err(FlagError::invalid(format!(
+                    "--server-port must be 0 with --uds-name, got {}",
+                    self.server_port
+                )));
             }
             if !self.server_cert.is_empty() || !self.server_key.is_empty() || !self.server_ca_cert.is_empty() {
-                return Err(invalid("--server-cert, --server-key and --server-ca-cert must be empty with --uds-name"));
+                return Err(FlagError::invalid(
+                    "--server-cert, --server-key and --server-ca-cert must be empty with --uds-name",
+                ));
             }
             FrontendListen::Uds { path: PathBuf::from(&self.uds_name), delete_existing: self.delete_existing_uds_file }
         } else {
             let (Some(cert), Some(key)) = (path(&self.server_cert), path(&self.server_key)) else {
-                return Err(invalid("the TCP frontend needs --server-cert and --server-key (or use --uds-name)"));
+                return Err(FlagError::invalid(
+                    "the TCP frontend needs --server-cert and --server-key (or use --uds-name)",
+                ));
             };
             let Some(ca) = path(&self.server_ca_cert) else {
-                return Err(invalid("the TCP frontend requires --server-ca-cert: clients must authenticate with mTLS"));
+                return Err(FlagError::invalid(
+                    "the TCP frontend requires --server-ca-cert: clients must authenticate with mTLS",
+                ));
             };
             FrontendListen::Tcp { bind: self.server_bind_address.clone(), port: self.server_port, cert, key, ca }
         };
         let (Some(cluster_cert), Some(cluster_key)) = (path(&self.cluster_cert), path(&self.cluster_key)) else {
-            return Err(invalid("--cluster-cert and --cluster-key are required: the agent port always uses TLS"));
+            return Err(FlagError::invalid(
+                "--cluster-cert and --cluster-key are required: the agent port always uses TLS",
+            ));
         };
         if self.agent_port != 0 && (self.agent_port == self.health_port || self.agent_port == self.admin_port) {
-            return Err(invalid("--agent-port must differ from --health-port and --admin-port"));
+            return Err(FlagError::invalid("--agent-port must differ from --health-port and --admin-port"));
         }
         let server_id = match self.server_id {
             Some(id) if !id.is_empty() => id,
@@ -370,10 +374,9 @@ impl ServerFlags {
             "" => None,
             "-" => Some(AuditConfig::new(AuditOutput::Stdout)),
             file => {
-                let max_size = self
-                    .audit_log_max_size
-                    .checked_mul(1 << 20)
-                    .ok_or_else(|| invalid(format!("--audit-log-max-size={} is too large", self.audit_log_max_size)))?;
+                let max_size = self.audit_log_max_size.checked_mul(1 << 20).ok_or_else(|| {
+                    FlagError::invalid(format!("--audit-log-max-size={} is too large", self.audit_log_max_size))
+                })?;
                 let mut audit = AuditConfig::new(AuditOutput::File(PathBuf::from(file)));
                 audit.max_size = max_size;
                 audit.max_backups = self.audit_log_max_backups;
@@ -398,11 +401,8 @@ impl ServerFlags {
             lease.gc_interval = self.lease_gc_interval;
             config.lease = Some(lease);
         }
-        if let Some(path) = path(&self.egress_policy_file) {
-            let policy =
-                konnectivity_transport::egress_policy::EgressPolicy::load(&path).map_err(|e| invalid(e.to_string()))?;
-            config.egress_policy = std::sync::Arc::new(policy);
-        }
+        config.egress_policy = konnectivity_egress_policy::EgressPolicy::from_flag(&self.egress_policy_file)
+            .map_err(|e| FlagError::invalid(e.to_string()))?;
         Ok(config)
     }
 }
@@ -414,7 +414,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<ServerConfig, String> {
         let mut all = vec!["proxy-server".to_string()];
         all.extend(args.iter().map(|s| s.to_string()));
-        let all = konnectivity_transport::flags::normalize_args(all);
+        let all = konnectivity_process::flags::normalize_args(all);
         ServerFlags::try_parse_from(all).map_err(|e| e.to_string())?.into_config().map_err(|e| e.to_string())
     }
 
@@ -446,11 +446,11 @@ mod tests {
 
     #[test]
     fn klog_destination_flags() {
-        use konnectivity_transport::logging::LogDestination;
+        use konnectivity_process::logging::LogDestination;
         let flags = |extra: &[&str]| {
             let mut all = vec!["proxy-server".to_string()];
             all.extend(BASE.iter().chain(extra).map(|s| s.to_string()));
-            ServerFlags::try_parse_from(konnectivity_transport::flags::normalize_args(all)).expect("flags")
+            ServerFlags::try_parse_from(konnectivity_process::flags::normalize_args(all)).expect("flags")
         };
         assert_eq!(flags(&["--log-file=/x"]).klog.destination("proxy-server"), LogDestination::Stderr);
         assert_eq!(

@@ -12,13 +12,18 @@
 //! crate's `server_state` target).
 
 use crate::audit::{AuditLog, ClientIdentity};
-use crate::backend::{AgentIdentifiers, AgentTransport, Backend, BackendManager, ConnState, serve_agent};
-use crate::frontend::serve_frontend;
+use crate::backend::identifiers::AgentIdentifiers;
+use crate::backend::manager::BackendManager;
+use crate::backend::service::serve_agent;
+use crate::backend::stream::{AgentStreamInfo, AgentTransport, Backend};
+use crate::frontend::grpc;
+use crate::frontend::session::Session;
 use crate::metrics::ServerMetrics;
-use crate::state::{FRONTEND_QUEUE_LIMIT, FRONTEND_STALL_LIMIT, Frontend, Queued, Tunnels};
+use crate::tunnels::queue::{FRONTEND_QUEUE_LIMIT, FRONTEND_STALL_LIMIT, FrontendQueue, Queued};
+use crate::tunnels::table::Tunnels;
 use bytes::Bytes;
+use konnectivity_egress_policy::EgressPolicy;
 use konnectivity_proto::{Packet, PacketKind, flow, packet};
-use konnectivity_transport::egress_policy::EgressPolicy;
 use prost::Message;
 use std::sync::Arc;
 use std::time::Duration;
@@ -295,7 +300,7 @@ struct AgentSide {
 }
 
 struct FrontendSide {
-    frontend: Arc<Frontend>,
+    frontend: Arc<FrontendQueue>,
     inbound: Option<mpsc::UnboundedSender<Result<Packet, Status>>>,
     outbound: Option<mpsc::UnboundedReceiver<Queued>>,
     reading: bool,
@@ -373,7 +378,7 @@ impl Harness {
 
     /// Connections on every agent stream now (open or closing).
     pub fn connections(&self) -> usize {
-        self.agents.iter().map(|a| a.backend.conns.lock().len()).sum()
+        self.tunnels.connection_count()
     }
 
     /// Sends a packet from agent stream `agent` (picked modulo the count), counting successful DIAL_RSPs.
@@ -518,20 +523,23 @@ impl Harness {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let transport = CancellationToken::new();
-        let (backend, outbound) = Backend::new(
-            self.tunnels.next_serial(),
-            format!("agent-{}", id % 4),
-            AgentIdentifiers::default(),
-            "fuzz".into(),
+        let info = AgentStreamInfo {
+            serial: self.tunnels.next_serial(),
+            agent_id: format!("agent-{}", id % 4),
+            identifiers: AgentIdentifiers::default(),
+            peer: "fuzz".into(),
             flow_control,
+        };
+        let (backend, outbound) = Backend::new(
+            info,
             self.shutdown.child_token(),
             AgentTransport { closed: transport.clone(), abort: CancellationToken::new() },
+            self.tunnels.metrics.clone(),
+            self.tracker.clone(),
         );
         // As `AgentEndpoint::connect` does.
-        self.tunnels.backends.add(backend.clone());
-        self.tunnels.metrics.grpc_connections("Connect", 1.0);
-        let task =
-            self.tracker.spawn(serve_agent(backend.clone(), UnboundedReceiverStream::new(rx), self.tunnels.clone()));
+        let guard = self.tunnels.attach_agent(backend.clone());
+        let task = self.tracker.spawn(serve_agent(guard, UnboundedReceiverStream::new(rx), self.tunnels.clone()));
         self.agents.push(AgentSide {
             backend,
             inbound: Some(tx),
@@ -550,14 +558,10 @@ impl Harness {
             return;
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let (frontend, outbound) = Frontend::new(self.tunnels.next_serial(), "grpc", ClientIdentity::Uds(None));
-        let task = self.tracker.spawn(serve_frontend(
-            self.tunnels.clone(),
-            frontend.clone(),
-            self.backend_dial_timeout,
-            UnboundedReceiverStream::new(rx),
-            self.shutdown.clone(),
-        ));
+        let (session, outbound) =
+            Session::open(&self.tunnels, "grpc", ClientIdentity::Uds(None), self.backend_dial_timeout);
+        let frontend = session.queue().clone();
+        let task = self.tracker.spawn(grpc::serve(session, UnboundedReceiverStream::new(rx), self.shutdown.clone()));
         self.frontends.push(FrontendSide {
             frontend,
             inbound: Some(tx),
@@ -581,10 +585,10 @@ impl Harness {
             }
             let Some(rx) = &mut f.outbound else { continue };
             while f.reading
-                && let Ok((queued_at, packet)) = rx.try_recv()
+                && let Ok(queued) = rx.try_recv()
             {
-                f.frontend.on_sent(&packet, queued_at, &self.tunnels);
-                if let Ok(PacketKind::DialResponse(rsp)) = packet.kind()
+                f.frontend.on_sent(&queued);
+                if let Ok(PacketKind::DialResponse(rsp)) = queued.packet.kind()
                     && rsp.error.is_empty()
                     && rsp.connect_id != 0
                 {
@@ -640,51 +644,24 @@ impl Harness {
     /// Asserts that the state is consistent and bounded by the input. Call after [`Harness::settle`].
     pub fn check(&self) {
         let t = &self.tunnels;
-        let pending = t.pending_owners();
-        assert!(
-            pending.len() <= self.dial_requests,
-            "{} pending dials from {} DIAL_REQs",
-            pending.len(),
-            self.dial_requests
-        );
-        assert_eq!(t.metrics.pending_backend_dials(), pending.len() as f64, "pending_backend_dials gauge");
-        let live = t.backends.all();
-        let mut connections = 0;
-        for a in &self.agents {
-            let b = &a.backend;
-            let conns = b.conns.lock();
-            connections += conns.len();
-            let gone = b.closed.is_cancelled() && a.task.is_finished();
-            if gone {
-                assert!(conns.is_empty(), "agent stream {} ended; {} connections left on it", b.serial, conns.len());
-                assert!(b.pending.lock().is_empty(), "agent stream {} ended; dials left on it", b.serial);
-                assert!(!live.iter().any(|l| l.serial == b.serial), "ended agent stream {} still routable", b.serial);
-            }
-            for (id, state) in conns.iter() {
-                if let ConnState::Open { frontend, link } = state {
-                    assert!(
-                        frontend.links.lock().iter().any(|l| Arc::ptr_eq(l, link)),
-                        "connection {id} of agent stream {} is open but its frontend does not know it",
-                        b.serial
-                    );
-                }
-            }
-        }
+        // Both directions of the table agree (every dial and connection is listed by its frontend and its agent
+        // stream, every listed one exists), and each agent stream's connection count is right.
+        let (pending, connections) = t.check_consistency();
+        assert!(pending <= self.dial_requests, "{pending} pending dials from {} DIAL_REQs", self.dial_requests);
+        assert_eq!(t.metrics.pending_backend_dials(), pending as f64, "pending_backend_dials gauge");
         assert!(
             connections <= self.dial_successes,
             "{connections} connections from {} successful DIAL_RSPs",
             self.dial_successes
         );
         assert_eq!(t.metrics.established_connections(), connections as f64, "established_connections gauge");
-        for (random, backend_serial, frontend_serial) in &pending {
-            if let Some(a) = self.agents.iter().find(|a| a.backend.serial == *backend_serial) {
-                assert!(
-                    !(a.backend.closed.is_cancelled() && a.task.is_finished()),
-                    "dial {random} pending on agent stream {backend_serial}, which ended"
-                );
-            }
-            if let Some(f) = self.frontends.iter().find(|f| f.frontend.serial == *frontend_serial) {
-                assert!(!f.task.is_finished(), "dial {random} pending for frontend {frontend_serial}, which ended");
+        let live = t.backends.all();
+        for a in &self.agents {
+            let b = &a.backend;
+            if b.closed.is_cancelled() && a.task.is_finished() {
+                assert!(!t.knows_stream(b.serial), "agent stream {} ended; the table still holds it", b.serial);
+                assert_eq!(b.connection_count(), 0, "agent stream {} ended with connections", b.serial);
+                assert!(!live.iter().any(|l| l.serial == b.serial), "ended agent stream {} still routable", b.serial);
             }
         }
         let queue_bound = FRONTEND_QUEUE_LIMIT.max(2 * flow::WINDOW as usize) + flow::cost(MAX_DATA) as usize;
@@ -696,23 +673,7 @@ impl Harness {
                 assert_eq!(queued, 0, "frontend {} is reading, yet {queued} units stay queued", fe.serial);
             }
             if f.task.is_finished() {
-                assert!(fe.links.lock().is_empty(), "frontend {} ended with connections", fe.serial);
-            }
-            for link in fe.links.lock().iter() {
-                let conns = link.backend.conns.lock();
-                match conns.get(&link.connect_id) {
-                    Some(ConnState::Open { frontend, .. }) => assert!(
-                        Arc::ptr_eq(frontend, fe),
-                        "frontend {} lists connection {} of another frontend",
-                        fe.serial,
-                        link.connect_id
-                    ),
-                    Some(ConnState::Closing { .. }) => {}
-                    None => panic!(
-                        "frontend {} lists connection {} that agent stream {} no longer has",
-                        fe.serial, link.connect_id, link.backend.serial
-                    ),
-                }
+                assert!(!t.knows_stream(fe.serial), "frontend {} ended; the table still holds it", fe.serial);
             }
         }
     }

@@ -13,19 +13,20 @@ mod audit;
 mod auth;
 mod backend;
 pub mod config;
-mod connect;
 pub mod flags;
 mod frontend;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+mod handle;
 pub mod lease;
 pub mod metrics;
 pub mod routing;
 mod server;
-mod state;
+mod tunnels;
 
-pub use backend::AgentIdentifiers;
+pub use backend::identifiers::AgentIdentifiers;
 pub use config::{AuditConfig, AuditOutput, FrontendListen, FrontendMode, ServerConfig};
-pub use connect::{CONNECTION_ESTABLISHED, dial_error_status};
-pub use server::{AgentInfo, FrontendAddr, RunningServer, ServerError, ServerHandle, run, start};
+pub use frontend::http_connect::{CONNECTION_ESTABLISHED, dial_error_status};
+pub use handle::{AgentInfo, ServerHandle};
+pub use server::{FrontendAddr, RunningServer, ServerError, run, start};

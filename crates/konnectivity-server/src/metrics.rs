@@ -1,11 +1,11 @@
 //! The server's Prometheus metrics: names, types, labels, buckets and HELP text as the reference has them
 //! (`pkg/server/metrics`), in a registry of their own so several servers can run in one process (tests).
 
+use konnectivity_process::metric_set::MetricSet;
 use konnectivity_proto::names::METRICS_NAMESPACE;
-use konnectivity_transport::packet_counters::PacketCounters;
-use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+use konnectivity_proto::packet_counters::PacketCounters;
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntCounterVec, Registry};
 
-const SUBSYSTEM: &str = "server";
 const LATENCY_BUCKETS: [f64; 9] = [0.000001, 0.00001, 0.0001, 0.005, 0.025, 0.1, 0.5, 2.5, 12.5];
 
 /// `dial_failure_count` reasons.
@@ -71,7 +71,7 @@ impl Segment {
 /// The server's metrics.
 #[derive(Clone)]
 pub struct ServerMetrics {
-    registry: Registry,
+    set: MetricSet,
     dial_duration: Histogram,
     frontend_write_duration: Histogram,
     grpc_connections: GaugeVec,
@@ -101,219 +101,150 @@ pub struct ServerMetrics {
     pub(crate) agent_auth: IntCounterVec,
 }
 
-fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help).namespace(METRICS_NAMESPACE).subsystem(SUBSYSTEM)
-}
-
 impl ServerMetrics {
-    /// Creates the metrics in a fresh registry.
+    /// Creates the metrics in a fresh registry. Names, HELP texts, labels and buckets are the reference's
+    /// (typos included), except the konnectivity-rs additions marked below.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
-        let dial_duration = Histogram::with_opts(
-            HistogramOpts::from(opts("dial_duration_seconds", "Latency of dial to the remote endpoint in seconds"))
-                .buckets(LATENCY_BUCKETS.to_vec()),
-        )?;
-        let frontend_write_duration = Histogram::with_opts(
-            HistogramOpts::from(opts("frontend_write_duration_seconds", "Latency of write to the frontend in seconds"))
-                .buckets(LATENCY_BUCKETS.to_vec()),
-        )?;
-        let grpc_connections = GaugeVec::new(
-            opts("grpc_connections", "Number of current grpc connections, partitioned by service method."),
-            &["service_method"],
-        )?;
-        let http_connections =
-            Gauge::with_opts(opts("http_connections", "Number of current HTTP CONNECT connections"))?;
-        let ready_backend_connections = Gauge::with_opts(opts(
-            "ready_backend_connections",
-            "Number of konnectivity agent connected to the proxy server. DEPRECATED, please use ready_backends",
-        ))?;
-        let ready_backends = GaugeVec::new(
-            opts("ready_backends", "Number of konnectivity agent connected to the proxy server"),
-            &["proxy_strategy"],
-        )?;
-        let pending_dials =
-            Gauge::with_opts(opts("pending_backend_dials", "Current number of pending backend dial requests"))?;
-        let established = Gauge::with_opts(opts(
-            "established_connections",
-            "Current number of established end-to-end connections (post-dial).",
-        ))?;
-        let full_receive_channels = GaugeVec::new(
-            opts(
-                "full_receive_channels",
-                "Number of current connections blocked by a full receive channel, partitioned by service method.",
-            ),
-            &["service_method"],
-        )?;
-        let dial_failures = IntCounterVec::new(
-            opts(
-                "dial_failure_count",
-                "Number of dial failures observed. Multiple failures can occur for a single dial request.",
-            ),
-            &["reason"],
-        )?;
-        let stream_packets = IntCounterVec::new(
-            opts(
-                "stream_packets_total",
-                "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
-            ),
-            &["segment", "packet_type"],
-        )?;
-        let stream_errors = IntCounterVec::new(
-            opts(
-                "stream_errors_total",
-                "Count of gRPC stream errors, by segment, grpc Code, packet type. (example: from_agent, Code.Unavailable, DIAL_RSP)",
-            ),
-            &["segment", "code", "packet_type"],
-        )?;
-        registry.register(Box::new(dial_duration.clone()))?;
-        registry.register(Box::new(frontend_write_duration.clone()))?;
-        // Lease metrics, as the reference registers them (moved by the lease controller's garbage collection).
-        let culled_leases = IntCounter::with_opts(opts(
-            "culled_leases_count",
-            "Count of expired leases that the lease garbage collection controller has culled.",
-        ))?;
-        registry.register(Box::new(culled_leases.clone()))?;
-        let lease_delete_latency = HistogramVec::new(
-            HistogramOpts::from(opts(
-                "lease_delete_latency_seconds",
-                "Latency of lease deletion calls by the garbage collection controller in seconds.",
-            )),
-            &["http_status_code"],
-        )?;
-        registry.register(Box::new(lease_delete_latency.clone()))?;
-        let lease_delete_total = IntCounterVec::new(
-            opts(
-                "lease_delete_total",
-                "Count of lease delection calls by the garbage collection controller. Labeled by HTTP status code and reason.",
-            ),
-            &["http_status_code", "reason"],
-        )?;
-        registry.register(Box::new(lease_delete_total.clone()))?;
-        let lease_list_latency = HistogramVec::new(
-            HistogramOpts::from(opts(
-                "lease_list_latency_seconds",
-                "Latency of lease list calls by the garbage collection controller in seconds.",
-            )),
-            &["http_status_code"],
-        )?;
-        registry.register(Box::new(lease_list_latency.clone()))?;
-        let lease_list_total = IntCounterVec::new(
-            opts(
-                "lease_list_total",
-                "Count of lease deletion calls by the garbage collection controller. Labeled by HTTP status code and reason.",
-            ),
-            &["http_status_code", "reason"],
-        )?;
-        registry.register(Box::new(lease_list_total.clone()))?;
-        // konnectivity-rs addition; exported once token auth has seen an agent.
-        let agent_auth = IntCounterVec::new(
-            opts(
-                "agent_authentications_total",
-                "Agent token authentications, by result: ok (TokenReview accepted), cached (a recent review of the same token reused), denied, error (kube-apiserver unreachable or failing).",
-            ),
-            &["result"],
-        )?;
-        registry.register(Box::new(agent_auth.clone()))?;
-        registry.register(Box::new(konnectivity_transport::process_metrics::ProcessMetrics::new()?))?;
-        // konnectivity-rs additions (not in the reference).
-        let tunnel_bytes = IntCounterVec::new(
-            opts(
-                "tunnel_bytes_total",
-                "Bytes carried through tunnels, by direction: to_frontend (agent to frontend) or to_agent (frontend to agent).",
-            ),
+        let m = MetricSet::new(METRICS_NAMESPACE, "server");
+        let lease_by_code = &["http_status_code"];
+        let lease_by_code_and_reason = &["http_status_code", "reason"];
+        m.collector(Box::new(konnectivity_process::process_metrics::ProcessMetrics::new()?))?;
+        // konnectivity-rs addition: bytes carried, by direction.
+        let tunnel_bytes = m.counter_vec(
+            "tunnel_bytes_total",
+            "Bytes carried through tunnels, by direction: to_frontend (agent to frontend) or to_agent (frontend to agent).",
             &["direction"],
         )?;
-        registry.register(Box::new(tunnel_bytes.clone()))?;
-        let frontend_stall_closes = IntCounter::with_opts(opts(
-            "frontend_stall_closes_total",
-            "Connections closed because their frontend did not read for the stall limit (agents without flow control).",
-        ))?;
-        registry.register(Box::new(frontend_stall_closes.clone()))?;
-        let flow_control_waits = IntCounter::with_opts(opts(
-            "flow_control_waits_total",
-            "Times frontend data waited for its connection's flow-control credit from the agent.",
-        ))?;
-        registry.register(Box::new(flow_control_waits.clone()))?;
-        let tls_handshake_failures = IntCounterVec::new(
-            opts("tls_handshake_failures_total", "Failed TLS handshakes, by listener (agent, frontend) and reason."),
-            &["listener", "reason"],
-        )?;
-        registry.register(Box::new(tls_handshake_failures.clone()))?;
-        let tls_reloads = IntCounterVec::new(
-            opts(
-                "tls_reloads_total",
-                "Reloads of certificate, key and CA files after they changed on disk, by listener (agent, frontend) and result: success (new handshakes use them) or failure (unreadable or unusable; the previous ones stay in use).",
-            ),
-            &["listener", "result"],
-        )?;
-        registry.register(Box::new(tls_reloads.clone()))?;
-        let egress_denials = IntCounter::with_opts(opts(
-            "egress_policy_denials_total",
-            "Dials refused by the egress policy before being sent to an agent.",
-        ))?;
-        registry.register(Box::new(egress_denials.clone()))?;
-        // Families without samples are not exported: these appear only when the audit log is enabled.
-        let audit_events = IntCounterVec::new(
-            opts(
-                "audit_events_total",
-                "Audit log events, by event (open, dial_failed, close), including those that could not be written.",
-            ),
-            &["event"],
-        )?;
-        registry.register(Box::new(audit_events.clone()))?;
-        let audit_dropped = IntCounterVec::new(
-            opts(
-                "audit_events_dropped_total",
-                "Audit log lines lost, by reason: queue_full (the writer fell behind), write_error (the output failed), closed (after stop).",
-            ),
-            &["reason"],
-        )?;
-        registry.register(Box::new(audit_dropped.clone()))?;
-        registry.register(Box::new(grpc_connections.clone()))?;
-        registry.register(Box::new(http_connections.clone()))?;
-        registry.register(Box::new(ready_backend_connections.clone()))?;
-        registry.register(Box::new(ready_backends.clone()))?;
-        registry.register(Box::new(pending_dials.clone()))?;
-        registry.register(Box::new(established.clone()))?;
-        registry.register(Box::new(full_receive_channels.clone()))?;
-        registry.register(Box::new(dial_failures.clone()))?;
-        registry.register(Box::new(stream_packets.clone()))?;
-        registry.register(Box::new(stream_errors.clone()))?;
         Ok(Self {
-            registry,
-            dial_duration,
-            frontend_write_duration,
-            grpc_connections,
-            http_connections,
-            ready_backend_connections,
-            ready_backends,
-            pending_dials,
-            established,
-            full_receive_channels,
-            dial_failures,
-            stream_packets: std::sync::Arc::new(PacketCounters::new(stream_packets, &SEGMENTS)),
-            stream_errors,
+            dial_duration: m.histogram(
+                "dial_duration_seconds",
+                "Latency of dial to the remote endpoint in seconds",
+                Some(&LATENCY_BUCKETS),
+            )?,
+            frontend_write_duration: m.histogram(
+                "frontend_write_duration_seconds",
+                "Latency of write to the frontend in seconds",
+                Some(&LATENCY_BUCKETS),
+            )?,
+            grpc_connections: m.gauge_vec(
+                "grpc_connections",
+                "Number of current grpc connections, partitioned by service method.",
+                &["service_method"],
+            )?,
+            http_connections: m.gauge("http_connections", "Number of current HTTP CONNECT connections")?,
+            ready_backend_connections: m.gauge(
+                "ready_backend_connections",
+                "Number of konnectivity agent connected to the proxy server. DEPRECATED, please use ready_backends",
+            )?,
+            ready_backends: m.gauge_vec(
+                "ready_backends",
+                "Number of konnectivity agent connected to the proxy server",
+                &["proxy_strategy"],
+            )?,
+            pending_dials: m.gauge("pending_backend_dials", "Current number of pending backend dial requests")?,
+            established: m.gauge(
+                "established_connections",
+                "Current number of established end-to-end connections (post-dial).",
+            )?,
+            full_receive_channels: m.gauge_vec(
+                "full_receive_channels",
+                "Number of current connections blocked by a full receive channel, partitioned by service method.",
+                &["service_method"],
+            )?,
+            dial_failures: m.counter_vec(
+                "dial_failure_count",
+                "Number of dial failures observed. Multiple failures can occur for a single dial request.",
+                &["reason"],
+            )?,
+            stream_packets: std::sync::Arc::new(PacketCounters::new(
+                m.counter_vec(
+                    "stream_packets_total",
+                    "Count of packets processed, by segment and packet type (example: from_client, DIAL_REQ)",
+                    &["segment", "packet_type"],
+                )?,
+                &SEGMENTS,
+            )),
+            stream_errors: m.counter_vec(
+                "stream_errors_total",
+                "Count of gRPC stream errors, by segment, grpc Code, packet type. (example: from_agent, Code.Unavailable, DIAL_RSP)",
+                &["segment", "code", "packet_type"],
+            )?,
+            // Lease metrics, as the reference registers them (moved by the lease controller's garbage collection).
+            culled_leases: m.counter(
+                "culled_leases_count",
+                "Count of expired leases that the lease garbage collection controller has culled.",
+            )?,
+            lease_delete_latency: m.histogram_vec(
+                "lease_delete_latency_seconds",
+                "Latency of lease deletion calls by the garbage collection controller in seconds.",
+                None,
+                lease_by_code,
+            )?,
+            lease_delete_total: m.counter_vec(
+                "lease_delete_total",
+                "Count of lease delection calls by the garbage collection controller. Labeled by HTTP status code and reason.",
+                lease_by_code_and_reason,
+            )?,
+            lease_list_latency: m.histogram_vec(
+                "lease_list_latency_seconds",
+                "Latency of lease list calls by the garbage collection controller in seconds.",
+                None,
+                lease_by_code,
+            )?,
+            lease_list_total: m.counter_vec(
+                "lease_list_total",
+                "Count of lease deletion calls by the garbage collection controller. Labeled by HTTP status code and reason.",
+                lease_by_code_and_reason,
+            )?,
+            // konnectivity-rs additions from here on (not in the reference).
+            // Exported once token auth has seen an agent.
+            agent_auth: m.counter_vec(
+                "agent_authentications_total",
+                "Agent token authentications, by result: ok (TokenReview accepted), cached (a recent review of the same token reused), denied, error (kube-apiserver unreachable or failing).",
+                &["result"],
+            )?,
             tunnel_bytes_to_frontend: tunnel_bytes.with_label_values(&["to_frontend"]),
             tunnel_bytes_to_agent: tunnel_bytes.with_label_values(&["to_agent"]),
-            frontend_stall_closes,
-            flow_control_waits,
-            tls_handshake_failures,
-            tls_reloads,
-            egress_denials,
-            audit_events,
-            audit_dropped,
-            culled_leases,
-            lease_delete_latency,
-            lease_delete_total,
-            lease_list_latency,
-            lease_list_total,
-            agent_auth,
+            frontend_stall_closes: m.counter(
+                "frontend_stall_closes_total",
+                "Connections closed because their frontend did not read for the stall limit (agents without flow control).",
+            )?,
+            flow_control_waits: m.counter(
+                "flow_control_waits_total",
+                "Times frontend data waited for its connection's flow-control credit from the agent.",
+            )?,
+            tls_handshake_failures: m.counter_vec(
+                "tls_handshake_failures_total",
+                "Failed TLS handshakes, by listener (agent, frontend) and reason.",
+                &["listener", "reason"],
+            )?,
+            tls_reloads: m.counter_vec(
+                "tls_reloads_total",
+                "Reloads of certificate, key and CA files after they changed on disk, by listener (agent, frontend) and result: success (new handshakes use them) or failure (unreadable or unusable; the previous ones stay in use).",
+                &["listener", "result"],
+            )?,
+            egress_denials: m.counter(
+                "egress_policy_denials_total",
+                "Dials refused by the egress policy before being sent to an agent.",
+            )?,
+            // Families without samples are not exported: these appear only when the audit log is enabled.
+            audit_events: m.counter_vec(
+                "audit_events_total",
+                "Audit log events, by event (open, dial_failed, close), including those that could not be written.",
+                &["event"],
+            )?,
+            audit_dropped: m.counter_vec(
+                "audit_events_dropped_total",
+                "Audit log lines lost, by reason: queue_full (the writer fell behind), write_error (the output failed), closed (after stop).",
+                &["reason"],
+            )?,
+            set: m,
         })
     }
 
     /// The registry to expose on `/metrics`.
     pub fn registry(&self) -> &Registry {
-        &self.registry
+        self.set.registry()
     }
 
     pub(crate) fn observe_dial(&self, seconds: f64) {
@@ -371,11 +302,13 @@ impl ServerMetrics {
     pub(crate) fn observe_frontend_write(&self, seconds: f64) {
         self.frontend_write_duration.observe(seconds);
     }
-    pub(crate) fn grpc_connections(&self, method: &str, delta: f64) {
-        self.grpc_connections.with_label_values(&[method]).add(delta);
+    /// Counts one gRPC stream of `method` (`Connect`, `Proxy`) in `grpc_connections` until the guard drops.
+    pub(crate) fn grpc_connection(&self, method: &str) -> GaugeGuard {
+        GaugeGuard::new(self.grpc_connections.with_label_values(&[method]))
     }
-    pub(crate) fn http_connections(&self, delta: f64) {
-        self.http_connections.add(delta);
+    /// Counts one HTTP CONNECT connection in `http_connections` until the guard drops.
+    pub(crate) fn http_connection(&self) -> GaugeGuard {
+        GaugeGuard::new(self.http_connections.clone())
     }
     pub(crate) fn set_ready_backends(&self, strategy: &str, n: usize) {
         self.ready_backends.with_label_values(&[strategy]).set(n as f64);
@@ -418,5 +351,21 @@ impl ServerMetrics {
     /// `flow_control_waits_total`.
     pub fn flow_control_waits(&self) -> u64 {
         self.flow_control_waits.get()
+    }
+}
+
+/// Holds a gauge one higher for as long as it lives (a stream or connection counted however it ends).
+pub(crate) struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

@@ -7,72 +7,38 @@
 //! random pick. For `destCIDR`, draining outweighs specificity: a non-draining agent with a wider matching
 //! prefix is preferred to a draining one with a narrower prefix.
 
-use crate::backend::Backend;
+use crate::backend::stream::Backend;
 use rand::Rng;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// One agent-selection strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    /// Any agent.
-    Default,
-    /// Agents that advertise the destination host exactly (`host`, `ipv4` or `ipv6` identifier).
-    DestHost,
-    /// Agents that advertise `default-route=true`.
-    DefaultRoute,
-    /// Agents whose `cidr` identifiers contain the destination IP (most specific prefix first).
-    DestCidr,
+pub use crate::config::Strategy;
+
+/// Whether `agent` can serve under `strategy` at all (for readiness and `ready_backends`).
+pub(crate) fn serves(strategy: Strategy, agent: &Backend) -> bool {
+    let ids = &agent.identifiers;
+    match strategy {
+        Strategy::Default => true,
+        Strategy::DestHost => !(ids.hosts.is_empty() && ids.ipv4.is_empty() && ids.ipv6.is_empty()),
+        Strategy::DefaultRoute => ids.default_route,
+        Strategy::DestCidr => !ids.cidrs.is_empty(),
+    }
 }
 
-impl Strategy {
-    /// Parses a `--proxy-strategies` name.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "default" => Some(Self::Default),
-            "destHost" => Some(Self::DestHost),
-            "defaultRoute" => Some(Self::DefaultRoute),
-            "destCIDR" => Some(Self::DestCidr),
-            _ => None,
+/// How well `agent` matches a dial to `host` under `strategy`: `None` if it does not, else a rank (higher is
+/// better; only `destCIDR` ranks, by prefix length).
+fn rank(strategy: Strategy, agent: &Backend, host: &str, ip: Option<IpAddr>) -> Option<u8> {
+    let ids = &agent.identifiers;
+    match strategy {
+        Strategy::Default => Some(0),
+        Strategy::DestHost => {
+            let hit = ids.hosts.iter().chain(&ids.ipv4).chain(&ids.ipv6).any(|h| h == host);
+            hit.then_some(0)
         }
-    }
-
-    /// The name, as the `proxy_strategy` metric label.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Default => "default",
-            Self::DestHost => "destHost",
-            Self::DefaultRoute => "defaultRoute",
-            Self::DestCidr => "destCIDR",
-        }
-    }
-
-    /// Whether `agent` can serve under this strategy at all (for readiness and `ready_backends`).
-    pub(crate) fn serves(self, agent: &Backend) -> bool {
-        let ids = &agent.identifiers;
-        match self {
-            Self::Default => true,
-            Self::DestHost => !(ids.hosts.is_empty() && ids.ipv4.is_empty() && ids.ipv6.is_empty()),
-            Self::DefaultRoute => ids.default_route,
-            Self::DestCidr => !ids.cidrs.is_empty(),
-        }
-    }
-
-    /// How well `agent` matches a dial to `host` under this strategy: `None` if it does not, else a rank
-    /// (higher is better; only `destCIDR` ranks, by prefix length).
-    fn rank(self, agent: &Backend, host: &str, ip: Option<IpAddr>) -> Option<u8> {
-        let ids = &agent.identifiers;
-        match self {
-            Self::Default => Some(0),
-            Self::DestHost => {
-                let hit = ids.hosts.iter().chain(&ids.ipv4).chain(&ids.ipv6).any(|h| h == host);
-                hit.then_some(0)
-            }
-            Self::DefaultRoute => ids.default_route.then_some(0),
-            Self::DestCidr => {
-                let ip = ip?;
-                ids.cidrs.iter().filter_map(|c| cidr_contains(c, ip)).max()
-            }
+        Strategy::DefaultRoute => ids.default_route.then_some(0),
+        Strategy::DestCidr => {
+            let ip = ip?;
+            ids.cidrs.iter().filter_map(|c| cidr_contains(c, ip)).max()
         }
     }
 }
@@ -111,7 +77,7 @@ pub(crate) fn pick(strategies: &[Strategy], agents: &[Arc<Backend>], address: &s
     let ip = host.parse::<IpAddr>().ok();
     for strategy in strategies {
         let ranked: Vec<(u8, &Arc<Backend>)> =
-            agents.iter().filter_map(|a| strategy.rank(a, host, ip).map(|r| (r, a))).collect();
+            agents.iter().filter_map(|a| rank(*strategy, a, host, ip).map(|r| (r, a))).collect();
         if ranked.is_empty() {
             continue;
         }

@@ -355,19 +355,41 @@ async fn handshake(
     Ok(tls)
 }
 
+/// How a TLS listener accepts.
+pub struct TlsAccept {
+    /// The listener's name, in logs.
+    pub what: &'static str,
+    /// Told about every failed handshake (to count them).
+    pub on_failure: Option<HandshakeFailureHook>,
+    /// Handshakes in progress at most; the rest wait in the listen backlog.
+    pub max_handshakes: usize,
+}
+
+impl TlsAccept {
+    /// A listener named `what`, nothing counted, [`DEFAULT_MAX_HANDSHAKES`] handshakes at once.
+    pub fn named(what: &'static str) -> Self {
+        Self { what, on_failure: None, max_handshakes: DEFAULT_MAX_HANDSHAKES }
+    }
+}
+
+/// Default bound on a listener's TLS handshakes in progress. A handshake costs a task, a socket and some CPU;
+/// clients beyond it wait in the backlog instead of starving the server of descriptors and time.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 512;
+
 /// Accepts TCP connections and hands out handshaken TLS connections as a stream (for tonic's
 /// `serve_with_incoming`). Each handshake uses the configuration `config` holds at that moment, so a reloaded
 /// certificate applies to new connections only. Handshakes run in tasks tracked by `tracker`; failures are
-/// logged with the peer and reason, reported to `on_failure`, and harm nothing else. The stream ends when
-/// `shutdown` is cancelled.
+/// logged with the peer and reason, reported to `accept.on_failure`, and harm nothing else; at most
+/// `accept.max_handshakes` run at once. The stream ends when `shutdown` is cancelled.
 pub fn tls_incoming(
     listener: TcpListener,
     config: impl Into<LiveConfig<ServerConfig>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
-    what: &'static str,
-    on_failure: Option<HandshakeFailureHook>,
+    accept: TlsAccept,
 ) -> ReceiverStream<io::Result<TlsConn>> {
+    let TlsAccept { what, on_failure, max_handshakes } = accept;
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(max_handshakes.max(1)));
     let (tx, rx) = mpsc::channel(64);
     let config = config.into();
     let accept_tracker = tracker.clone();
@@ -387,12 +409,22 @@ pub fn tls_incoming(
                     }
                 },
             };
+            // At most `max_handshakes` at once: beyond it the loop accepts nothing more until one finishes, and
+            // new connections wait in the listen backlog.
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             tune_tcp(&tcp);
             let config = config.clone();
             let tx = tx.clone();
             let shutdown = shutdown.clone();
             let on_failure = on_failure.clone();
             accept_tracker.spawn(async move {
+                let _permit = permit;
                 let tls = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, &config)) => match r {

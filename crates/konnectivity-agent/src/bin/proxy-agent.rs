@@ -8,9 +8,9 @@ use konnectivity_agent::flags::AgentFlags;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
-    let flags = AgentFlags::parse_args(konnectivity_transport::flags::normalize_args(std::env::args()))
+    let flags = AgentFlags::parse_args(konnectivity_process::flags::normalize_args(std::env::args()))
         .unwrap_or_else(|e| e.exit());
-    if let Err(e) = konnectivity_transport::logging::init_klog(&flags.klog, "proxy-agent") {
+    if let Err(e) = konnectivity_process::logging::init_klog(flags.klog.log_settings("proxy-agent")) {
         eprintln!("proxy-agent: {e}");
         return std::process::ExitCode::from(1);
     }
@@ -30,7 +30,7 @@ fn main() -> std::process::ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async move {
         let drain = CancellationToken::new();
-        konnectivity_transport::signals::spawn_signal_handler(drain.clone()).context("installing signal handlers")?;
+        konnectivity_process::signals::spawn_signal_handler(drain.clone()).context("installing signal handlers")?;
         let servers: Vec<String> = config.servers.iter().map(|s| s.to_string()).collect();
         tracing::info!(agent_id = %config.agent_id, servers = %servers.join(","), "starting proxy-agent");
         // Stops by itself at the end of a drain; the second signal exits the process from the handler.

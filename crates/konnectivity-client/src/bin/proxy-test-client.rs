@@ -6,7 +6,7 @@ use clap::{ArgAction, Parser};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use konnectivity_client::{ProxyAddress, Tunnel};
-use konnectivity_transport::flags::KlogFlags;
+use konnectivity_process::flags::KlogFlags;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -72,8 +72,8 @@ struct Flags {
 }
 
 fn main() -> std::process::ExitCode {
-    let flags = Flags::parse_from(konnectivity_transport::flags::normalize_args(std::env::args()));
-    konnectivity_transport::logging::init(flags.klog.v.min(3));
+    let flags = Flags::parse_from(konnectivity_process::flags::normalize_args(std::env::args()));
+    konnectivity_process::logging::init(flags.klog.v.min(3));
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -29,7 +29,7 @@ fn mbps(bytes: usize, d: Duration) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    konnectivity_transport::logging::init_with("warn");
+    konnectivity_process::logging::init_with("warn");
     let stack = Stack::new().context("generating the demo PKI")?;
     let (server, agent) =
         server_and_agent(&stack, Frontend::Uds).await.context("starting proxy-server and proxy-agent")?;

@@ -3,12 +3,12 @@
 //! server has stopped (the stop waits for the writer), so every line is there.
 
 use konnectivity_client::http_connect;
+use konnectivity_egress_policy::EgressPolicy;
 use konnectivity_it::fake_agent::FakeAgent;
 use konnectivity_it::stack::{Frontend, ServerRun, Stack, assert_settled, server_and_agent};
 use konnectivity_it::targets::{closed_port, echo_target, http_target};
 use konnectivity_proto::{Packet, PacketKind};
 use konnectivity_server::{AuditConfig, AuditOutput, ServerConfig};
-use konnectivity_transport::egress_policy::EgressPolicy;
 use serde_json::Value;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;

@@ -240,8 +240,13 @@ async fn agent_answers_unknown_connection_ids_as_the_reference() {
     .expect("tls");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let incoming =
-        konnectivity_transport::listen::tls_incoming(listener, tls, shutdown.clone(), tracker.clone(), "fake", None);
+    let incoming = konnectivity_transport::listen::tls_incoming(
+        listener,
+        tls,
+        shutdown.clone(),
+        tracker.clone(),
+        konnectivity_transport::listen::TlsAccept::named("fake"),
+    );
     let (to_agent, to_agent_rx) = mpsc::channel(16);
     let (from_agent_tx, mut from_agent) = mpsc::channel(16);
     let fake = FakeServer { to_agent: std::sync::Mutex::new(Some(to_agent_rx)), from_agent: from_agent_tx };

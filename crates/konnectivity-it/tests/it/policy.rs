@@ -1,10 +1,10 @@
 //! Egress policy: checked on the server before a dial is sent and on the agent after names are resolved.
 
 use konnectivity_client::http_connect;
+use konnectivity_egress_policy::EgressPolicy;
 use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled};
 use konnectivity_it::targets::http_target;
-use konnectivity_transport::egress_policy::EgressPolicy;
 use std::sync::Arc;
 
 fn counter(registry: &prometheus::Registry, name: &str) -> f64 {

@@ -10,7 +10,7 @@ mod records;
 mod writer;
 
 pub(crate) use identity::ClientIdentity;
-pub(crate) use records::DialAttempt;
+pub(crate) use records::{Closed, Tunneled};
 
 use crate::config::{AuditConfig, AuditOutput};
 use parking_lot::Mutex;
@@ -148,9 +148,6 @@ pub(crate) struct AuditCounters {
     pub(crate) dropped_write_error: IntCounter,
     pub(crate) dropped_closed: IntCounter,
 }
-
-/// How many records may wait for the writer before new ones are dropped.
-pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
 
 struct WriterThread {
     done: tokio::sync::oneshot::Receiver<()>,

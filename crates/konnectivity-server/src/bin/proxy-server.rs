@@ -5,8 +5,8 @@ use konnectivity_server::flags::ServerFlags;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
-    let flags = ServerFlags::parse_from(konnectivity_transport::flags::normalize_args(std::env::args()));
-    if let Err(e) = konnectivity_transport::logging::init_klog(&flags.klog, "proxy-server") {
+    let flags = ServerFlags::parse_from(konnectivity_process::flags::normalize_args(std::env::args()));
+    if let Err(e) = konnectivity_process::logging::init_klog(flags.klog.log_settings("proxy-server")) {
         eprintln!("proxy-server: {e}");
         return std::process::ExitCode::from(1);
     }
@@ -26,8 +26,7 @@ fn main() -> std::process::ExitCode {
     };
     let result: anyhow::Result<()> = runtime.block_on(async move {
         let shutdown = CancellationToken::new();
-        konnectivity_transport::signals::spawn_signal_handler(shutdown.clone())
-            .context("installing signal handlers")?;
+        konnectivity_process::signals::spawn_signal_handler(shutdown.clone()).context("installing signal handlers")?;
         tracing::info!(server_id = %config.server_id, "starting proxy-server");
         konnectivity_server::run(config, shutdown).await?;
         tracing::info!("proxy-server stopped");

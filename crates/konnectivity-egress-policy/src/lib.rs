@@ -128,6 +128,13 @@ impl EgressPolicy {
         Self { default: Action::Allow, rules: Vec::new() }
     }
 
+    /// The policy an `--egress-policy-file` flag names: the file's, or [`EgressPolicy::allow_all`] when the flag
+    /// is empty (its default).
+    pub fn from_flag(file: &str) -> Result<std::sync::Arc<Self>, PolicyError> {
+        let policy = if file.is_empty() { Self::allow_all() } else { Self::load(Path::new(file))? };
+        Ok(std::sync::Arc::new(policy))
+    }
+
     /// Loads a policy file.
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         let display = path.display().to_string();

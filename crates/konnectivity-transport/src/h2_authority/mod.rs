@@ -8,6 +8,13 @@
 //! dynamic table) and re-encodes statelessly, replacing an `:authority` that is not a valid URI authority with
 //! `localhost`. Nothing in this server reads the authority; it only has to be acceptable to h2.
 
+// The HPACK decoder is this shim's alone; the fuzz targets reach it through the `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod hpack;
+#[cfg(not(feature = "fuzzing"))]
+mod hpack;
+
 use bytes::{Buf, Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::io;
@@ -39,7 +46,7 @@ pub struct AuthorityFix<S> {
     out: VecDeque<Bytes>,
     /// How much of the client preface has been passed on.
     preface_seen: usize,
-    decoder: crate::hpack::Decoder,
+    decoder: hpack::Decoder,
     /// A header block waiting for its CONTINUATION frames.
     pending: Option<PendingBlock>,
     /// After something unexpected, bytes are passed through unchanged and h2 judges them.
@@ -69,7 +76,7 @@ impl<S> AuthorityFix<S> {
             out: VecDeque::new(),
             preface_seen: 0,
             // h2 advertises no SETTINGS_HEADER_TABLE_SIZE, so clients keep to the default 4096.
-            decoder: crate::hpack::Decoder::new(4096),
+            decoder: hpack::Decoder::new(4096),
             pending: None,
             passthrough: false,
             eof: false,

@@ -6,22 +6,25 @@
 //! is written to the socket here and never in the agent's receive loop, so one slow client cannot stall the
 //! others; a client that disconnects while its dial is pending is noticed and its dial abandoned; and a client
 //! that hangs up while its upload waits for an endpoint that does not read is noticed too (see
-//! [`HANGUP_GRACE`]), where the reference keeps the tunnel until the endpoint reads or goes away.
+//! [`crate::config::DEFAULT_HANGUP_GRACE`]), where the reference keeps the tunnel until the endpoint reads or
+//! goes away.
 
-use crate::audit::{ClientIdentity, CloseReason, DialFailure};
-use crate::backend::Backend;
-use crate::state::{DialStartError, Frontend, Tunnels};
+use crate::audit::{ClientIdentity, CloseReason};
+use crate::frontend::session::{self, Session, Upload};
+use crate::tunnels::link::Link;
+use crate::tunnels::queue::Queued;
+use crate::tunnels::table::{DialStartError, Tunnels};
 use bytes::BytesMut;
 use konnectivity_proto::names::BACKEND_DIAL_TIMEOUT;
-use konnectivity_proto::{Packet, PacketKind, flow};
+use konnectivity_proto::{PacketKind, packet};
 use konnectivity_transport::listen::SocketFd;
 use rand::Rng;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// How long a client may take to send its request head (the reference's `ReadHeaderTimeout`).
@@ -33,13 +36,6 @@ const MAX_EARLY_DATA: usize = 1 << 20;
 /// Client read size (the reference reads 32 KiB).
 const CLIENT_READ: usize = 64 * 1024;
 
-/// How long a tunnel whose client has hung up (its socket reports the peer's FIN or a reset) may wait for the
-/// endpoint to take the client's remaining bytes before it is closed. The bytes already read from the client are
-/// waiting for flow-control credit, so the endpoint has not read for a while. A client that only shut down its
-/// sending side still has its last bytes delivered while the endpoint makes progress within this time (the
-/// tunnel then closes, as on any client EOF, like the reference's).
-pub const HANGUP_GRACE: Duration = Duration::from_secs(30);
-
 /// How long an upload waits for credit before the client's socket is watched for a hangup.
 const WATCH_AFTER: Duration = Duration::from_millis(500);
 
@@ -49,7 +45,7 @@ pub const CONNECTION_ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection Established\
 /// The HTTP status the reference gives a dial error text (case-insensitive substring rules).
 pub fn dial_error_status(error: &str) -> u16 {
     let e = error.to_lowercase();
-    if e.contains(konnectivity_transport::egress_policy::DENIED) {
+    if e.contains(konnectivity_egress_policy::DENIED) {
         // Ours: the agent's policy refused the resolved address.
         403
     } else if e.contains("timeout") || e.contains("deadline exceeded") {
@@ -83,22 +79,13 @@ pub(crate) struct ConnectFrontend {
     pub(crate) shutdown: CancellationToken,
 }
 
-/// Decrements `http_connections` when a handler ends, however it ends.
-struct ConnectionGauge(Arc<Tunnels>);
-impl Drop for ConnectionGauge {
-    fn drop(&mut self) {
-        self.0.metrics.http_connections(-1.0);
-    }
-}
-
 impl ConnectFrontend {
     /// Serves one client connection until it ends.
     pub(crate) async fn handle<IO>(self: Arc<Self>, mut io: IO, peer: ClientIdentity)
     where
         IO: AsyncRead + AsyncWrite + SocketFd + Unpin + Send,
     {
-        self.tunnels.metrics.http_connections(1.0);
-        let _gauge = ConnectionGauge(self.tunnels.clone());
+        let _gauge = self.tunnels.metrics.http_connection();
         let mut buf = BytesMut::with_capacity(4096);
         let head = tokio::select! {
             _ = self.shutdown.cancelled() => return,
@@ -137,106 +124,34 @@ impl ConnectFrontend {
     where
         IO: AsyncRead + AsyncWrite + SocketFd + Unpin + Send,
     {
-        let tunnels = &self.tunnels;
-        let (frontend, mut rx) = Frontend::new(tunnels.next_serial(), "http-connect", peer);
-        let peer = &frontend.client;
+        let (mut session, mut rx) = Session::open(&self.tunnels, "http-connect", peer, self.backend_dial_timeout);
         let random: i64 = rand::rng().random_range(1..i64::MAX);
-        let backend = match tunnels.start_dial(&frontend, &target, random, self.backend_dial_timeout).await {
-            Ok(b) => b,
-            Err(DialStartError::NoAgent) => {
-                // Byte for byte the reference's answer.
-                let msg = format!(
-                    "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: {}",
-                    DialStartError::NoAgent.message()
-                );
-                let _ = io.write_all(msg.as_bytes()).await;
-                let _ = io.shutdown().await;
-                return;
-            }
-            Err(e) => {
-                let status = match e {
-                    DialStartError::Timeout => 504,
-                    DialStartError::Denied(_) => 403,
-                    _ => 502,
-                };
-                let body = format!("Failed to tunnel dial request: {}\r\n", e.message());
-                let _ = write_response(&mut io, status, "text/plain; charset=utf-8", &[], &body).await;
-                return;
-            }
-        };
-
-        // Wait for the agent's answer, watching the client and the agent stream meanwhile.
-        let deadline = self.backend_dial_timeout.map(|t| Instant::now() + t);
-        let connect_id = loop {
-            let timer = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                packet = rx.recv() => {
-                    let Some((_, packet)) = packet else { return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded) };
-                    match packet.kind() {
-                        Ok(PacketKind::DialResponse(rsp)) if rsp.random == random => {
-                            if rsp.error.is_empty() {
-                                break rsp.connect_id;
-                            }
-                            let status = dial_error_status(&rsp.error);
-                            let _ = write_response(&mut io, status, "text/plain; charset=utf-8", &[("Connection", "close")], &rsp.error).await;
-                            return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded);
-                        }
-                        Ok(PacketKind::CloseDial(_)) => return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded),
-                        _ => {}
-                    }
-                }
-                read = io.read_buf(&mut early), if early.len() < MAX_EARLY_DATA => {
-                    if matches!(read, Ok(0) | Err(_)) {
-                        tracing::debug!(%peer, %target, "client left before its dial was answered");
-                        return tunnels.frontend_ended(&frontend, [random], CloseReason::ClientClosed);
-                    }
-                }
-                _ = backend.closed.cancelled() => {
-                    let body = "Backend context error: context canceled\r\n";
-                    let _ = write_response(&mut io, 502, "text/plain; charset=utf-8", &[], body).await;
-                    return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded);
-                }
-                _ = timer => {
-                    let me = frontend.serial;
-                    if let Some(dial) = tunnels.take_pending(random, |d| d.frontend.serial == me) {
-                        tunnels.metrics.dial_failure(crate::metrics::DialFailureReason::BackendDialTimeout);
-                        tunnels.audit_pending_failed(random, &dial, DialFailure::Timeout, BACKEND_DIAL_TIMEOUT);
-                        backend.send_control(Packet::close_dial(random), tunnels);
-                    }
-                    let body = format!("Backend dial timeout: {BACKEND_DIAL_TIMEOUT}\r\n");
-                    let _ = write_response(&mut io, 504, "text/plain; charset=utf-8", &[], &body).await;
-                    return tunnels.frontend_ended(&frontend, [random], CloseReason::FrontendEnded);
-                }
-                _ = self.shutdown.cancelled() => return tunnels.frontend_ended(&frontend, [random], CloseReason::ServerShutdown),
-            }
-        };
-
-        if io.write_all(CONNECTION_ESTABLISHED).await.is_err() {
-            return tunnels.frontend_ended(&frontend, [random], CloseReason::ClientClosed);
+        if let Err(e) = session.dial(&target, random).await {
+            refuse(&mut io, &e).await;
+            return;
         }
+        let Some(connect_id) = self.answer(&mut session, &mut rx, &mut io, &mut early, &target).await else { return };
+        if io.write_all(CONNECTION_ESTABLISHED).await.is_err() {
+            session.ending_because(CloseReason::ClientClosed);
+            return;
+        }
+        let peer = &session.queue().client;
         tracing::debug!(%peer, %target, connect_id, "connection established");
-        let link = frontend.link(backend.serial, connect_id);
+        let link = session.link(connect_id);
         let io = Arc::new(Mutex::new(io));
         let (mut rd, mut wr) = (Shared(io.clone()), Shared(io));
-        let to_agent = pipe_to_agent(&mut rd, early, &backend, connect_id, link, self.hangup_grace, tunnels);
+        let queue = session.queue().clone();
+        let to_agent = pipe_to_agent(&session, &mut rd, early, connect_id, link.as_ref(), self.hangup_grace);
         let to_client = async {
-            while let Some((queued_at, packet)) = rx.recv().await {
-                match &packet.payload {
-                    Some(konnectivity_proto::packet::Payload::Data(d)) if d.connect_id == connect_id => {
+            while let Some(queued) = rx.recv().await {
+                match &queued.packet.payload {
+                    Some(packet::Payload::Data(d)) if d.connect_id == connect_id => {
                         if wr.write_all(&d.data).await.is_err() {
                             return;
                         }
-                        frontend.on_sent(&packet, queued_at, tunnels);
+                        queue.on_sent(&queued);
                     }
-                    Some(
-                        konnectivity_proto::packet::Payload::CloseResponse(_)
-                        | konnectivity_proto::packet::Payload::CloseDial(_),
-                    ) => return,
+                    Some(packet::Payload::CloseResponse(_) | packet::Payload::CloseDial(_)) => return,
                     _ => {}
                 }
             }
@@ -251,15 +166,92 @@ impl ConnectFrontend {
                 tracing::debug!(connect_id, "agent closed");
                 CloseReason::ClientClosed
             }
-            _ = frontend.closed.cancelled() => {
+            _ = queue.closed.cancelled() => {
                 tracing::debug!(connect_id, "connection stopped");
                 CloseReason::FrontendEnded
             }
             _ = self.shutdown.cancelled() => CloseReason::ServerShutdown,
         };
         let _ = wr.shutdown().await;
-        tunnels.frontend_ended(&frontend, [random], reason);
+        session.ending_because(reason);
     }
+
+    /// Waits for the agent's answer to the dial, watching the client, the agent stream and the dial's deadline
+    /// meanwhile, and answers the client when the dial fails. The connect ID, if the dial succeeded.
+    async fn answer<IO>(
+        &self,
+        session: &mut Session,
+        rx: &mut mpsc::UnboundedReceiver<Queued>,
+        io: &mut IO,
+        early: &mut BytesMut,
+        target: &str,
+    ) -> Option<i64>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let backend = session.backend()?.clone();
+        loop {
+            tokio::select! {
+                queued = rx.recv() => {
+                    let queued = queued?;
+                    match queued.packet.kind() {
+                        Ok(PacketKind::DialResponse(rsp)) if rsp.error.is_empty() => return Some(rsp.connect_id),
+                        Ok(PacketKind::DialResponse(rsp)) => {
+                            let status = dial_error_status(&rsp.error);
+                            let close = [("Connection", "close")];
+                            let _ = write_response(io, status, "text/plain; charset=utf-8", &close, &rsp.error).await;
+                            return None;
+                        }
+                        Ok(PacketKind::CloseDial(_)) => return None,
+                        _ => {}
+                    }
+                }
+                read = io.read_buf(early), if early.len() < MAX_EARLY_DATA => {
+                    if matches!(read, Ok(0) | Err(_)) {
+                        tracing::debug!(peer = %session.queue().client, %target, "client left before its dial was answered");
+                        session.ending_because(CloseReason::ClientClosed);
+                        return None;
+                    }
+                }
+                _ = backend.closed.cancelled() => {
+                    let body = "Backend context error: context canceled\r\n";
+                    let _ = write_response(io, 502, "text/plain; charset=utf-8", &[], body).await;
+                    return None;
+                }
+                _ = session::sleep_until(session.next_deadline()) => {
+                    session.expire_dials();
+                    let body = format!("Backend dial timeout: {BACKEND_DIAL_TIMEOUT}\r\n");
+                    let _ = write_response(io, 504, "text/plain; charset=utf-8", &[], &body).await;
+                    return None;
+                }
+                _ = self.shutdown.cancelled() => {
+                    session.ending_because(CloseReason::ServerShutdown);
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Answers a client whose dial could not be sent to an agent.
+async fn refuse<IO: AsyncWrite + Unpin>(io: &mut IO, e: &DialStartError) {
+    if let DialStartError::NoAgent = e {
+        // Byte for byte the reference's answer.
+        let msg = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\ncurrently no tunnels available: {}",
+            e.message()
+        );
+        let _ = io.write_all(msg.as_bytes()).await;
+        let _ = io.shutdown().await;
+        return;
+    }
+    let status = match e {
+        DialStartError::Timeout => 504,
+        DialStartError::Denied(_) => 403,
+        _ => 502,
+    };
+    let body = format!("Failed to tunnel dial request: {}\r\n", e.message());
+    let _ = write_response(io, status, "text/plain; charset=utf-8", &[], &body).await;
 }
 
 /// The client socket, shared by the two directions of a tunnel (as `tokio::io::split` does) and by the hangup
@@ -292,55 +284,32 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Shared<IO> {
     }
 }
 
-/// Takes `need` units of the endpoint's credit for `connect_id`. While it waits, nothing reads the client's
-/// socket, so the socket is watched for a hangup ([`konnectivity_transport::listen::SocketWatch::hung_up`],
-/// made only once the wait has lasted [`WATCH_AFTER`]: an endpoint that is merely slower than the client makes
-/// many short waits, none of which needs one); after one, the endpoint has `grace` to make room. `false`: no
-/// credit will come (the connection is closing, or the grace passed).
-async fn take_credit<IO: SocketFd>(
-    window: &Semaphore,
-    need: u32,
-    client: &Shared<IO>,
-    grace: Duration,
-    connect_id: i64,
-) -> bool {
-    let acquire = window.acquire_many(need);
-    tokio::pin!(acquire);
-    let hung_up = async {
-        tokio::time::sleep(WATCH_AFTER).await;
-        let watch = client.io().watch();
-        match watch {
-            Some(w) => w.hung_up().await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        biased;
-        permit = &mut acquire => return permit.map(SemaphorePermit::forget).is_ok(),
-        _ = hung_up => {}
+/// What ends an upload's wait for the endpoint's credit: while it waits, nothing reads the client's socket, so
+/// the socket is watched for a hangup ([`konnectivity_transport::listen::SocketWatch::hung_up`], made only once
+/// the wait has lasted [`WATCH_AFTER`]: an endpoint that is merely slower than the client makes many short
+/// waits, none of which needs one); after one, the endpoint has `grace` to make room.
+async fn hung_up_for<IO: SocketFd>(client: &Shared<IO>, grace: Duration, connect_id: i64) {
+    tokio::time::sleep(WATCH_AFTER).await;
+    let watch = client.io().watch();
+    match watch {
+        Some(w) => w.hung_up().await,
+        None => std::future::pending().await,
     }
-    match tokio::time::timeout(grace, acquire).await {
-        Ok(permit) => permit.map(SemaphorePermit::forget).is_ok(),
-        Err(_) => {
-            tracing::debug!(connect_id, "client hung up while the endpoint had read nothing for {grace:?}; closing");
-            false
-        }
-    }
+    tokio::time::sleep(grace).await;
+    tracing::debug!(connect_id, "client hung up while the endpoint had read nothing for {grace:?}; closing");
 }
 
 /// Forwards client bytes (first those that came with the head) as DATA, honouring the agent's credit. Returns
 /// when the client has finished or gone, the agent is gone, or the client hung up while the endpoint took
 /// nothing for the hangup grace.
 async fn pipe_to_agent<IO: AsyncRead + SocketFd + Unpin>(
+    session: &Session,
     rd: &mut Shared<IO>,
     early: BytesMut,
-    backend: &Arc<Backend>,
     connect_id: i64,
-    link: Option<Arc<crate::state::Link>>,
+    link: Option<&Arc<Link>>,
     hangup_grace: Duration,
-    tunnels: &Tunnels,
 ) {
-    let upload_window = link.as_ref().and_then(|l| l.upload_window.clone());
     let mut pending = Some(early.freeze()).filter(|b| !b.is_empty());
     let mut buf = BytesMut::with_capacity(CLIENT_READ);
     loop {
@@ -356,23 +325,10 @@ async fn pipe_to_agent<IO: AsyncRead + SocketFd + Unpin>(
                 }
             }
         };
-        if let Some(window) = &upload_window {
-            let need = flow::cost(chunk.len());
-            if window.available_permits() < need as usize {
-                tunnels.metrics.flow_control_wait();
-            }
-            if !take_credit(window, need, rd, hangup_grace, connect_id).await {
-                return;
-            }
-        }
-        let len = chunk.len() as u64;
-        if backend.send(Packet::data(connect_id, chunk), tunnels).await.is_err() {
+        let give_up = hung_up_for(rd, hangup_grace, connect_id);
+        if session.upload(link, connect_id, chunk, give_up).await != Upload::Sent {
             return;
         }
-        if let Some(l) = &link {
-            l.to_agent.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-        }
-        tunnels.metrics.bytes_to_agent(len as usize);
     }
 }
 

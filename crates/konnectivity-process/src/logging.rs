@@ -152,13 +152,27 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for KlogWriter {
     }
 }
 
+/// What the klog flags ask of logging (made by `KlogFlags::log_settings`).
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// `-v`.
+    pub verbosity: u32,
+    /// `--log-format`.
+    pub format: LogFormat,
+    /// Where lines go.
+    pub destination: LogDestination,
+    /// `--log-file` or `--log-dir` was given although lines go to stderr (worth a warning, as klog ignores them).
+    pub unused_file_flags: bool,
+}
+
 /// Installs the global subscriber for the klog flags: verbosity, destination (see [`LogDestination`]) and
 /// `--log-format`. Fails if the log file cannot be opened.
-pub fn init_klog(klog: &crate::flags::KlogFlags, program: &str) -> std::io::Result<()> {
-    match klog.destination(program) {
+pub fn init_klog(settings: LogSettings) -> std::io::Result<()> {
+    let LogSettings { verbosity, format, destination, unused_file_flags } = settings;
+    match destination {
         LogDestination::Stderr => {
-            init_format(klog.v, klog.log_format);
-            if klog.log_file.is_some() || klog.log_dir.is_some() {
+            init_format(verbosity, format);
+            if unused_file_flags {
                 tracing::warn!("--log-file and --log-dir are not used with --logtostderr=true (as in klog)");
             }
         }
@@ -171,13 +185,13 @@ pub fn init_klog(klog: &crate::flags::KlogFlags, program: &str) -> std::io::Resu
                 stderr_from,
             };
             let filter =
-                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(klog.v)));
+                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(verbosity)));
             let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
                 .with_writer(writer)
                 .with_target(false)
                 .with_ansi(false);
-            let _ = match klog.log_format {
+            let _ = match format {
                 LogFormat::Text => builder.try_init(),
                 LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
             };

@@ -1,5 +1,6 @@
 //! Values in the syntax Go's flag packages accept, so that operators can keep their reference command lines.
 
+use crate::logging;
 use std::time::Duration;
 
 /// Why a Go duration did not parse.
@@ -153,6 +154,24 @@ mod tests {
     }
 }
 
+/// Why a command line does not form a valid configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagError {
+    /// A flag's value is invalid, or flags conflict.
+    #[error("{0}")]
+    Invalid(String),
+    /// A reference flag whose feature is not built yet.
+    #[error(transparent)]
+    NotSupported(#[from] NotSupported),
+}
+
+impl FlagError {
+    /// An invalid value or combination, explained by `msg`.
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Self::Invalid(msg.into())
+    }
+}
+
 /// Fails start-up for a reference flag this build does not implement yet, rather than silently ignoring it.
 #[derive(Debug, thiserror::Error)]
 #[error("not supported yet: --{flag}{detail}")]
@@ -228,23 +247,33 @@ pub struct KlogFlags {
     pub log_backtrace_at: Option<String>,
     /// Log line format: text, or json (one object per line, with agent_id/dial_id/connect_id fields).
     #[arg(long, value_enum, default_value = "text")]
-    pub log_format: crate::logging::LogFormat,
+    pub log_format: logging::LogFormat,
 }
 
 impl KlogFlags {
     /// Checks the klog flags' values.
     pub fn check(&self) -> Result<(), NotSupported> {
         if let Some(t) = &self.stderrthreshold
-            && crate::logging::parse_severity(t).is_none()
+            && logging::parse_severity(t).is_none()
         {
             return Err(NotSupported::value("stderrthreshold", t));
         }
         Ok(())
     }
 
+    /// What logging these flags ask for, for [`logging::init_klog`].
+    pub fn log_settings(&self, program: &str) -> logging::LogSettings {
+        logging::LogSettings {
+            verbosity: self.v,
+            format: self.log_format,
+            destination: self.destination(program),
+            unused_file_flags: self.logtostderr && (self.log_file.is_some() || self.log_dir.is_some()),
+        }
+    }
+
     /// Where log lines go, as klog would send them.
-    pub fn destination(&self, program: &str) -> crate::logging::LogDestination {
-        use crate::logging::LogDestination;
+    pub fn destination(&self, program: &str) -> logging::LogDestination {
+        use logging::LogDestination;
         if self.logtostderr {
             return LogDestination::Stderr;
         }
@@ -256,7 +285,7 @@ impl KlogFlags {
         let threshold = if self.alsologtostderr {
             tracing::Level::TRACE
         } else {
-            self.stderrthreshold.as_deref().and_then(crate::logging::parse_severity).unwrap_or(tracing::Level::ERROR)
+            self.stderrthreshold.as_deref().and_then(logging::parse_severity).unwrap_or(tracing::Level::ERROR)
         };
         LogDestination::File {
             path: file,

@@ -1,4 +1,4 @@
-//! An HPACK (RFC 7541) decoder: just what [`crate::h2_authority`] needs to follow a client's header blocks.
+//! An HPACK (RFC 7541) decoder: just what [`super`] (the `:authority` shim) needs to follow a client's header blocks.
 //!
 //! Written for speed and for hostile input: no allocation per Huffman symbol, no hashing, every length and
 //! index checked, errors instead of panics. The Huffman code is canonical, so the table below holds only the

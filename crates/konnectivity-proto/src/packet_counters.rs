@@ -4,12 +4,17 @@
 //! moves, so each (segment, packet type) counter is resolved once, on first use (so the exposition lists only
 //! series that occurred, as the reference's does), and then incremented directly.
 
+use crate::PacketType;
 use prometheus::{IntCounter, IntCounterVec};
 use std::sync::OnceLock;
 
-/// The `packet_type` label values, by PacketType number; anything else is `Unknown`.
-const TYPE_NAMES: [&str; 8] =
-    ["DIAL_REQ", "DIAL_RSP", "CLOSE_REQ", "CLOSE_RSP", "DATA", "DIAL_CLS", "DRAIN", "Unknown"];
+/// Slots per segment: one per PacketType (numbered from 0 to the last, DRAIN), and one for `Unknown`.
+const TYPES: usize = PacketType::Drain as usize + 2;
+
+/// The `packet_type` label value of PacketType number `t` (the generated name; `Unknown` for anything else).
+fn type_name(t: usize) -> &'static str {
+    i32::try_from(t).ok().and_then(|t| PacketType::try_from(t).ok()).map_or("Unknown", |t| t.as_str_name())
+}
 
 /// Cached counters of one `stream_packets_total` family, for a fixed list of segments.
 pub struct PacketCounters {
@@ -21,15 +26,15 @@ pub struct PacketCounters {
 impl PacketCounters {
     /// Counters of `vec` (labels `segment`, `packet_type`) for these segment names.
     pub fn new(vec: IntCounterVec, segments: &'static [&'static str]) -> Self {
-        let slots = (0..segments.len() * TYPE_NAMES.len()).map(|_| OnceLock::new()).collect();
+        let slots = (0..segments.len() * TYPES).map(|_| OnceLock::new()).collect();
         Self { vec, segments, slots }
     }
 
     /// Counts one packet of PacketType number `packet_type` in segment number `segment`.
     pub fn inc(&self, segment: usize, packet_type: i32) {
-        let t = usize::try_from(packet_type).ok().filter(|t| *t < TYPE_NAMES.len() - 1).unwrap_or(TYPE_NAMES.len() - 1);
-        let Some(slot) = self.slots.get(segment * TYPE_NAMES.len() + t) else { return };
-        slot.get_or_init(|| self.vec.with_label_values(&[self.segments[segment], TYPE_NAMES[t]])).inc();
+        let t = usize::try_from(packet_type).ok().filter(|t| *t < TYPES - 1).unwrap_or(TYPES - 1);
+        let Some(slot) = self.slots.get(segment * TYPES + t) else { return };
+        slot.get_or_init(|| self.vec.with_label_values(&[self.segments[segment], type_name(t)])).inc();
     }
 }
 

@@ -1,10 +1,14 @@
-//! The small HTTP/1.1 server behind the health, readiness and metrics ports.
+//! The small HTTP/1.1 server behind the health, readiness and metrics ports, and the two endpoint sets both
+//! binaries serve on it: the health port (`/healthz`, `/readyz`, `/metrics`) and the admin port
+//! (`/debug/connections`, `/debug/pprof/profile`, `/metrics`).
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use konnectivity_transport::listen::{self, ListenError};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -130,4 +134,77 @@ pub fn json(value: &serde_json::Value) -> Response<Body> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     resp
+}
+
+/// What a binary's health and admin ports show.
+#[derive(Clone)]
+pub struct Endpoints {
+    /// The registry `/metrics` encodes.
+    pub registry: prometheus::Registry,
+    /// The `/readyz` answer; its argument says whether `?verbose` was asked for.
+    pub readyz: Arc<dyn Fn(bool) -> Response<Body> + Send + Sync>,
+    /// The `/debug/connections` document.
+    pub debug_connections: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+    /// Whether `/debug/pprof/profile` is served (`--enable-profiling`).
+    pub profiling: bool,
+}
+
+impl Endpoints {
+    /// The health port: `/healthz`, `/readyz` (and `/ready`), `/metrics`.
+    pub fn health(&self) -> Handler {
+        let this = self.clone();
+        Arc::new(move |req| {
+            ready(match req.uri().path() {
+                "/healthz" => text(StatusCode::OK, "ok"),
+                "/readyz" | "/ready" => {
+                    let verbose = req
+                        .uri()
+                        .query()
+                        .is_some_and(|q| q.split('&').any(|p| p == "verbose" || p.starts_with("verbose=")));
+                    (this.readyz)(verbose)
+                }
+                "/metrics" => metrics(&this.registry),
+                _ => not_found(),
+            })
+        })
+    }
+
+    /// The admin port: `/debug/connections`, `/debug/pprof/profile` when profiling is on, and `/metrics`, served
+    /// here or, with `metrics_on_port` (the agent, as the reference's), a redirect to that port's `/metrics`.
+    pub fn admin(&self, metrics_on_port: Option<u16>) -> Handler {
+        let this = self.clone();
+        Arc::new(move |req| match (req.uri().path(), metrics_on_port) {
+            ("/debug/pprof/profile", _) if this.profiling => cpu_profile(req.uri().query()),
+            ("/debug/connections", _) => ready(json(&(this.debug_connections)())),
+            ("/metrics", None) => ready(metrics(&this.registry)),
+            ("/metrics", Some(port)) => {
+                let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("127.0.0.1");
+                let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+                ready(redirect(&format!("http://{host}:{port}/metrics")))
+            }
+            _ => ready(not_found()),
+        })
+    }
+}
+
+/// Go's 404 answer.
+fn not_found() -> Response<Body> {
+    text(StatusCode::NOT_FOUND, "404 page not found\n")
+}
+
+/// Binds `bind:port` (`bind` empty: every interface) and serves `handler` there until `shutdown`; `what` names
+/// the port in errors and logs. Returns the bound address.
+pub async fn listen_and_serve(
+    what: &str,
+    bind: &str,
+    port: u16,
+    handler: Handler,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<SocketAddr, ListenError> {
+    let listener = listen::bind_tcp(bind, port).await?;
+    let addr = listener.local_addr().map_err(|cause| ListenError::Tcp { addr: what.to_string(), cause })?;
+    serve(listener, handler, shutdown, tracker);
+    tracing::info!(%addr, "{what} endpoints listening");
+    Ok(addr)
 }

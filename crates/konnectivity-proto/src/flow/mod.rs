@@ -7,6 +7,10 @@
 //! and direction, and the receiver returns credit (a DATA packet with only `windowUpdate` set) as its consumer
 //! takes the data. Receive queues are then bounded by the window and never need to block the stream's reader.
 
+mod budget;
+
+pub use budget::QueueBudget;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// Metadata key (request and response) that turns flow control on for one agent stream.

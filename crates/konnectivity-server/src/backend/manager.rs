@@ -1,0 +1,127 @@
+//! The connected agents: their streams by agent ID, the strategies that pick one for a dial
+//! ([`crate::routing`]), and the probe that finds an agent's dead older stream.
+
+use crate::backend::stream::Backend;
+use crate::metrics::ServerMetrics;
+use crate::routing::{self, Strategy};
+use konnectivity_proto::Packet;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// When an agent opens a stream while the server still holds an older one of the same agent ID, the older one
+/// is probed (a `CLOSE_REQ` for connection ID 0, which every agent answers with a `CLOSE_RSP`); if nothing at
+/// all arrives on it within this time it is dead (a half-open connection the agent has already given up on)
+/// and is dropped, so dials stop going to it. Without this, a server whose keepalive is off (the reference's
+/// default is 1 h) kept routing every dial for that agent to the dead stream, since the first stream of an
+/// agent ID is the one used.
+pub const STALE_STREAM_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The connection ID the liveness probe closes: agents count theirs from 1, so it is never open.
+const PROBE_CONNECT_ID: i64 = 0;
+
+/// The connected agents, and the strategies that pick one for a dial (see [`crate::routing`]).
+pub struct BackendManager {
+    inner: Mutex<ManagerInner>,
+    metrics: ServerMetrics,
+    strategies: Vec<Strategy>,
+}
+
+#[derive(Default)]
+struct ManagerInner {
+    /// Streams by agent ID; the first one is used, as in the reference.
+    by_agent: HashMap<String, Vec<Arc<Backend>>>,
+    /// Agent IDs, for random choice.
+    ids: Vec<String>,
+}
+
+impl BackendManager {
+    pub(crate) fn new(metrics: ServerMetrics, strategies: Vec<crate::routing::Strategy>) -> Self {
+        let this = Self { inner: Mutex::new(ManagerInner::default()), metrics, strategies };
+        this.publish(&ManagerInner::default());
+        this
+    }
+
+    /// Updates `ready_backends{proxy_strategy}` (agents each strategy could use) and the deprecated
+    /// `ready_backend_connections` (the first strategy's count).
+    fn publish(&self, inner: &ManagerInner) {
+        for strategy in self.strategies.iter().rev() {
+            let n = inner.by_agent.values().filter_map(|s| s.first()).filter(|b| routing::serves(*strategy, b)).count();
+            self.metrics.set_ready_backends(strategy.name(), n);
+        }
+    }
+
+    pub(crate) fn add(&self, backend: Arc<Backend>) {
+        let mut inner = self.inner.lock();
+        let streams = inner.by_agent.entry(backend.agent_id.clone()).or_default();
+        streams.push(backend.clone());
+        if streams.len() == 1 {
+            inner.ids.push(backend.agent_id.clone());
+        }
+        self.publish(&inner);
+    }
+
+    pub(crate) fn remove(&self, backend: &Backend) {
+        let mut inner = self.inner.lock();
+        let Some(streams) = inner.by_agent.get_mut(&backend.agent_id) else { return };
+        streams.retain(|b| b.serial != backend.serial);
+        if streams.is_empty() {
+            inner.by_agent.remove(&backend.agent_id);
+            inner.ids.retain(|id| id != &backend.agent_id);
+        }
+        self.publish(&inner);
+    }
+
+    /// Picks an agent for a dial to `address` (see [`crate::routing`]); the first stream of each agent ID is
+    /// the one used, as in the reference.
+    pub(crate) fn pick(&self, address: &str) -> Option<Arc<Backend>> {
+        let agents: Vec<Arc<Backend>> = {
+            let inner = self.inner.lock();
+            inner.ids.iter().filter_map(|id| inner.by_agent.get(id).and_then(|s| s.first()).cloned()).collect()
+        };
+        routing::pick(&self.strategies, &agents, address)
+    }
+
+    /// Number of distinct agents connected.
+    pub fn agent_count(&self) -> usize {
+        self.inner.lock().ids.len()
+    }
+
+    /// Every connected agent stream.
+    pub(crate) fn all(&self) -> Vec<Arc<Backend>> {
+        self.inner.lock().by_agent.values().flatten().cloned().collect()
+    }
+
+    /// The other streams of `backend`'s agent ID, older than it.
+    pub(crate) fn older_streams(&self, backend: &Backend) -> Vec<Arc<Backend>> {
+        let inner = self.inner.lock();
+        inner
+            .by_agent
+            .get(&backend.agent_id)
+            .map(|s| s.iter().filter(|b| b.serial < backend.serial).cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Probes `old` (an older stream of an agent that just opened another): drops it if nothing arrives on it
+    /// within [`STALE_STREAM_PROBE_TIMEOUT`]. Probes of one stream started close together do not disturb each
+    /// other: each compares the stream's packet count with its own starting point.
+    pub(crate) async fn probe(old: Arc<Backend>) {
+        let before = old.packets_read();
+        old.send_control(Packet::close_request(PROBE_CONNECT_ID));
+        tokio::select! {
+            _ = tokio::time::sleep(STALE_STREAM_PROBE_TIMEOUT) => {}
+            _ = old.closed.cancelled() => return,
+        }
+        if old.packets_read() != before {
+            return;
+        }
+        tracing::warn!(
+            agent_id = %old.agent_id,
+            peer = %old.peer,
+            "the agent opened a new stream and its older one answered nothing within {STALE_STREAM_PROBE_TIMEOUT:?}: \
+             it is dead (half-open); dropping it, with its connections and dials"
+        );
+        old.abort();
+    }
+}
