@@ -11,6 +11,11 @@
 //! Not part of the agent's API: compiled for this crate's tests and with the `fuzzing` feature (the `fuzz/`
 //! crate's `agent_session` target).
 
+// Test support: a broken invariant or harness set-up is a test failure, reported by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+// The harness awaits the one session task it spawns itself (its JoinHandle), so it needs no tracker.
+#![allow(clippy::disallowed_methods)]
+
 use crate::metrics::AgentMetrics;
 use crate::session::Session;
 use bytes::Bytes;

@@ -1,5 +1,6 @@
 //! Property tests: packets survive an encode/decode round trip whatever their fields, `kind()` reads back what
 //! the constructors build, and the flow-control credit meter neither loses nor invents credit.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails by panicking
 
 use bytes::Bytes;
 use konnectivity_proto::flow::{self, CreditMeter, UPDATE_THRESHOLD};

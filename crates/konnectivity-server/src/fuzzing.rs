@@ -11,6 +11,9 @@
 //! Not part of the server's API: compiled for this crate's tests and with the `fuzzing` feature (the `fuzz/`
 //! crate's `server_state` target).
 
+// Test support: a broken invariant or harness set-up is a test failure, reported by panicking.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use crate::audit::{AuditLog, ClientIdentity};
 use crate::backend::identifiers::AgentIdentifiers;
 use crate::backend::manager::BackendManager;

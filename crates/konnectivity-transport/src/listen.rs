@@ -150,7 +150,9 @@ pub trait SocketFd {
 /// A duplicate descriptor of a connection's socket, registered for readiness only. Dropping it closes only the
 /// duplicate: the connection is untouched.
 pub enum SocketWatch {
+    /// A TCP (or TLS over TCP) connection's socket.
     Tcp(TcpStream),
+    /// A Unix socket connection's.
     Unix(tokio::net::UnixStream),
 }
 
