@@ -10,7 +10,10 @@
 #      our own binaries (every overlay must be accepted; a file a flag names that only exists on a node, such as
 #      the projected token of --service-account-token-path, is replaced by an empty stand-in);
 #   5. deploy/validate egress: the EgressSelectorConfiguration files through k8s.io/apiserver's loader and
-#      validation, as kube-apiserver reads them.
+#      validation, as kube-apiserver reads them;
+#   6. kustomize build of the monitoring bundle (deploy/monitoring) and kubeconform -strict of its ConfigMap (its
+#      PodMonitors and PrometheusRule are Prometheus Operator kinds without a schema here: deploy/monitoring/check.sh
+#      checks the rules with promtool, tests/it/monitoring.rs their metrics against the binaries).
 #
 # Tools are built once from the Go module proxy into $KONNECTIVITY_DEPLOY_TOOLS (default
 # ~/.cache/konnectivity-rs-deploy/bin), with `go build -p 1`. The binaries checked in step 4 are
@@ -89,6 +92,15 @@ fi
 
 echo "== 5. EgressSelectorConfiguration files (k8s.io/apiserver loader and validation)"
 "$validate" egress deploy/kubernetes/egress-selector/*-*.yaml || die "egress selector files"
+
+echo "== 6. monitoring bundle (deploy/monitoring)"
+"$tools/kustomize" build deploy/monitoring >"$work/monitoring.yaml" || die "kustomize build deploy/monitoring"
+kinds=$(grep '^kind:' "$work/monitoring.yaml" | sort | uniq -c | tr -s ' ' | paste -sd, -)
+[[ $kinds == " 1 kind: ConfigMap, 2 kind: PodMonitor, 1 kind: PrometheusRule" ]] \
+  || die "deploy/monitoring renders $kinds, expected a ConfigMap, 2 PodMonitors and a PrometheusRule"
+"$tools/kubeconform" -strict -summary -output text -skip PodMonitor,PrometheusRule \
+  -schema-location "$work/schemas/{{ .ResourceKind }}{{ .KindSuffix }}.json" \
+  "$work/monitoring.yaml" || die "kubeconform deploy/monitoring"
 
 echo
 echo "validate.sh: all overlays valid (${#rendered[@]} rendered, image tag $tag)"

@@ -10,6 +10,7 @@ mod faults_netns;
 mod flow;
 mod ha;
 mod interop;
+mod monitoring;
 mod observability;
 mod policy;
 mod routing;
