@@ -9,6 +9,7 @@ mod faults;
 mod faults_netns;
 mod flow;
 mod ha;
+mod house;
 mod interop;
 mod monitoring;
 mod observability;
