@@ -12,6 +12,7 @@ mod ha;
 mod interop;
 mod observability;
 mod policy;
+mod reference_suite;
 mod routing;
 mod routing_netns;
 mod tls;
