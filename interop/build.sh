@@ -2,6 +2,10 @@
 # Builds the Go side of the interop kit into interop/bin/:
 #   proxy-server, proxy-agent, proxy-test-client  reference ANP v0.36.0 commands
 #   grpc-client, egress-client                    our small Go clients (cmd/)
+#   anp-tests                                     the test binary of the reference's own
+#                                                 integration suite (package tests, go test -c),
+#                                                 which crates/konnectivity-it runs against our
+#                                                 agent in a network namespace of its own
 # Versions come from interop/go.mod (+ go.sum), so the reference binaries are
 # built from the module proxy copies pinned there, never from a checkout.
 #
@@ -36,15 +40,20 @@ needs_build() {
   [[ -n $(find "$@" -newer "$bin" -print -quit) ]]
 }
 
-# build NAME PACKAGE DEP...
-build() {
-  local name=$1 pkg=$2; shift 2
+# build NAME PACKAGE DEP...       go build
+# build_test NAME PACKAGE DEP...  go test -c: a package's test binary
+build() { compile build "$@"; }
+build_test() { compile "test -c" "$@"; }
+
+compile() {
+  local verb=$1 name=$2 pkg=$3; shift 3
   local out=bin/$name
   if needs_build "$out" go.mod go.sum build.sh "$@"; then
-    echo "build.sh: go build -o $out $pkg"
+    echo "build.sh: go $verb -o $out $pkg"
     local start=$SECONDS
     # -mod=readonly: fail loudly instead of silently editing go.mod/go.sum.
-    go build -mod=readonly -buildvcs=false -trimpath -p "$jobs" -o "$out" "$pkg"
+    # shellcheck disable=SC2086 # $verb is one or two words on purpose
+    go $verb -mod=readonly -buildvcs=false -trimpath -p "$jobs" -o "$out" "$pkg"
     echo "build.sh:   done in $((SECONDS - start))s"
   else
     echo "build.sh: up to date: $out"
@@ -56,5 +65,6 @@ build proxy-agent       "$anp/cmd/agent"
 build proxy-test-client "$anp/cmd/test-client"
 build grpc-client       ./cmd/grpc-client   cmd/grpc-client
 build egress-client     ./cmd/egress-client cmd/egress-client
+build_test anp-tests    "$anp/tests"
 
 echo "build.sh: all binaries in $(pwd)/bin are up to date"

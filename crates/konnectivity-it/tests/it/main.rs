@@ -14,6 +14,7 @@ mod interop;
 mod monitoring;
 mod observability;
 mod policy;
+mod reference_suite;
 mod routing;
 mod routing_netns;
 mod tls;
