@@ -7,7 +7,7 @@ use crate::error::AgentError;
 use crate::handle::AgentHandle;
 use crate::metrics::AgentMetrics;
 use http::StatusCode;
-use konnectivity_process::http_endpoints::{self, Endpoints};
+use konnectivity_process::http_endpoints::{self, Endpoints, Ports};
 use konnectivity_transport::tls::{self, ClientTlsSpec};
 use konnectivity_transport::tls_reload::{self, ReloadOptions};
 use parking_lot::Mutex;
@@ -116,21 +116,9 @@ pub async fn start(
         debug_connections: Arc::new(move || h.debug_connections()),
         profiling: config.enable_profiling,
     };
-    let health_addr = match &config.health {
-        Some((bind, port)) => Some(
-            http_endpoints::listen_and_serve("health", bind, *port, endpoints.health(), shutdown.clone(), &tracker)
-                .await?,
-        ),
-        None => None,
-    };
-    let admin_addr = match &config.admin {
-        // As the reference's: the admin port's /metrics redirects to the health port's.
-        Some((bind, port)) => {
-            let admin = endpoints.admin(health_addr.map(|a| a.port()));
-            Some(http_endpoints::listen_and_serve("admin", bind, *port, admin, shutdown.clone(), &tracker).await?)
-        }
-        None => None,
-    };
+    // As the reference's: the admin port's /metrics redirects to the health port's.
+    let ports = Ports { health: config.health.as_ref(), admin: config.admin.as_ref(), admin_redirects_metrics: true };
+    let bound = endpoints.serve(ports, &shutdown, &tracker).await?;
 
     let drain_timeout = config.drain_timeout;
     let dialer = Arc::new(Dialer { config: Arc::new(config), tls: tls_config });
@@ -143,7 +131,7 @@ pub async fn start(
         tracker.clone(),
     ));
     tracker.spawn(crate::drain::drain_then_stop(handle.clone(), drain, drain_timeout, shutdown.clone()));
-    Ok(RunningAgent { health_addr, admin_addr, handle, tracker, shutdown })
+    Ok(RunningAgent { health_addr: bound.health, admin_addr: bound.admin, handle, tracker, shutdown })
 }
 
 /// Runs an agent until `shutdown` is cancelled.

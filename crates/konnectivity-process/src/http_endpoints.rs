@@ -187,6 +187,50 @@ impl Endpoints {
     }
 }
 
+/// Where a binary's health and admin ports listen: `(bind address, port)`, `None` when off.
+pub struct Ports<'a> {
+    /// The health port.
+    pub health: Option<&'a (String, u16)>,
+    /// The admin port.
+    pub admin: Option<&'a (String, u16)>,
+    /// The admin port's `/metrics` redirects to the health port's (the agent, as the reference's) instead of
+    /// serving them itself.
+    pub admin_redirects_metrics: bool,
+}
+
+/// The addresses the health and admin ports are bound to.
+pub struct BoundPorts {
+    /// The health port, if on.
+    pub health: Option<SocketAddr>,
+    /// The admin port, if on.
+    pub admin: Option<SocketAddr>,
+}
+
+impl Endpoints {
+    /// Binds the health and admin ports that are on and serves them until `shutdown`.
+    pub async fn serve(
+        &self,
+        ports: Ports<'_>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<BoundPorts, ListenError> {
+        let health = match ports.health {
+            Some((bind, port)) => {
+                Some(listen_and_serve("health", bind, *port, self.health(), shutdown.clone(), tracker).await?)
+            }
+            None => None,
+        };
+        let redirect = health.filter(|_| ports.admin_redirects_metrics).map(|a| a.port());
+        let admin = match ports.admin {
+            Some((bind, port)) => {
+                Some(listen_and_serve("admin", bind, *port, self.admin(redirect), shutdown.clone(), tracker).await?)
+            }
+            None => None,
+        };
+        Ok(BoundPorts { health, admin })
+    }
+}
+
 /// Go's 404 answer.
 fn not_found() -> Response<Body> {
     text(StatusCode::NOT_FOUND, "404 page not found\n")

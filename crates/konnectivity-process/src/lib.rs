@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod entry;
 pub mod flags;
 pub mod http_endpoints;
 pub mod logging;

@@ -166,6 +166,17 @@ pub struct ServerFlags {
     /// Egress policy file (JSON; see docs/security.md): which destinations dials may reach. Default: all.
     #[arg(long, default_value = "")]
     pub egress_policy_file: String,
+    /// TLS handshakes in progress at once at most, per TLS listener (the agent port, and the frontend over
+    /// TCP). Beyond it nothing more is accepted until one finishes: new connections wait in the kernel's listen
+    /// backlog, so a flood of slow or bogus clients cannot take every descriptor or core (ours; the reference
+    /// has no bound).
+    #[arg(long, default_value_t = konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES, value_name = "n")]
+    pub max_concurrent_handshakes: usize,
+    /// HTTP CONNECT connections (--mode=http-connect) handled at once at most, each one tunnel of kube-apiserver's
+    /// from its request to its close. Beyond it nothing more is accepted until one ends; new connections wait in
+    /// the listen backlog (ours; the reference has no bound).
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONNECT_CONNECTIONS, value_name = "n")]
+    pub max_connect_connections: usize,
     /// Audit log: one JSON line per tunneled connection opened, per dial that failed or was refused, and per
     /// connection closed (client identity, destination, agent, IDs, bytes each way, duration, close reason;
     /// never payload; format in docs/security.md). A file path (appended to, mode 0600, rotated by
@@ -401,6 +412,14 @@ impl ServerFlags {
             lease.gc_interval = self.lease_gc_interval;
             config.lease = Some(lease);
         }
+        if self.max_concurrent_handshakes == 0 {
+            return Err(FlagError::invalid("--max-concurrent-handshakes must be greater than 0"));
+        }
+        if self.max_connect_connections == 0 {
+            return Err(FlagError::invalid("--max-connect-connections must be greater than 0"));
+        }
+        config.max_handshakes = self.max_concurrent_handshakes;
+        config.max_connect_connections = self.max_connect_connections;
         config.egress_policy = konnectivity_egress_policy::EgressPolicy::from_flag(&self.egress_policy_file)
             .map_err(|e| FlagError::invalid(e.to_string()))?;
         Ok(config)

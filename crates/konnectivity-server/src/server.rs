@@ -12,7 +12,7 @@ use crate::lease::LeaseController;
 use crate::metrics::ServerMetrics;
 use crate::tunnels::table::Tunnels;
 use http::StatusCode;
-use konnectivity_process::http_endpoints::{self, Endpoints};
+use konnectivity_process::http_endpoints::{self, Endpoints, Ports};
 use konnectivity_proto::agent::AgentServiceServer;
 use konnectivity_transport::listen::{self, ListenError, TlsAccept};
 use konnectivity_transport::tls::{ALPN_H2, ClientAuth, ServerTlsSpec, TlsError};
@@ -149,26 +149,14 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
         debug_connections: Arc::new(move || h.debug_connections()),
         profiling: config.enable_profiling,
     };
-    let health_addr = match &config.health {
-        Some((bind, port)) => Some(
-            http_endpoints::listen_and_serve("health", bind, *port, endpoints.health(), shutdown.clone(), &tracker)
-                .await?,
-        ),
-        None => None,
-    };
-    let admin_addr = match &config.admin {
-        Some((bind, port)) => Some(
-            http_endpoints::listen_and_serve("admin", bind, *port, endpoints.admin(None), shutdown.clone(), &tracker)
-                .await?,
-        ),
-        None => None,
-    };
+    let ports = Ports { health: config.health.as_ref(), admin: config.admin.as_ref(), admin_redirects_metrics: false };
+    let bound = endpoints.serve(ports, &shutdown, &tracker).await?;
 
     Ok(RunningServer {
         frontend_addr,
         agent_addr,
-        health_addr,
-        admin_addr,
+        health_addr: bound.health,
+        admin_addr: bound.admin,
         server_id: config.server_id,
         handle,
         tracker,

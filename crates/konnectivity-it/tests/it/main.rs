@@ -11,6 +11,7 @@ mod flow;
 mod ha;
 mod house;
 mod interop;
+mod limits;
 mod monitoring;
 mod observability;
 mod policy;
