@@ -211,17 +211,7 @@ impl AgentFlags {
             "max" => true,
             other => return Err(invalid(format!("--server-count-source must be 'default' or 'max', got {other:?}"))),
         };
-        if !self.kubeconfig.is_empty() && !Path::new(&self.kubeconfig).exists() {
-            return Err(invalid(format!("checking --kubeconfig {:?}: no such file", self.kubeconfig)));
-        }
-        match self.kube_api_content_type.as_str() {
-            "application/vnd.kubernetes.protobuf" | "application/json" => {}
-            other => {
-                return Err(invalid(format!(
-                    "--kube-api-content-type={other:?}: want application/vnd.kubernetes.protobuf or application/json"
-                )));
-            }
-        }
+        konnectivity_process::flags::check_kube_client(&self.kubeconfig, &self.kube_api_content_type)?;
         let lease_selector = self.lease_label_selector.clone().unwrap_or_else(|| self.lease_label.clone());
         if self.count_server_leases && lease_selector.trim().is_empty() {
             return Err(invalid("--lease-label-selector (or --lease-label) must not be empty".into()));

@@ -18,6 +18,7 @@
 
 use crate::config::AgentConfig;
 use crate::dialer::{Dialer, Opened, Target};
+use crate::error::AgentError;
 use crate::handle::{AddressStatus, AgentHandle};
 use crate::session::Session;
 use futures_util::StreamExt;
@@ -30,6 +31,21 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
+
+impl Slot {
+    /// A dial to this address failed: the error is kept for `/debug/connections`, and the next dial backs off
+    /// (by half again each time, up to `cap`), unless the agent is draining.
+    fn failed(&mut self, e: &AgentError, draining: bool, cap: Duration) {
+        if draining {
+            tracing::info!(address = %self.target.address, "{e} (draining: not retried)");
+        } else {
+            tracing::warn!(address = %self.target.address, "{e}; retrying in about {:?}", self.backoff);
+        }
+        self.last_error = Some(e.to_string());
+        self.next_dial = Instant::now() + jitter(self.backoff, 0.1);
+        self.backoff = self.backoff.mul_f64(1.5).min(cap);
+    }
+}
 
 /// What the loop knows about one address.
 struct Slot {
@@ -145,14 +161,7 @@ pub(crate) async fn sync_loop(
                     Err(e) => {
                         metrics.server_connection_failures.with_label_values(&["to_server"]).inc();
                         metrics.server_dials.with_label_values(&["error"]).inc();
-                        if drain.is_cancelled() || handle.finish.is_cancelled() {
-                            tracing::info!(address = %slot.target.address, "{e} (draining: not retried)");
-                        } else {
-                            tracing::warn!(address = %slot.target.address, "{e}; retrying in about {:?}", slot.backoff);
-                        }
-                        slot.last_error = Some(e.to_string());
-                        slot.next_dial = now + jitter(slot.backoff, 0.1);
-                        slot.backoff = slot.backoff.mul_f64(1.5).min(config.sync_interval_cap);
+                        slot.failed(&e, drain.is_cancelled() || handle.finish.is_cancelled(), config.sync_interval_cap);
                     }
                 }
             }

@@ -172,6 +172,20 @@ impl FlagError {
     }
 }
 
+/// Checks the Kubernetes client flags both binaries take: `--kubeconfig` (empty: in-cluster) must name a file
+/// that exists, and `--kube-api-content-type` must be one kube-apiserver speaks.
+pub fn check_kube_client(kubeconfig: &str, content_type: &str) -> Result<(), FlagError> {
+    if !kubeconfig.is_empty() && !std::path::Path::new(kubeconfig).exists() {
+        return Err(FlagError::invalid(format!("checking --kubeconfig {kubeconfig:?}: no such file")));
+    }
+    match content_type {
+        "application/vnd.kubernetes.protobuf" | "application/json" => Ok(()),
+        other => Err(FlagError::invalid(format!(
+            "--kube-api-content-type={other:?}: want application/vnd.kubernetes.protobuf or application/json"
+        ))),
+    }
+}
+
 /// Fails start-up for a reference flag this build does not implement yet, rather than silently ignoring it.
 #[derive(Debug, thiserror::Error)]
 #[error("not supported yet: --{flag}{detail}")]

@@ -237,85 +237,11 @@ impl ServerFlags {
         if self.keepalive_timeout.is_zero() {
             return Err(FlagError::invalid("--keepalive-timeout must be greater than 0"));
         }
-        let mut strategies = Vec::new();
-        for name in self.proxy_strategies.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            match Strategy::parse(name) {
-                Some(s) if !strategies.contains(&s) => strategies.push(s),
-                Some(_) => return Err(FlagError::invalid(format!("--proxy-strategies lists {name} twice"))),
-                None => {
-                    return Err(FlagError::invalid(format!(
-                        "unknown proxy strategy {name:?} (want default, destHost, defaultRoute or destCIDR)"
-                    )));
-                }
-            }
-        }
-        if strategies.is_empty() {
-            return Err(FlagError::invalid("--proxy-strategies must not be empty"));
-        }
-        let token_auth = !self.agent_namespace.is_empty()
-            || !self.agent_service_account.is_empty()
-            || !self.authentication_audience.is_empty();
-        if token_auth {
-            if !self.cluster_ca_cert.is_empty() {
-                return Err(FlagError::invalid(
-                    "--cluster-ca-cert can not be used when agent authentication is enabled",
-                ));
-            }
-            for (flag, value) in [
-                ("agent-namespace", &self.agent_namespace),
-                ("agent-service-account", &self.agent_service_account),
-                ("authentication-audience", &self.authentication_audience),
-            ] {
-                if value.is_empty() {
-                    return Err(FlagError::invalid(format!(
-                        "--{flag} cannot be empty when agent authentication is enabled"
-                    )));
-                }
-            }
-        }
-        if !self.kubeconfig.is_empty() && !std::path::Path::new(&self.kubeconfig).exists() {
-            return Err(FlagError::invalid(format!("checking --kubeconfig {:?}: no such file", self.kubeconfig)));
-        }
-        match self.kube_api_content_type.as_str() {
-            "application/vnd.kubernetes.protobuf" | "application/json" => {}
-            other => {
-                return Err(FlagError::invalid(format!(
-                    "--kube-api-content-type={other:?}: want application/vnd.kubernetes.protobuf or application/json"
-                )));
-            }
-        }
-        if self.lease_label.trim().is_empty() {
-            return Err(FlagError::invalid("--lease-label must not be empty"));
-        }
-        let lease_labels = parse_labels(&self.lease_label)?;
-        for (flag, d) in [
-            ("lease-duration", self.lease_duration),
-            ("lease-renew-interval", self.lease_renew_interval),
-            ("lease-gc-interval", self.lease_gc_interval),
-        ] {
-            if d < Duration::from_secs(1) {
-                return Err(FlagError::invalid(format!("--{flag} must be at least 1s, got {d:?}")));
-            }
-        }
-        if self.lease_renew_interval >= self.lease_duration {
-            return Err(FlagError::invalid("--lease-renew-interval must be shorter than --lease-duration"));
-        }
-        let cipher_suites = konnectivity_transport::tls::CipherSuites::parse(&self.cipher_suites)
-            .map_err(|e| FlagError::invalid(format!("--cipher-suites: {e}")))?;
-        if cipher_suites.excludes_tls12() {
-            tracing::warn!("--cipher-suites lists only TLS 1.3 suites: TLS 1.2 clients cannot connect");
-        }
-        let tls_min_version = match self.tls_min_version.as_str() {
-            "" | "VersionTLS12" => konnectivity_transport::tls::MinVersion::Tls12,
-            "VersionTLS13" => konnectivity_transport::tls::MinVersion::Tls13,
-            "VersionTLS10" | "VersionTLS11" => {
-                return Err(FlagError::invalid(format!(
-                    "--tls-min-version={}: TLS below 1.2 is not offered by this server",
-                    self.tls_min_version
-                )));
-            }
-            other => return Err(FlagError::invalid(format!("--tls-min-version: unknown version {other:?}"))),
-        };
+        let strategies = self.strategies()?;
+        let token_auth = self.token_auth()?;
+        konnectivity_process::flags::check_kube_client(&self.kubeconfig, &self.kube_api_content_type)?;
+        let lease_labels = self.lease_labels()?;
+        let (cipher_suites, tls_min_version) = self.tls()?;
         if self.enable_contention_profiling {
             if !self.enable_profiling {
                 return Err(FlagError::invalid("--enable-contention-profiling requires --enable-profiling"));
@@ -325,32 +251,8 @@ impl ServerFlags {
             );
         }
 
-        let frontend = if !self.uds_name.is_empty() {
-            if self.server_port != 0 {
-                return Err(FlagError::invalid(format!(
-                    "--server-port must be 0 with --uds-name, got {}",
-                    self.server_port
-                )));
-            }
-            if !self.server_cert.is_empty() || !self.server_key.is_empty() || !self.server_ca_cert.is_empty() {
-                return Err(FlagError::invalid(
-                    "--server-cert, --server-key and --server-ca-cert must be empty with --uds-name",
-                ));
-            }
-            FrontendListen::Uds { path: PathBuf::from(&self.uds_name), delete_existing: self.delete_existing_uds_file }
-        } else {
-            let (Some(cert), Some(key)) = (path(&self.server_cert), path(&self.server_key)) else {
-                return Err(FlagError::invalid(
-                    "the TCP frontend needs --server-cert and --server-key (or use --uds-name)",
-                ));
-            };
-            let Some(ca) = path(&self.server_ca_cert) else {
-                return Err(FlagError::invalid(
-                    "the TCP frontend requires --server-ca-cert: clients must authenticate with mTLS",
-                ));
-            };
-            FrontendListen::Tcp { bind: self.server_bind_address.clone(), port: self.server_port, cert, key, ca }
-        };
+        let frontend = self.frontend()?;
+        let audit = self.audit()?;
         let (Some(cluster_cert), Some(cluster_key)) = (path(&self.cluster_cert), path(&self.cluster_key)) else {
             return Err(FlagError::invalid(
                 "--cluster-cert and --cluster-key are required: the agent port always uses TLS",
@@ -381,19 +283,7 @@ impl ServerFlags {
         config.proxy_strategies = strategies;
         config.tls_min_version = tls_min_version;
         config.cipher_suites = cipher_suites;
-        config.audit = match self.audit_log_path.as_str() {
-            "" => None,
-            "-" => Some(AuditConfig::new(AuditOutput::Stdout)),
-            file => {
-                let max_size = self.audit_log_max_size.checked_mul(1 << 20).ok_or_else(|| {
-                    FlagError::invalid(format!("--audit-log-max-size={} is too large", self.audit_log_max_size))
-                })?;
-                let mut audit = AuditConfig::new(AuditOutput::File(PathBuf::from(file)));
-                audit.max_size = max_size;
-                audit.max_backups = self.audit_log_max_backups;
-                Some(audit)
-            }
-        };
+        config.audit = audit;
         config.kube = KubeClientConfig {
             kubeconfig: path(&self.kubeconfig),
             qps: self.kubeconfig_qps,
@@ -412,17 +302,152 @@ impl ServerFlags {
             lease.gc_interval = self.lease_gc_interval;
             config.lease = Some(lease);
         }
-        if self.max_concurrent_handshakes == 0 {
-            return Err(FlagError::invalid("--max-concurrent-handshakes must be greater than 0"));
-        }
-        if self.max_connect_connections == 0 {
-            return Err(FlagError::invalid("--max-connect-connections must be greater than 0"));
+        for (flag, n) in [
+            ("max-concurrent-handshakes", self.max_concurrent_handshakes),
+            ("max-connect-connections", self.max_connect_connections),
+        ] {
+            if n == 0 {
+                return Err(FlagError::invalid(format!("--{flag} must be greater than 0")));
+            }
         }
         config.max_handshakes = self.max_concurrent_handshakes;
         config.max_connect_connections = self.max_connect_connections;
         config.egress_policy = konnectivity_egress_policy::EgressPolicy::from_flag(&self.egress_policy_file)
             .map_err(|e| FlagError::invalid(e.to_string()))?;
         Ok(config)
+    }
+
+    fn strategies(&self) -> Result<Vec<Strategy>, FlagError> {
+        let mut strategies = Vec::new();
+        for name in self.proxy_strategies.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match Strategy::parse(name) {
+                Some(s) if !strategies.contains(&s) => strategies.push(s),
+                Some(_) => return Err(FlagError::invalid(format!("--proxy-strategies lists {name} twice"))),
+                None => {
+                    return Err(FlagError::invalid(format!(
+                        "unknown proxy strategy {name:?} (want default, destHost, defaultRoute or destCIDR)"
+                    )));
+                }
+            }
+        }
+        if strategies.is_empty() {
+            return Err(FlagError::invalid("--proxy-strategies must not be empty"));
+        }
+        Ok(strategies)
+    }
+
+    /// Whether agents authenticate with ServiceAccount tokens (the flags that say so must all be set).
+    fn token_auth(&self) -> Result<bool, FlagError> {
+        let token_auth = !self.agent_namespace.is_empty()
+            || !self.agent_service_account.is_empty()
+            || !self.authentication_audience.is_empty();
+        if token_auth {
+            if !self.cluster_ca_cert.is_empty() {
+                return Err(FlagError::invalid(
+                    "--cluster-ca-cert can not be used when agent authentication is enabled",
+                ));
+            }
+            for (flag, value) in [
+                ("agent-namespace", &self.agent_namespace),
+                ("agent-service-account", &self.agent_service_account),
+                ("authentication-audience", &self.authentication_audience),
+            ] {
+                if value.is_empty() {
+                    return Err(FlagError::invalid(format!(
+                        "--{flag} cannot be empty when agent authentication is enabled"
+                    )));
+                }
+            }
+        }
+        Ok(token_auth)
+    }
+
+    fn lease_labels(&self) -> Result<std::collections::BTreeMap<String, String>, FlagError> {
+        if self.lease_label.trim().is_empty() {
+            return Err(FlagError::invalid("--lease-label must not be empty"));
+        }
+        let lease_labels = parse_labels(&self.lease_label)?;
+        for (flag, d) in [
+            ("lease-duration", self.lease_duration),
+            ("lease-renew-interval", self.lease_renew_interval),
+            ("lease-gc-interval", self.lease_gc_interval),
+        ] {
+            if d < Duration::from_secs(1) {
+                return Err(FlagError::invalid(format!("--{flag} must be at least 1s, got {d:?}")));
+            }
+        }
+        if self.lease_renew_interval >= self.lease_duration {
+            return Err(FlagError::invalid("--lease-renew-interval must be shorter than --lease-duration"));
+        }
+        Ok(lease_labels)
+    }
+
+    fn tls(
+        &self,
+    ) -> Result<(konnectivity_transport::tls::CipherSuites, konnectivity_transport::tls::MinVersion), FlagError> {
+        let cipher_suites = konnectivity_transport::tls::CipherSuites::parse(&self.cipher_suites)
+            .map_err(|e| FlagError::invalid(format!("--cipher-suites: {e}")))?;
+        if cipher_suites.excludes_tls12() {
+            tracing::warn!("--cipher-suites lists only TLS 1.3 suites: TLS 1.2 clients cannot connect");
+        }
+        let tls_min_version = match self.tls_min_version.as_str() {
+            "" | "VersionTLS12" => konnectivity_transport::tls::MinVersion::Tls12,
+            "VersionTLS13" => konnectivity_transport::tls::MinVersion::Tls13,
+            "VersionTLS10" | "VersionTLS11" => {
+                return Err(FlagError::invalid(format!(
+                    "--tls-min-version={}: TLS below 1.2 is not offered by this server",
+                    self.tls_min_version
+                )));
+            }
+            other => return Err(FlagError::invalid(format!("--tls-min-version: unknown version {other:?}"))),
+        };
+        Ok((cipher_suites, tls_min_version))
+    }
+
+    fn frontend(&self) -> Result<FrontendListen, FlagError> {
+        let frontend = if !self.uds_name.is_empty() {
+            if self.server_port != 0 {
+                return Err(FlagError::invalid(format!(
+                    "--server-port must be 0 with --uds-name, got {}",
+                    self.server_port
+                )));
+            }
+            if !self.server_cert.is_empty() || !self.server_key.is_empty() || !self.server_ca_cert.is_empty() {
+                return Err(FlagError::invalid(
+                    "--server-cert, --server-key and --server-ca-cert must be empty with --uds-name",
+                ));
+            }
+            FrontendListen::Uds { path: PathBuf::from(&self.uds_name), delete_existing: self.delete_existing_uds_file }
+        } else {
+            let (Some(cert), Some(key)) = (path(&self.server_cert), path(&self.server_key)) else {
+                return Err(FlagError::invalid(
+                    "the TCP frontend needs --server-cert and --server-key (or use --uds-name)",
+                ));
+            };
+            let Some(ca) = path(&self.server_ca_cert) else {
+                return Err(FlagError::invalid(
+                    "the TCP frontend requires --server-ca-cert: clients must authenticate with mTLS",
+                ));
+            };
+            FrontendListen::Tcp { bind: self.server_bind_address.clone(), port: self.server_port, cert, key, ca }
+        };
+        Ok(frontend)
+    }
+
+    fn audit(&self) -> Result<Option<AuditConfig>, FlagError> {
+        Ok(match self.audit_log_path.as_str() {
+            "" => None,
+            "-" => Some(AuditConfig::new(AuditOutput::Stdout)),
+            file => {
+                let max_size = self.audit_log_max_size.checked_mul(1 << 20).ok_or_else(|| {
+                    FlagError::invalid(format!("--audit-log-max-size={} is too large", self.audit_log_max_size))
+                })?;
+                let mut audit = AuditConfig::new(AuditOutput::File(PathBuf::from(file)));
+                audit.max_size = max_size;
+                audit.max_backups = self.audit_log_max_backups;
+                Some(audit)
+            }
+        })
     }
 }
 

@@ -178,7 +178,8 @@ impl Harness {
         }
     }
 
-    /// Applies one step (its effects happen as the runtime runs: call [`Harness::settle`]).
+    /// Applies one step (its effects happen as the runtime runs: call [`Harness::settle`]). One arm per kind of
+    /// step, each a few lines: long because the scenario language is, not because any step is complex.
     pub fn apply(&mut self, op: &Op) {
         match *op {
             Op::AgentConnect { id, flow_control } => self.connect_agent(id, flow_control),
