@@ -1,6 +1,10 @@
 //! The konnectivity-rs demo: a proxy-server (Unix-socket frontend, mTLS agent port), a proxy-agent and an HTTP
 //! target, all on loopback, with a throwaway PKI. It sends real traffic through the tunnel, prints what each
 //! request did, and exits 0 when every check passed. With `--stay` it keeps running and prints how to reach it.
+//!
+//! Everything runs in this one process, so its transfer figures are those of this binary's build profile (release
+//! through `scripts/demo`), with client, server, agent and target sharing the machine: a sanity check, not a
+//! benchmark. The side-by-side comparison with the reference is `scripts/bench` (docs/benchmarks.md).
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
 use clap::Parser;
@@ -26,6 +30,19 @@ fn mbps(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / d.as_secs_f64() / 1e6
 }
 
+/// The build profile of this binary, which is the profile of the server and agent it runs in-process.
+const PROFILE: &str = if cfg!(debug_assertions) { "debug" } else { "release" };
+
+/// The machine's CPUs and its one-minute load average (Linux), which the figures depend on as much as the code.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let load = std::fs::read_to_string("/proc/loadavg").ok();
+    match load.as_deref().and_then(|l| l.split_whitespace().next()) {
+        Some(load) => format!("{cpus} CPUs, load average {load}"),
+        None => format!("{cpus} CPUs"),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -39,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("expected a UDS frontend")
     };
 
-    println!("konnectivity-rs demo");
+    println!("konnectivity-rs demo ({PROFILE} build; client, server, agent and target in this one process)");
     println!("  proxy-server  frontend unix:{}  agent port {} (mTLS)", socket.display(), server.agent_addr);
     println!("  proxy-agent   connected to server {:?}", agent.handle.connected_servers());
     println!("  target        http://{host} (reached only through the agent)");
@@ -191,9 +208,18 @@ async fn main() -> anyhow::Result<()> {
 
     if args.stay {
         println!();
-        println!("Still running. Try, in another shell (after `cargo build --workspace --bins`):");
+        // scripts/demo builds every binary of the workspace next to this one.
+        let bin_dir = std::env::current_exe()?.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+        let test_client = bin_dir.join("proxy-test-client");
+        if test_client.exists() {
+            println!("Still running. Try, in another shell:");
+        } else {
+            let build = if cfg!(debug_assertions) { "cargo build --bins" } else { "cargo build --release --bins" };
+            println!("Still running. Try, in another shell (after `{build}`):");
+        }
         println!(
-            "  target/debug/proxy-test-client --proxy-uds={} --request-host=127.0.0.1 --request-port={} --request-path=success",
+            "  {} --proxy-uds={} --request-host=127.0.0.1 --request-port={} --request-path=success",
+            test_client.display(),
             socket.display(),
             target.addr.port()
         );
@@ -208,5 +234,13 @@ async fn main() -> anyhow::Result<()> {
     ensure!(failures == 0, "{failures} demo check(s) failed");
     println!();
     println!("all demo checks passed");
+    println!(
+        "(MB/s above: {PROFILE} build, one process on loopback, {}; ours against the Go reference: docs/benchmarks.md)",
+        machine()
+    );
+    println!(
+        "Next: start kube-apiserver with --egress-selector-config-file=deploy/kubernetes/egress-selector/grpc-uds.yaml \
+         next to a proxy-server (docs/deployment.md#kube-apiserver)"
+    );
     Ok(())
 }
