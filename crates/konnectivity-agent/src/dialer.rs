@@ -128,6 +128,13 @@ impl Dialer {
                 .map_err(|_| AgentError::Config("--agent-identifiers is not a valid header value".into()))?,
         );
         md.insert(flow::METADATA_KEY, tonic::metadata::MetadataValue::from_static(flow::VERSION));
+        if !self.config.egress_policy.allows_everything() {
+            let fingerprint = self.config.egress_policy.fingerprint();
+            md.insert(
+                konnectivity_proto::names::EGRESS_POLICY,
+                fingerprint.parse().map_err(|_| AgentError::Config("egress policy fingerprint".into()))?,
+            );
+        }
         if let Some(path) = &self.config.service_account_token_path {
             // Re-read at every connect: kubelet rotates projected tokens in place.
             let token = std::fs::read_to_string(path).map_err(|e| AgentError::Connect {

@@ -26,6 +26,7 @@
 //! ports and ranges).
 
 use serde::Deserialize;
+
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -65,6 +66,10 @@ pub enum PolicyError {
 struct PolicyFile {
     #[serde(default = "default_allow")]
     default: Action,
+    /// `"deny-unless-host-rule"`: a dial to a name (not an IP literal) is denied unless a rule with a `host`
+    /// pattern that matches it allows it.
+    #[serde(default)]
+    names: Option<String>,
     #[serde(default)]
     rules: Vec<RuleFile>,
 }
@@ -107,7 +112,19 @@ struct Rule {
 #[derive(Debug, Clone)]
 pub struct EgressPolicy {
     default: Action,
+    /// Names are denied unless a `host` rule allows them.
+    names_need_host_rule: bool,
     rules: Vec<Rule>,
+}
+
+/// The check of a dial's destination before any name is resolved, on the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreCheck {
+    /// What can be decided now.
+    pub verdict: Verdict,
+    /// Allowed so far, but the outcome depends on what the name resolves to: only an agent that enforces this
+    /// same policy after resolving may be given it.
+    pub needs_resolution: bool,
 }
 
 /// The outcome of a check.
@@ -125,7 +142,25 @@ pub const DENIED: &str = "denied by egress policy";
 impl EgressPolicy {
     /// A policy that allows everything (the reference's behaviour).
     pub fn allow_all() -> Self {
-        Self { default: Action::Allow, rules: Vec::new() }
+        Self { default: Action::Allow, names_need_host_rule: false, rules: Vec::new() }
+    }
+
+    /// Whether this policy allows everything (no file, or a file without rules whose default allows).
+    pub fn allows_everything(&self) -> bool {
+        self.rules.is_empty() && self.default == Action::Allow && !self.names_need_host_rule
+    }
+
+    /// A fingerprint of what the policy decides (its rules, default and name handling, not the file's spelling):
+    /// an agent advertises it, so that a server gives names to resolve only to agents that enforce the same
+    /// policy.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut canonical = format!("default={:?};names={};", self.default, self.names_need_host_rule);
+        for r in &self.rules {
+            canonical.push_str(&format!("rule={:?}|{:?}|{:?}|{:?};", r.action, r.cidrs, r.host, r.ports));
+        }
+        let digest = Sha256::digest(canonical.as_bytes());
+        format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
     }
 
     /// The policy an `--egress-policy-file` flag names: the file's, or [`EgressPolicy::allow_all`] when the flag
@@ -165,7 +200,12 @@ impl EgressPolicy {
             }
             rules.push(Rule { name, action: r.action, cidrs, host, ports });
         }
-        Ok(Self { default: file.default, rules })
+        let names_need_host_rule = match file.names.as_deref() {
+            None | Some("allow") => false,
+            Some("deny-unless-host-rule") => true,
+            Some(other) => return Err(format!("names: {other:?} (want \"allow\" or \"deny-unless-host-rule\")")),
+        };
+        Ok(Self { default: file.default, names_need_host_rule, rules })
     }
 
     /// The check before any name is resolved (on the server, and on the agent before it resolves): `host` is
@@ -174,7 +214,19 @@ impl EgressPolicy {
     /// undecidable *deny* rule is skipped, since whether it matches or not the outcome is a denial unless a
     /// later rule allows. So a name is denied here only when every possible outcome is a denial.
     pub fn check_before_resolution(&self, host: &str, port: u16) -> Verdict {
-        let ip = host.parse::<IpAddr>().ok();
+        self.pre_check(host, port).verdict
+    }
+
+    /// [`EgressPolicy::check_before_resolution`], saying also whether an allowed name's outcome depends on
+    /// what it resolves to.
+    pub fn pre_check(&self, host: &str, port: u16) -> PreCheck {
+        let ip = literal_ip(host);
+        let allow = |needs_resolution| PreCheck { verdict: Verdict::Allow, needs_resolution };
+        let deny = |v: Verdict| PreCheck { verdict: v, needs_resolution: false };
+        if ip.is_none() && self.names_need_host_rule && !self.host_rule_allows(host, port) {
+            return deny(Verdict::Deny(format!("{DENIED}: names need a host rule that allows them")));
+        }
+        let mut depends = false;
         for rule in &self.rules {
             if !rule.port_matches(port) || !rule.host_matches(host) {
                 continue;
@@ -183,17 +235,37 @@ impl EgressPolicy {
                 match ip {
                     Some(ip) if rule.cidr_matches(ip) => {}
                     Some(_) => continue,
-                    None if rule.action == Action::Allow => return Verdict::Allow,
-                    None => continue,
+                    None if rule.action == Action::Allow => return allow(true),
+                    None => {
+                        depends = true;
+                        continue;
+                    }
                 }
             }
-            return rule.verdict();
+            return match rule.verdict() {
+                Verdict::Allow => allow(depends),
+                denied => deny(denied),
+            };
         }
-        self.default_verdict()
+        match self.default_verdict() {
+            Verdict::Allow => allow(depends),
+            denied => deny(denied),
+        }
+    }
+
+    /// Whether a rule with a `host` pattern matching `host` allows it on `port` (names-need-a-host-rule mode).
+    fn host_rule_allows(&self, host: &str, port: u16) -> bool {
+        self.rules
+            .iter()
+            .find(|r| r.host.is_some() && r.port_matches(port) && r.host_matches(host))
+            .is_some_and(|r| r.action == Action::Allow)
     }
 
     /// The agent's check, for one address a name resolved to.
     pub fn check_resolved(&self, host: &str, ip: IpAddr, port: u16) -> Verdict {
+        if literal_ip(host).is_none() && self.names_need_host_rule && !self.host_rule_allows(host, port) {
+            return Verdict::Deny(format!("{DENIED}: names need a host rule that allows them"));
+        }
         for rule in &self.rules {
             if rule.port_matches(port) && rule.host_matches(host) && (rule.cidrs.is_empty() || rule.cidr_matches(ip)) {
                 return rule.verdict();
@@ -235,13 +307,83 @@ impl Rule {
         }
     }
 
+    /// Whether a CIDR of the rule holds `ip`, or the address a connection to `ip` really reaches: Linux connects
+    /// an unspecified address (`0.0.0.0/8`, `::`, their IPv4-mapped forms) to the local host, so for the policy
+    /// they are loopback addresses too.
     fn cidr_matches(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-            v4 => v4,
-        };
-        self.cidrs.iter().any(|(net, bits)| prefix_match(*net, *bits, ip))
+        let ip = unmapped(ip);
+        self.cidrs.iter().any(|(net, bits)| {
+            prefix_match(*net, *bits, ip) || reaches(ip).iter().any(|r| prefix_match(*net, *bits, *r))
+        })
     }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn unmapped(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Where a connection to `ip` goes besides `ip` itself: the loopback addresses, for an unspecified address.
+fn reaches(ip: IpAddr) -> &'static [IpAddr] {
+    const LOOPBACK: [IpAddr; 2] =
+        [IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)];
+    let unspecified = match ip {
+        IpAddr::V4(v4) => v4.octets()[0] == 0,
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    };
+    if unspecified { &LOOPBACK } else { &[] }
+}
+
+/// The IP a dial's host stands for without a resolver: an IP literal, or `localhost` and its subdomains
+/// (RFC 6761: always the loopback address, whatever a resolver says).
+fn literal_ip(host: &str) -> Option<IpAddr> {
+    let host = host.trim_end_matches('.');
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    }
+    host.parse().ok()
+}
+
+/// Why a dial address must be refused before any agent sees it, when a policy is in force: forms that the
+/// agent's resolver or socket layer would read as an address the policy cannot see (numeric shorthand such as
+/// `127.1` or `2130706433`, octal or hexadecimal parts, zone IDs), or a port that is not one.
+pub fn unsafe_address_form(address: &str) -> Option<String> {
+    let (host, port) = match address.strip_prefix('[') {
+        Some(rest) => match rest.split_once("]:") {
+            Some((h, p)) => (h, p),
+            None => return Some(format!("{address:?}: not host:port")),
+        },
+        None => match address.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, p),
+            _ => return Some(format!("{address:?}: not host:port (an IPv6 address needs brackets)")),
+        },
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.parse::<u16>().is_err() {
+        return Some(format!("{address:?}: invalid port"));
+    }
+    if host.is_empty() {
+        return Some(format!("{address:?}: no host"));
+    }
+    if host.contains('%') {
+        return Some(format!("{address:?}: IPv6 zone IDs are not allowed"));
+    }
+    let numeric = host.trim_end_matches('.').split('.').all(|part| {
+        let hex = part.strip_prefix("0x").or_else(|| part.strip_prefix("0X"));
+        !part.is_empty()
+            && match hex {
+                Some(h) => h.bytes().all(|b| b.is_ascii_hexdigit()),
+                None => part.bytes().all(|b| b.is_ascii_digit()),
+            }
+    });
+    if numeric && host.parse::<IpAddr>().is_err() {
+        return Some(format!(
+            "{address:?}: a numeric host that is not a dotted-quad IPv4 address (resolvers read it as one)"
+        ));
+    }
+    None
 }
 
 fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
@@ -356,5 +498,74 @@ mod tests {
                 .contains("bad port range")
         );
         assert_eq!(EgressPolicy::allow_all().check_before_resolution("anything", 1), Verdict::Allow);
+    }
+
+    #[test]
+    fn unspecified_addresses_are_loopback() {
+        let p = EgressPolicy::parse(
+            r#"{"rules": [{"name": "loopback", "action": "deny", "cidr": ["127.0.0.0/8", "::1/128"]}]}"#,
+        )
+        .expect("policy");
+        for host in ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0", "127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            let ip: IpAddr = host.parse().expect("ip");
+            assert!(matches!(p.check_resolved(host, ip, 80), Verdict::Deny(_)), "{host} resolved");
+            assert!(matches!(p.check_before_resolution(host, 80), Verdict::Deny(_)), "{host} before resolution");
+        }
+        for host in ["localhost", "LOCALHOST.", "a.localhost"] {
+            assert!(matches!(p.check_before_resolution(host, 80), Verdict::Deny(_)), "{host}");
+        }
+        assert_eq!(p.check_resolved("10.0.0.1", ip("10.0.0.1"), 80), Verdict::Allow);
+    }
+
+    #[test]
+    fn unsafe_forms_are_named() {
+        for bad in [
+            "127.1:80",
+            "2130706433:80",
+            "0:80",
+            "0x7f.0.0.1:80",
+            "0177.0.0.1:80",
+            "010.0.0.1:80",
+            "[::1%1]:80",
+            "[fe80::1%eth0]:80",
+            "host:99999",
+            "host:8o",
+            "host:",
+            ":80",
+            "::1:80",
+            "host",
+        ] {
+            assert!(unsafe_address_form(bad).is_some(), "{bad} passed");
+        }
+        for good in ["127.0.0.1:80", "10.0.0.5:10250", "[::1]:443", "node-a.example:10250", "a1.b2:80", "1a.example:80"]
+        {
+            assert_eq!(unsafe_address_form(good), None, "{good} refused");
+        }
+    }
+
+    #[test]
+    fn names_can_require_a_host_rule() {
+        let p = EgressPolicy::parse(
+            r#"{"names": "deny-unless-host-rule", "rules": [{"action": "allow", "host": "*.svc.cluster.local"}]}"#,
+        )
+        .expect("policy");
+        assert_eq!(p.check_before_resolution("kubernetes.default.svc.cluster.local", 443), Verdict::Allow);
+        assert!(matches!(p.check_before_resolution("evil.example", 443), Verdict::Deny(_)));
+        assert!(matches!(p.check_resolved("evil.example", ip("10.0.0.1"), 443), Verdict::Deny(_)));
+        assert_eq!(p.check_before_resolution("10.0.0.1", 443), Verdict::Allow);
+    }
+
+    #[test]
+    fn whether_resolution_matters_and_fingerprints() {
+        let p = EgressPolicy::parse(POLICY).expect("policy");
+        assert!(p.pre_check("node-a.example", 10250).needs_resolution);
+        assert!(!p.pre_check("10.0.0.9", 10250).needs_resolution);
+        let ports_only = EgressPolicy::parse(r#"{"rules": [{"action": "deny", "ports": "22"}]}"#).expect("policy");
+        assert!(!ports_only.pre_check("node-a.example", 10250).needs_resolution);
+        let again = EgressPolicy::parse(&POLICY.replace("    ", " ")).expect("policy");
+        assert_eq!(p.fingerprint(), again.fingerprint(), "spelling must not change the fingerprint");
+        assert_ne!(p.fingerprint(), ports_only.fingerprint());
+        assert!(EgressPolicy::allow_all().allows_everything());
+        assert!(!p.allows_everything());
     }
 }

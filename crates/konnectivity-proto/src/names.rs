@@ -11,6 +11,9 @@ pub const AUTHORIZATION: &str = "authorization";
 pub const SERVER_ID: &str = "serverid";
 /// Response header: how many servers the agent should connect to, in decimal.
 pub const SERVER_COUNT: &str = "servercount";
+/// Request metadata (konnectivity-rs agents only; Go servers ignore it): the fingerprint of the egress policy the
+/// agent enforces after resolving names. A server with a policy gives names only to agents that enforce it.
+pub const EGRESS_POLICY: &str = "konnectivity-rs-egress-policy";
 
 /// gRPC path of the frontend service.
 pub const PROXY_PATH: &str = "/ProxyService/Proxy";

@@ -15,6 +15,7 @@ mod limits;
 mod monitoring;
 mod observability;
 mod policy;
+mod policy_holes;
 mod reference_suite;
 mod routing;
 mod routing_netns;

@@ -14,7 +14,7 @@ use crate::tunnels::queue::{Delivery, FRONTEND_STALL_LIMIT};
 use crate::tunnels::table::{AgentGuard, Route, Tunnels};
 use futures_util::{Stream, StreamExt};
 use konnectivity_proto::flow;
-use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
+use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, EGRESS_POLICY, SERVER_COUNT, SERVER_ID};
 use konnectivity_proto::{Packet, PacketKind, agent::AgentService};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -89,6 +89,7 @@ impl AgentService for AgentEndpoint {
             identifiers,
             peer: peer.clone(),
             flow_control,
+            egress_policy: md.get(EGRESS_POLICY).and_then(|v| v.to_str().ok()).map(str::to_string),
         };
         let (backend, rx) =
             Backend::new(info, closed.clone(), transport, self.tunnels.metrics.clone(), self.tracker.clone());

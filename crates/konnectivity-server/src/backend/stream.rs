@@ -33,6 +33,8 @@ pub(crate) struct AgentStreamInfo {
     pub(crate) peer: String,
     /// Both ends negotiated per-connection flow control (the agent is konnectivity-rs).
     pub(crate) flow_control: bool,
+    /// The fingerprint of the egress policy the agent says it enforces after resolving names, if any.
+    pub(crate) egress_policy: Option<String>,
 }
 
 /// One agent stream.
@@ -44,6 +46,8 @@ pub struct Backend {
     pub(crate) connected_at: Instant,
     /// Both ends negotiated per-connection flow control (the agent is konnectivity-rs).
     pub(crate) flow_control: bool,
+    /// The fingerprint of the egress policy the agent enforces, if it advertised one.
+    pub(crate) egress_policy: Option<String>,
     to_agent: mpsc::Sender<Packet>,
     draining: AtomicBool,
     /// Connections open on the stream: the tunnel table's count, mirrored here (written by it alone) so that
@@ -79,6 +83,7 @@ impl Backend {
             peer: info.peer,
             connected_at: Instant::now(),
             flow_control: info.flow_control,
+            egress_policy: info.egress_policy,
             to_agent,
             draining: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),

@@ -302,6 +302,7 @@ impl Harness {
             identifiers: AgentIdentifiers::default(),
             peer: "fuzz".into(),
             flow_control,
+            egress_policy: None,
         };
         let (backend, outbound) = Backend::new(
             info,

@@ -182,6 +182,8 @@ pub(crate) struct Tunnels {
     pub(crate) metrics: ServerMetrics,
     /// Checked before a dial is sent (the agent checks again after resolving names).
     policy: Arc<EgressPolicy>,
+    /// The policy's fingerprint, which agents that enforce it advertise.
+    policy_fingerprint: String,
     serials: AtomicU64,
     pub(crate) audit: AuditLog,
     /// The server's shutdown token: closes and failures while it is cancelled are the shutdown's doing.
@@ -248,6 +250,7 @@ impl Tunnels {
             table: Mutex::new(Table::default()),
             backends,
             metrics,
+            policy_fingerprint: policy.fingerprint(),
             policy,
             serials: AtomicU64::new(1),
             audit,

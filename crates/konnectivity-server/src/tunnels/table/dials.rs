@@ -8,7 +8,7 @@ use crate::metrics::DialFailureReason;
 use crate::routing::dial_host;
 use crate::tunnels::link::Link;
 use crate::tunnels::queue::FrontendQueue;
-use konnectivity_egress_policy::Verdict;
+use konnectivity_egress_policy::{DENIED, Verdict, unsafe_address_form};
 use konnectivity_proto::names::{BACKEND_DIAL_TIMEOUT, NO_AGENT_AVAILABLE};
 use konnectivity_proto::{DialResponse, Packet};
 use std::sync::Arc;
@@ -48,18 +48,40 @@ impl Tunnels {
         random: i64,
         send_timeout: Option<Duration>,
     ) -> Result<Arc<Backend>, (DialStartError, Option<Arc<Backend>>)> {
-        let host = dial_host(address);
-        let port = address.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
-        if let Verdict::Deny(reason) = self.policy.check_before_resolution(host, port) {
+        let denied = |reason: String, backend: Option<Arc<Backend>>| {
             self.metrics.egress_denied();
             tracing::info!(%address, "dial refused: {reason}");
-            return Err((DialStartError::Denied(reason), None));
+            Err((DialStartError::Denied(reason), backend))
+        };
+        let mut needs_resolution = false;
+        if !self.policy.allows_everything() {
+            // Forms the agent's resolver would read as an address the policy never saw are refused here.
+            if let Some(why) = unsafe_address_form(address) {
+                return denied(format!("{DENIED}: {why}"), None);
+            }
+            let host = dial_host(address);
+            let port = address.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()).unwrap_or(0);
+            let pre = self.policy.pre_check(host, port);
+            if let Verdict::Deny(reason) = pre.verdict {
+                return denied(reason, None);
+            }
+            needs_resolution = pre.needs_resolution;
         }
         let Some(backend) = self.backends.pick(address) else {
             self.metrics.dial_failure(DialFailureReason::NoAgent);
             tracing::info!(%address, "dial failed: {NO_AGENT_AVAILABLE}");
             return Err((DialStartError::NoAgent, None));
         };
+        if needs_resolution && backend.egress_policy.as_deref() != Some(self.policy_fingerprint.as_str()) {
+            // What the name resolves to decides, and only the agent resolves it: an agent that does not enforce
+            // this same policy (a Go agent, or one with another policy file) may not be given it.
+            let why = format!(
+                "{DENIED}: the destination is a name the policy must check after resolution, and agent {} does \
+                 not enforce this server's egress policy",
+                backend.agent_id
+            );
+            return denied(why, Some(backend));
+        }
         let agent_gone = || {
             self.metrics.dial_failure(DialFailureReason::BackendClose);
             let error = format!("agent {} disconnected", backend.agent_id);
