@@ -20,6 +20,7 @@ where
         eprintln!("{program}: {e}");
         return ExitCode::from(1);
     }
+    raise_open_file_limit();
     let config = match config() {
         Ok(c) => c,
         Err(e) => {
@@ -47,5 +48,20 @@ where
             eprintln!("{program}: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, as the Go runtime does at start: service managers
+/// commonly leave the soft limit at 1,024, which a few thousand idle connections would use up (and then every
+/// accept fails, kube-apiserver's included). Logged, and left alone if it cannot be raised.
+pub fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-file limit to its hard limit"),
+            Err(e) => tracing::warn!(soft, hard, "could not raise the open-file limit: {e}"),
+        },
+        Ok((soft, _)) => tracing::debug!(limit = soft, "open-file limit already at its hard limit"),
+        Err(e) => tracing::warn!("could not read the open-file limit: {e}"),
     }
 }

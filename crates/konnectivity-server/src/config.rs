@@ -55,6 +55,13 @@ impl Strategy {
     }
 }
 
+/// Default bound on HTTP/2 streams per agent connection: an agent holds one stream per connection; the slack
+/// lets a reconnecting agent's new stream overlap a dying one.
+pub const DEFAULT_MAX_AGENT_STREAMS: u32 = 4;
+
+/// Default bound on HTTP/2 streams per gRPC frontend connection (hyper's own default).
+pub const DEFAULT_MAX_FRONTEND_STREAMS: u32 = 1000;
+
 /// Where the frontend (kube-apiserver side) listens.
 #[derive(Debug, Clone)]
 pub enum FrontendListen {
@@ -231,8 +238,16 @@ pub struct ServerConfig {
     pub cipher_suites: konnectivity_transport::tls::CipherSuites,
     /// TLS handshakes in progress at most, per TLS listener (agent port, TCP frontend); more wait in the backlog.
     pub max_handshakes: usize,
+    /// TLS handshakes in progress at most from one IP address, per TLS listener; beyond it its connections are
+    /// closed at once.
+    pub max_handshakes_per_source: usize,
     /// HTTP CONNECT connections handled at once at most; more wait in the backlog.
     pub max_connect_connections: usize,
+    /// HTTP/2 streams one agent connection may have open at once (an agent needs one).
+    pub max_agent_streams: u32,
+    /// HTTP/2 streams one gRPC frontend connection may have open at once (kube-apiserver opens a connection
+    /// per tunnel; the client library's reusable tunnels multiplex).
+    pub max_frontend_streams: u32,
     /// How often certificate, key and CA files are checked for changes (new handshakes use changed files);
     /// zero never reloads them.
     pub tls_reload_interval: Duration,
@@ -275,7 +290,10 @@ impl ServerConfig {
             cipher_suites: konnectivity_transport::tls::CipherSuites::default(),
             tls_reload_interval: konnectivity_transport::tls_reload::DEFAULT_RELOAD_INTERVAL,
             max_handshakes: konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             max_connect_connections: DEFAULT_MAX_CONNECT_CONNECTIONS,
+            max_agent_streams: DEFAULT_MAX_AGENT_STREAMS,
+            max_frontend_streams: DEFAULT_MAX_FRONTEND_STREAMS,
             egress_policy: std::sync::Arc::new(konnectivity_egress_policy::EgressPolicy::allow_all()),
             audit: None,
             kube: KubeClientConfig::default(),

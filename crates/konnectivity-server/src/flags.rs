@@ -172,6 +172,19 @@ pub struct ServerFlags {
     /// has no bound).
     #[arg(long, default_value_t = konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES, value_name = "n")]
     pub max_concurrent_handshakes: usize,
+    /// TLS handshakes in progress at once at most from one IP address, per TLS listener; beyond it that address's
+    /// new connections are closed at once (counted in tls_handshake_failures_total{reason="source_limit"}), so one
+    /// client cannot hold every slot. Agents behind one NAT or an address-hiding load balancer share it (ours).
+    #[arg(long, default_value_t = konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES_PER_SOURCE, value_name = "n")]
+    pub max_concurrent_handshakes_per_source: usize,
+    /// HTTP/2 streams one agent connection may have open at once; an agent needs one (ours; the reference has
+    /// no bound).
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_AGENT_STREAMS, value_name = "n")]
+    pub max_agent_streams_per_connection: u32,
+    /// HTTP/2 streams one gRPC frontend connection may have open at once (kube-apiserver opens one connection
+    /// per tunnel; clients that multiplex tunnels on one connection need more) (ours).
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_FRONTEND_STREAMS, value_name = "n")]
+    pub max_frontend_streams_per_connection: u32,
     /// HTTP CONNECT connections (--mode=http-connect) handled at once at most, each one tunnel of kube-apiserver's
     /// from its request to its close. Beyond it nothing more is accepted until one ends; new connections wait in
     /// the listen backlog (ours; the reference has no bound).
@@ -304,7 +317,10 @@ impl ServerFlags {
         }
         for (flag, n) in [
             ("max-concurrent-handshakes", self.max_concurrent_handshakes),
+            ("max-concurrent-handshakes-per-source", self.max_concurrent_handshakes_per_source),
             ("max-connect-connections", self.max_connect_connections),
+            ("max-agent-streams-per-connection", self.max_agent_streams_per_connection as usize),
+            ("max-frontend-streams-per-connection", self.max_frontend_streams_per_connection as usize),
         ] {
             if n == 0 {
                 return Err(FlagError::invalid(format!("--{flag} must be greater than 0")));
@@ -312,6 +328,9 @@ impl ServerFlags {
         }
         config.max_handshakes = self.max_concurrent_handshakes;
         config.max_connect_connections = self.max_connect_connections;
+        config.max_handshakes_per_source = self.max_concurrent_handshakes_per_source;
+        config.max_agent_streams = self.max_agent_streams_per_connection;
+        config.max_frontend_streams = self.max_frontend_streams_per_connection;
         config.egress_policy = konnectivity_egress_policy::EgressPolicy::from_flag(&self.egress_policy_file)
             .map_err(|e| FlagError::invalid(e.to_string()))?;
         Ok(config)

@@ -231,6 +231,7 @@ async fn start_agent_listener(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_time))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_concurrent_streams(Some(config.max_agent_streams))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
         .add_service(service);
@@ -258,6 +259,7 @@ async fn start_frontend(
         hangup_grace: config.connect_hangup_grace,
         keepalive_time: config.frontend_keepalive_time,
         max_connect_handlers: config.max_connect_connections,
+        max_streams: config.max_frontend_streams,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
@@ -301,6 +303,7 @@ fn tls_accept(config: &ServerConfig, tunnels: &Tunnels, what: &'static str) -> T
         what,
         on_failure: Some(tunnels.metrics.handshake_failure_hook(what)),
         max_handshakes: config.max_handshakes,
+        max_per_source: config.max_handshakes_per_source,
     }
 }
 

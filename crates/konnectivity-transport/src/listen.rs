@@ -50,7 +50,12 @@ pub enum ListenError {
 
 /// Binds a Unix socket as the reference does: an existing file is removed first when `delete_existing` is
 /// set, and the socket is made group-accessible (mode 0770) so kube-apiserver in the same group can use it.
+///
+/// The socket is never reachable with wider permissions, not even for an instant: it is bound inside a fresh
+/// directory only the owner can enter (mode 0700, next to the final path), given its mode there, and only then
+/// renamed into place. (A umask would do it too, but the umask is the whole process's.)
 pub fn bind_uds(path: &Path, delete_existing: bool) -> Result<UnixListener, ListenError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let unix = |cause| ListenError::Unix { path: path.into(), cause };
     if path.exists() || path.symlink_metadata().is_ok() {
         if !delete_existing {
@@ -58,10 +63,20 @@ pub fn bind_uds(path: &Path, delete_existing: bool) -> Result<UnixListener, List
         }
         std::fs::remove_file(path).map_err(unix)?;
     }
-    let listener = UnixListener::bind(path).map_err(unix)?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770)).map_err(unix)?;
-    Ok(listener)
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| unix(io::Error::other("the socket path has no file name")))?;
+    let private = parent.join(format!(".{}.{}.bind", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private).map_err(unix)?;
+    let staged = private.join("socket");
+    let bound = (|| {
+        let listener = UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o770))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    bound.map_err(unix)
 }
 
 /// Binds a TCP listener on `bind:port`; an empty bind address means all interfaces (IPv6 and IPv4).
@@ -284,7 +299,7 @@ pub fn tune_tcp(stream: &TcpStream) {
 }
 
 /// Called with a short reason (`timeout`, `no_certificate`, `bad_certificate`, `alpn`, `alert`, `protocol`,
-/// `io`) for every failed handshake, to count them.
+/// `io`, `source_limit`) for every failed handshake, to count them.
 pub type HandshakeFailureHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 /// A short, bounded label for why a TLS handshake failed.
@@ -365,12 +380,64 @@ pub struct TlsAccept {
     pub on_failure: Option<HandshakeFailureHook>,
     /// Handshakes in progress at most; the rest wait in the listen backlog.
     pub max_handshakes: usize,
+    /// Handshakes in progress from one IP address at most; beyond it its new connections are closed at once.
+    pub max_per_source: usize,
 }
 
 impl TlsAccept {
     /// A listener named `what`, nothing counted, [`DEFAULT_MAX_HANDSHAKES`] handshakes at once.
     pub fn named(what: &'static str) -> Self {
-        Self { what, on_failure: None, max_handshakes: DEFAULT_MAX_HANDSHAKES }
+        Self {
+            what,
+            on_failure: None,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            max_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+        }
+    }
+}
+
+/// Default bound on a listener's TLS handshakes in progress from one IP address. Agents behind one NAT or a
+/// load balancer that hides their addresses share it: a reconnect storm through it is slowed (they retry), not
+/// refused for good.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 128;
+
+/// Handshakes in progress per source address.
+#[derive(Default)]
+struct SourceCounts(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// A handshake's place in its source's count, given back when dropped.
+struct SourceSlot {
+    counts: Arc<SourceCounts>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceCounts {
+    fn counts(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A slot for `ip`, unless it holds `max` already.
+    fn enter(self: Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut counts = self.counts();
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max.max(1) {
+            return None;
+        }
+        *n += 1;
+        drop(counts);
+        Some(SourceSlot { counts: self, ip })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.counts();
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -390,14 +457,24 @@ pub fn tls_incoming(
     tracker: TaskTracker,
     accept: TlsAccept,
 ) -> ReceiverStream<io::Result<TlsConn>> {
-    let TlsAccept { what, on_failure, max_handshakes } = accept;
+    let TlsAccept { what, on_failure, max_handshakes, max_per_source } = accept;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(max_handshakes.max(1)));
     let (tx, rx) = mpsc::channel(64);
     let config = config.into();
     let accept_tracker = tracker.clone();
     tracker.spawn(async move {
         let mut backoff = Duration::from_millis(5);
+        let sources = Arc::new(SourceCounts::default());
         loop {
+            // At most `max_handshakes` at once: beyond it the loop accepts nothing more until one finishes, and
+            // new connections wait in the listen backlog.
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 accepted = listener.accept() => match accepted {
@@ -411,14 +488,13 @@ pub fn tls_incoming(
                     }
                 },
             };
-            // At most `max_handshakes` at once: beyond it the loop accepts nothing more until one finishes, and
-            // new connections wait in the listen backlog.
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                p = handshakes.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
+            // And at most `max_per_source` of them from one address: one client cannot take every slot.
+            let Some(source) = sources.clone().enter(peer.ip(), max_per_source) else {
+                tracing::debug!(listener = what, %peer, "too many TLS handshakes from this address; connection closed");
+                if let Some(hook) = &on_failure {
+                    hook("source_limit");
+                }
+                continue;
             };
             tune_tcp(&tcp);
             let config = config.clone();
@@ -426,7 +502,7 @@ pub fn tls_incoming(
             let shutdown = shutdown.clone();
             let on_failure = on_failure.clone();
             accept_tracker.spawn(async move {
-                let _permit = permit;
+                let _permit = (permit, source);
                 let tls = tokio::select! {
                     _ = shutdown.cancelled() => return,
                     r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, &config)) => match r {

@@ -74,3 +74,88 @@ async fn connect_connections_beyond_the_bound_wait_their_turn() {
     agent.stop().await;
     server.stop().await;
 }
+
+/// A port free on loopback now (bound and released; the server binds it a moment later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// The soft open-file limit of process `pid`, from /proc.
+fn soft_open_files(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("open files line");
+    line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).expect("soft limit")
+}
+
+/// A server started with the soft open-file limit at 1,024 (as common service managers leave it) raises it to
+/// the hard limit, as the Go runtime does; and 3,000 idle TCP connections on its agent port do not slow a
+/// kube-apiserver CONNECT on its frontend.
+#[tokio::test]
+async fn thousands_of_idle_agent_port_connections_do_not_delay_a_connect() {
+    let stack = Stack::new().expect("stack");
+    let (agent_port, health, admin) = (free_port(), free_port(), free_port());
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| l.lines().find(|l| l.starts_with("Max open files")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .expect("our hard open-file limit");
+    let server_bin = crate::faults::binary("proxy-server");
+    let mut server = tokio::process::Command::new("prlimit")
+        .arg(format!("--nofile=1024:{hard}"))
+        .arg("--")
+        .arg(server_bin)
+        .args([
+            "--mode=http-connect".to_string(),
+            format!("--uds-name={}", stack.uds.display()),
+            "--server-port=0".into(),
+            format!("--cluster-cert={}", stack.pki.server_cert.display()),
+            format!("--cluster-key={}", stack.pki.server_key.display()),
+            format!("--cluster-ca-cert={}", stack.pki.ca.display()),
+            format!("--agent-port={agent_port}"),
+            "--agent-bind-address=127.0.0.1".into(),
+            format!("--health-port={health}"),
+            "--health-bind-address=127.0.0.1".into(),
+            format!("--admin-port={admin}"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn proxy-server under prlimit");
+    let pid = server.id().expect("server pid");
+    eventually!(10, stack.uds.exists(), "the server did not create its socket");
+    let limit = soft_open_files(pid);
+    assert_eq!(limit.to_string(), hard, "the server kept its soft open-file limit ({limit}) below the hard one");
+    let agent_addr: std::net::SocketAddr = format!("127.0.0.1:{agent_port}").parse().expect("addr");
+    let agent = stack.start_agent(stack.agent_config(agent_addr)).await.expect("agent");
+    eventually!(10, agent.handle.ready(), "agent did not connect");
+    let target = konnectivity_it::targets::http_target("127.0.0.1:0").await.expect("target");
+
+    // 3,000 connections that never say a word (each attempt bounded: beyond the backlog the kernel drops SYNs).
+    let mut idle = Vec::new();
+    let attempts: Vec<_> =
+        (0..3000).map(|_| tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(agent_addr))).collect();
+    for attempt in futures_util::future::join_all(attempts).await {
+        if let Ok(Ok(s)) = attempt {
+            idle.push(s);
+        }
+    }
+    let started = std::time::Instant::now();
+    let mut conn = konnectivity_client::http_connect::dial(
+        &konnectivity_client::ProxyAddress::Uds(stack.uds.clone()),
+        &target.addr.to_string(),
+        "limits-test",
+    )
+    .await
+    .expect("CONNECT during the flood");
+    let took = started.elapsed();
+    conn.write_all(b"GET /success HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await.expect("request");
+    let mut reply = Vec::new();
+    conn.read_to_end(&mut reply).await.expect("reply");
+    assert!(reply.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&reply));
+    assert!(took < Duration::from_secs(1), "the CONNECT took {took:?} with {} idle agent-port connections", idle.len());
+    drop(idle);
+    agent.stop().await;
+    let _ = server.kill().await;
+}

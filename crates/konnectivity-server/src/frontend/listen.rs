@@ -60,6 +60,8 @@ pub(crate) struct FrontendServing {
     pub(crate) keepalive_time: Duration,
     /// HTTP CONNECT connections handled at once at most; the rest wait in the listen backlog.
     pub(crate) max_connect_handlers: usize,
+    /// gRPC: HTTP/2 streams per connection at most.
+    pub(crate) max_streams: u32,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
 }
@@ -81,6 +83,7 @@ impl FrontendServing {
                 });
                 let router = tonic::transport::Server::builder()
                     .http2_keepalive_interval(Some(self.keepalive_time))
+                    .max_concurrent_streams(Some(self.max_streams))
                     .initial_stream_window_size(Some(4 << 20))
                     .initial_connection_window_size(Some(8 << 20))
                     .add_service(service);
