@@ -243,6 +243,12 @@ pub struct ServerConfig {
     pub max_handshakes_per_source: usize,
     /// HTTP CONNECT connections handled at once at most; more wait in the backlog.
     pub max_connect_connections: usize,
+    /// Names (certificate common name, DNS or URI SAN) of which a TCP frontend client's certificate must carry
+    /// one; empty admits any certificate of the frontend CA.
+    pub frontend_client_names: Vec<String>,
+    /// Start even though the agent CA and the frontend CA bundles share a certificate (and no client names are
+    /// required), so that an agent certificate could open tunnels through the frontend.
+    pub allow_shared_client_ca: bool,
     /// HTTP/2 streams one agent connection may have open at once (an agent needs one).
     pub max_agent_streams: u32,
     /// HTTP/2 streams one gRPC frontend connection may have open at once (kube-apiserver opens a connection
@@ -292,6 +298,8 @@ impl ServerConfig {
             max_handshakes: konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES,
             max_handshakes_per_source: konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             max_connect_connections: DEFAULT_MAX_CONNECT_CONNECTIONS,
+            frontend_client_names: Vec::new(),
+            allow_shared_client_ca: false,
             max_agent_streams: DEFAULT_MAX_AGENT_STREAMS,
             max_frontend_streams: DEFAULT_MAX_FRONTEND_STREAMS,
             egress_policy: std::sync::Arc::new(konnectivity_egress_policy::EgressPolicy::allow_all()),

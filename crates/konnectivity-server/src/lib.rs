@@ -13,6 +13,7 @@ mod audit;
 mod auth;
 mod backend;
 pub mod config;
+mod credentials;
 pub mod flags;
 mod frontend;
 #[cfg(any(test, feature = "fuzzing"))]

@@ -6,6 +6,7 @@ use crate::auth::TokenAuthenticator;
 use crate::backend::manager::BackendManager;
 use crate::backend::service::AgentEndpoint;
 use crate::config::{FrontendListen, FrontendMode, ServerConfig};
+use crate::credentials::ClientAllowList;
 use crate::frontend::listen::FrontendServing;
 use crate::handle::ServerHandle;
 use crate::lease::LeaseController;
@@ -43,6 +44,9 @@ pub enum ServerError {
     /// The Kubernetes client (token auth, leases) could not be set up.
     #[error(transparent)]
     Kube(#[from] konnectivity_kube::KubeError),
+    /// The configuration is unsafe or inconsistent.
+    #[error("{0}")]
+    Config(String),
     /// A gRPC server failed.
     #[error("{what} gRPC server: {source}")]
     Grpc {
@@ -260,6 +264,7 @@ async fn start_frontend(
         keepalive_time: config.frontend_keepalive_time,
         max_connect_handlers: config.max_connect_connections,
         max_streams: config.max_frontend_streams,
+        allowed: Arc::new(ClientAllowList::new(config.frontend_client_names.clone())),
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
     };
@@ -271,6 +276,7 @@ async fn start_frontend(
             Ok(FrontendAddr::Uds(path.clone()))
         }
         FrontendListen::Tcp { bind, port, cert, key, ca } => {
+            check_client_cas(config, ca)?;
             // HTTP CONNECT is HTTP/1.1 only, as in the reference (which disables h2 there).
             let alpn: &[&[u8]] = match config.mode {
                 FrontendMode::Grpc => &[ALPN_H2],
@@ -294,6 +300,37 @@ async fn start_frontend(
             tracing::info!(%addr, mode = ?config.mode, "listening for frontends on TCP with mTLS");
             Ok(FrontendAddr::Tcp(addr))
         }
+    }
+}
+
+/// Refuses to start when one certificate is in both the agent CA and the frontend CA bundles and nothing else
+/// tells agents and frontend clients apart: any agent's certificate would then open tunnels through the
+/// frontend. `--frontend-client-names` (clients must carry one of those names) resolves it; so does
+/// `--allow-shared-client-ca`, with a warning.
+fn check_client_cas(config: &ServerConfig, frontend_ca: &std::path::Path) -> Result<(), ServerError> {
+    let Some(agent_ca) = &config.cluster_ca else { return Ok(()) };
+    let agent = konnectivity_transport::tls::load_certs(agent_ca)?;
+    let frontend = konnectivity_transport::tls::load_certs(frontend_ca)?;
+    if !agent.iter().any(|c| frontend.contains(c)) {
+        return Ok(());
+    }
+    let what = format!(
+        "--cluster-ca-cert {} and --server-ca-cert {} share a certificate: agent certificates would be accepted by \
+         the frontend",
+        agent_ca.display(),
+        frontend_ca.display()
+    );
+    if !config.frontend_client_names.is_empty() {
+        tracing::info!("{what}; only clients named in --frontend-client-names are admitted there");
+        Ok(())
+    } else if config.allow_shared_client_ca {
+        tracing::warn!("{what}, and --allow-shared-client-ca lets them: any agent credential can open tunnels");
+        Ok(())
+    } else {
+        Err(ServerError::Config(format!(
+            "{what}; set --frontend-client-names to the frontend clients' certificate names (or sign them with \
+             another CA), or accept it with --allow-shared-client-ca"
+        )))
     }
 }
 

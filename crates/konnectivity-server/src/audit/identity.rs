@@ -46,6 +46,14 @@ impl ClientIdentity {
         Self::Uds(cred)
     }
 
+    /// The verified certificate chain of an mTLS client (leaf first).
+    pub(crate) fn certs(&self) -> Option<&[CertificateDer<'static>]> {
+        match self {
+            Self::Tcp { certs: Some(certs), .. } => Some(certs.as_slice()),
+            _ => None,
+        }
+    }
+
     /// `uds` or `tcp`.
     pub(crate) fn transport(&self) -> &'static str {
         match self {

@@ -261,6 +261,18 @@ impl Record {
     }
 }
 
+/// Characters written as `\uXXXX` although JSON allows them raw: control characters (C0, DEL and C1), the line
+/// and paragraph separators, and the bidirectional controls, which would let a client-chosen string (a
+/// destination, a certificate subject) make a log line read differently on a terminal or in a viewer than it is.
+fn needs_escape(c: char) -> bool {
+    let n = u32::from(c);
+    n < 0x20
+        || (0x7f..=0x9f).contains(&n)
+        || matches!(c, '\u{2028}' | '\u{2029}' | '\u{061c}' | '\u{200e}' | '\u{200f}')
+        || (0x202a..=0x202e).contains(&n)
+        || (0x2066..=0x2069).contains(&n)
+}
+
 /// Appends `s` as a JSON string literal.
 fn push_str(out: &mut String, s: &str) {
     out.push('"');
@@ -271,9 +283,7 @@ fn push_str(out: &mut String, s: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
-                out.push_str(&format!("\\u{:04x}", u32::from(c)))
-            }
+            c if needs_escape(c) => out.push_str(&format!("\\u{:04x}", u32::from(c))),
             c => out.push(c),
         }
     }
@@ -331,5 +341,11 @@ mod tests {
         assert_eq!(s, r#""a\"b\\c\n\u0001é""#);
         let v: serde_json::Value = serde_json::from_str(&s).expect("valid JSON");
         assert_eq!(v, "a\"b\\c\n\u{1}é");
+        let tricky = "evil\u{202e}gpj.exe\u{85}\u{9b}[31m\u{7f}\u{2066}x\u{2069}";
+        let mut s = String::new();
+        push_str(&mut s, tricky);
+        assert_eq!(s, r#""evil\u202egpj.exe\u0085\u009b[31m\u007f\u2066x\u2069""#);
+        let v: serde_json::Value = serde_json::from_str(&s).expect("valid JSON");
+        assert_eq!(v, tricky, "escaping loses nothing");
     }
 }

@@ -2,6 +2,7 @@
 //! [`Session`]; packets from the agent reach the stream through the session's queue, which the gRPC layer drains.
 
 use crate::audit::{ClientIdentity, CloseReason};
+use crate::credentials::ClientAllowList;
 use crate::frontend::session::{self, Session, Upload};
 use crate::metrics::Segment;
 use crate::tunnels::table::{DialStartError, Tunnels};
@@ -21,6 +22,8 @@ use tracing::Instrument;
 pub(crate) struct ProxyEndpoint {
     pub(crate) tunnels: Arc<Tunnels>,
     pub(crate) backend_dial_timeout: Option<Duration>,
+    /// Which mTLS clients may open streams.
+    pub(crate) allowed: Arc<ClientAllowList>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
 }
@@ -34,6 +37,10 @@ impl ProxyService for ProxyEndpoint {
     async fn proxy(&self, request: Request<Streaming<Packet>>) -> Result<Response<Self::ProxyStream>, Status> {
         let user_agent = request.metadata().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let client = ClientIdentity::of_request(&request);
+        if let Err(why) = self.allowed.admits(client.certs()) {
+            tracing::warn!(%client, "frontend client refused: {why}");
+            return Err(Status::permission_denied(format!("client not allowed: {why}")));
+        }
         let (session, rx) = Session::open(&self.tunnels, "grpc", client, self.backend_dial_timeout);
         let queue = session.queue().clone();
         let span = tracing::debug_span!("frontend", serial = queue.serial, client = %queue.client, %user_agent);

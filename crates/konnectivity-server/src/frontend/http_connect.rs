@@ -10,6 +10,7 @@
 //! goes away.
 
 use crate::audit::{ClientIdentity, CloseReason};
+use crate::credentials::ClientAllowList;
 use crate::frontend::session::{self, Session, Upload};
 use crate::tunnels::link::Link;
 use crate::tunnels::queue::Queued;
@@ -76,6 +77,8 @@ pub(crate) struct ConnectFrontend {
     pub(crate) tunnels: Arc<Tunnels>,
     pub(crate) backend_dial_timeout: Option<Duration>,
     pub(crate) hangup_grace: Duration,
+    /// Which mTLS clients may open tunnels.
+    pub(crate) allowed: Arc<ClientAllowList>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -86,6 +89,12 @@ impl ConnectFrontend {
         IO: AsyncRead + AsyncWrite + SocketFd + Unpin + Send,
     {
         let _gauge = self.tunnels.metrics.http_connection();
+        if let Err(why) = self.allowed.admits(peer.certs()) {
+            tracing::warn!(%peer, "frontend client refused: {why}");
+            let body = format!("client not allowed: {why}\n");
+            let _ = write_response(&mut io, 403, "text/plain; charset=utf-8", &[("Connection", "close")], &body).await;
+            return;
+        }
         let mut buf = BytesMut::with_capacity(4096);
         let head = tokio::select! {
             _ = self.shutdown.cancelled() => return,

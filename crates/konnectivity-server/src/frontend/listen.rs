@@ -3,6 +3,7 @@
 
 use crate::audit::ClientIdentity;
 use crate::config::FrontendMode;
+use crate::credentials::ClientAllowList;
 use crate::frontend::grpc::ProxyEndpoint;
 use crate::frontend::http_connect::ConnectFrontend;
 use crate::tunnels::table::Tunnels;
@@ -62,6 +63,8 @@ pub(crate) struct FrontendServing {
     pub(crate) max_connect_handlers: usize,
     /// gRPC: HTTP/2 streams per connection at most.
     pub(crate) max_streams: u32,
+    /// Which mTLS clients may use the frontend beyond the CA's verdict.
+    pub(crate) allowed: Arc<ClientAllowList>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
 }
@@ -78,6 +81,7 @@ impl FrontendServing {
                 let service = ProxyServiceServer::new(ProxyEndpoint {
                     tunnels: self.tunnels.clone(),
                     backend_dial_timeout: self.backend_dial_timeout,
+                    allowed: self.allowed.clone(),
                     shutdown: self.shutdown.clone(),
                     tracker: self.tracker.clone(),
                 });
@@ -99,6 +103,7 @@ impl FrontendServing {
                     tunnels: self.tunnels.clone(),
                     backend_dial_timeout: self.backend_dial_timeout,
                     hangup_grace: self.hangup_grace,
+                    allowed: self.allowed.clone(),
                     shutdown: self.shutdown.clone(),
                 });
                 let limit = Arc::new(Semaphore::new(self.max_connect_handlers.max(1)));
