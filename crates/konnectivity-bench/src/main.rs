@@ -142,8 +142,8 @@ async fn main() -> anyhow::Result<()> {
     }
     stacks.retain(|s| args.only.is_empty() || args.only.iter().any(|o| s.name().contains(o.as_str())));
 
-    let dir = konnectivity_it::TempDir::new("konnectivity-bench")?;
-    let pki = konnectivity_it::pki::Pki::generate(dir.path())?;
+    let dir = konnectivity_testkit::TempDir::new("konnectivity-bench")?;
+    let pki = konnectivity_testkit::pki::Pki::generate(dir.path())?;
     let (_target_proc, target) = spawn_target()?;
     let mut results = Results::new();
 
@@ -169,7 +169,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Starts this binary as the target process and reads its address.
-fn spawn_target() -> anyhow::Result<(procs::Proc, std::net::SocketAddr)> {
+fn spawn_target() -> anyhow::Result<(konnectivity_testkit::ChildProcess, std::net::SocketAddr)> {
     use std::io::BufRead;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("--serve-target")
@@ -177,17 +177,18 @@ fn spawn_target() -> anyhow::Result<(procs::Proc, std::net::SocketAddr)> {
         .stderr(std::process::Stdio::inherit())
         .spawn()?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("target stdout"))?;
+    let target = konnectivity_testkit::ChildProcess::new("target", child);
     let mut line = String::new();
     std::io::BufReader::new(stdout).read_line(&mut line)?;
     let addr = line.trim().parse()?;
-    Ok((procs::Proc::from_child(child), addr))
+    Ok((target, addr))
 }
 
 async fn measure(
     spec: &StackSpec,
     bins: &Bins,
     dir: &std::path::Path,
-    pki: &konnectivity_it::pki::Pki,
+    pki: &konnectivity_testkit::pki::Pki,
     target: std::net::SocketAddr,
     sizes: &Sizes,
     results: &mut Results,

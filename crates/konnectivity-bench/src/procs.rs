@@ -1,8 +1,9 @@
 //! Launching the stacks under test as real processes, and reading their CPU time and memory from /proc.
 
-use konnectivity_it::pki::Pki;
+use konnectivity_testkit::pki::Pki;
+use konnectivity_testkit::{ChildProcess, free_port};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Which implementation a component is.
@@ -55,67 +56,28 @@ impl Bins {
     }
 }
 
-/// A child process, killed when dropped.
-pub struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    pub fn from_child(child: Child) -> Self {
-        Self { child }
-    }
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A running server and agent.
 pub struct Running {
-    pub server: Proc,
-    pub agent: Proc,
+    pub server: ChildProcess,
+    pub agent: ChildProcess,
     pub uds: PathBuf,
 }
 
 impl Running {
     /// CPU seconds used so far by server and agent together.
     pub fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(self.server.pid()) + cpu_seconds(self.agent.pid())
+        cpu_seconds(&self.server) + cpu_seconds(&self.agent)
     }
     /// Resident memory of (server, agent), in KiB.
     pub fn rss_kib(&self) -> (u64, u64) {
-        (rss_kib(self.server.pid()), rss_kib(self.agent.pid()))
+        (rss_kib(&self.server), rss_kib(&self.agent))
     }
 }
 
-/// A free loopback port the Go server accepts (it refuses ports above 49151).
-pub fn free_port() -> u16 {
-    loop {
-        if let Ok(l) = std::net::TcpListener::bind("127.0.0.1:0")
-            && let Ok(a) = l.local_addr()
-            && (1024..=49151).contains(&a.port())
-        {
-            return a.port();
-        }
-    }
-}
-
-fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
-    let child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("starting {}: {e}", bin.display()))?;
-    Ok(Proc { child })
+fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<ChildProcess> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).env("RUST_LOG", "warn");
+    Ok(ChildProcess::spawn_logged(bin.display().to_string(), &mut cmd, log.to_path_buf())?)
 }
 
 /// Starts `server` and `agent` (each Rust or Go) with the same reference flags, and waits until the agent is
@@ -189,7 +151,8 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+fn cpu_seconds(process: &ChildProcess) -> f64 {
+    let Some(pid) = process.pid() else { return 0.0 };
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
@@ -200,7 +163,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn rss_kib(process: &ChildProcess) -> u64 {
+    let Some(pid) = process.pid() else { return 0 };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

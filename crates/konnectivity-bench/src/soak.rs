@@ -19,10 +19,11 @@ mod target;
 
 use clap::Parser;
 use konnectivity_client::ProxyAddress;
+use konnectivity_testkit::{ChildProcess, free_port};
 use scenarios::Path;
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -70,22 +71,6 @@ const THREAD_SLACK: u64 = 2;
 /// Runtime tasks likewise (the scrape that reads the figure is one).
 const TASK_SLACK: f64 = 2.0;
 
-/// A child process, killed when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One process's figures at a sample.
 #[derive(Debug, Clone, Copy, Default)]
 struct ProcStats {
@@ -94,7 +79,8 @@ struct ProcStats {
     threads: u64,
 }
 
-fn proc_stats(pid: u32) -> ProcStats {
+fn proc_stats(process: &ChildProcess) -> ProcStats {
+    let Some(pid) = process.pid() else { return ProcStats::default() };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let field = |name: &str| {
         status
@@ -112,7 +98,8 @@ fn proc_stats(pid: u32) -> ProcStats {
 }
 
 /// The names of a process's threads.
-fn thread_names(pid: u32) -> Vec<String> {
+fn thread_names(process: &ChildProcess) -> Vec<String> {
+    let Some(pid) = process.pid() else { return Vec::new() };
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
     let mut names: Vec<String> = tasks
         .filter_map(|t| t.ok())
@@ -121,10 +108,6 @@ fn thread_names(pid: u32) -> Vec<String> {
         .collect();
     names.sort();
     names
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
 /// Counts, shared by the load tasks.
@@ -264,8 +247,8 @@ async fn churn_worker(load: Arc<Load>, n: usize, stop: CancellationToken) {
 }
 
 struct Stack {
-    server: Proc,
-    agent: Proc,
+    server: ChildProcess,
+    agent: ChildProcess,
     agent_args: Vec<String>,
     agent_bin: PathBuf,
     server_health: u16,
@@ -274,16 +257,12 @@ struct Stack {
     uds: PathBuf,
 }
 
-fn spawn(bin: &FsPath, args: &[String], log: &FsPath) -> anyhow::Result<Proc> {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("starting {}: {e}", bin.display()))?;
-    Ok(Proc(child))
+/// Starts `bin`; its stderr is appended to `log` (one log across the agent's restarts).
+fn spawn(bin: &FsPath, args: &[String], log: &FsPath) -> anyhow::Result<ChildProcess> {
+    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut cmd = Command::new(bin);
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file);
+    Ok(ChildProcess::spawn(bin.display().to_string(), &mut cmd)?.with_log(log.to_path_buf()))
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -305,7 +284,7 @@ fn server_gauge(stack: &Stack, name: &str) -> Option<f64> {
 }
 
 impl Stack {
-    fn start(args: &Args, pki: &konnectivity_it::pki::Pki, dir: &FsPath) -> anyhow::Result<Self> {
+    fn start(args: &Args, pki: &konnectivity_testkit::pki::Pki, dir: &FsPath) -> anyhow::Result<Self> {
         let uds = dir.join("soak.sock");
         let (agent_port, server_health, server_admin) = (free_port(), free_port(), free_port());
         let server_args = vec![
@@ -359,8 +338,7 @@ impl Stack {
     /// Kills the agent and starts a new one; returns once it is connected.
     fn restart_agent(&mut self) -> anyhow::Result<Duration> {
         let started = Instant::now();
-        let _ = self.agent.0.kill();
-        let _ = self.agent.0.wait();
+        self.agent.kill();
         // The server notices the old stream's end first (else its /readyz still counts the dead agent), then the
         // new agent connects.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -445,8 +423,8 @@ fn print_row(s: &Sample) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let tmp = konnectivity_it::TempDir::new("konnectivity-soak")?;
-    let pki = konnectivity_it::pki::Pki::generate(tmp.path())?;
+    let tmp = konnectivity_testkit::TempDir::new("konnectivity-soak")?;
+    let pki = konnectivity_testkit::pki::Pki::generate(tmp.path())?;
     let stop_target = CancellationToken::new();
     let target = target::start(stop_target.clone()).await?;
     // A port that refuses for the whole run: bound but never listening, so no other process (the machine's other
@@ -465,7 +443,7 @@ async fn main() -> anyhow::Result<()> {
     // Let the server settle (its TLS files are re-read every 5 s, on tokio's blocking pool), then take the idle
     // figures the end is compared with.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let idle_before = proc_stats(stack.server.pid());
+    let idle_before = proc_stats(&stack.server);
     let idle_tasks_before = server_gauge(&stack, "tokio_alive_tasks");
     println!(
         "konnectivity-soak: {} s of mixed load ({}), agent restarts every {} s, samples every {} s, warm-up {} s",
@@ -534,9 +512,9 @@ async fn main() -> anyhow::Result<()> {
             let c = &load.counters;
             let s = Sample {
                 at: start.elapsed(),
-                server: proc_stats(stack.server.pid()),
+                server: proc_stats(&stack.server),
                 server_tasks: server_gauge(&stack, "tokio_alive_tasks"),
-                agent: proc_stats(stack.agent.pid()),
+                agent: proc_stats(&stack.agent),
                 ok: c.ok.load(Ordering::Relaxed),
                 bytes: c.bytes.load(Ordering::Relaxed),
                 refused: c.refused_as_expected.load(Ordering::Relaxed),
@@ -563,7 +541,7 @@ async fn main() -> anyhow::Result<()> {
         established = server_gauge(&stack, "konnectivity_network_proxy_server_established_connections");
         pending = server_gauge(&stack, "konnectivity_network_proxy_server_pending_backend_dials");
         idle_tasks_after = server_gauge(&stack, "tokio_alive_tasks");
-        let idle = proc_stats(stack.server.pid());
+        let idle = proc_stats(&stack.server);
         // Threads too: tokio's blocking pool keeps an idle thread for 10 s.
         let settled = established == Some(0.0)
             && pending == Some(0.0)
@@ -575,8 +553,8 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let idle_after = proc_stats(stack.server.pid());
-    let thread_names = thread_names(stack.server.pid());
+    let idle_after = proc_stats(&stack.server);
+    let thread_names = thread_names(&stack.server);
     stop_target.cancel();
     drop(refused_socket);
 

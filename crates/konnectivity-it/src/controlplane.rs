@@ -17,7 +17,6 @@
 //! kube-apiserver, kubectl and etcd are the real binaries, built from the Go module proxy by
 //! `controlplane/build.sh`; proxy-server and proxy-agent are this workspace's binaries.
 
-use crate::TempDir;
 use crate::netns::{NetNs, veth};
 use crate::targets::{Target, serve_listener};
 use anyhow::{Context, bail};
@@ -26,6 +25,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
+use konnectivity_testkit::ChildProcess;
+use konnectivity_testkit::TempDir;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -33,7 +34,7 @@ use rcgen::{
 use rustls_pki_types::ServerName;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -147,114 +148,6 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
         bail!("{} is missing: run `cargo build --bins` (scripts/test does)", p.display());
     }
     Ok(p)
-}
-
-/// A child process, stopped (SIGTERM, then SIGKILL after 5 s) and reaped when dropped. Its stdout and stderr go
-/// to a log file, whose tail error messages show.
-pub struct Proc {
-    name: String,
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Proc {
-    /// Spawns `program args` inside `ns`, logging to `log`.
-    pub fn spawn(ns: &NetNs, name: &str, program: &Path, args: &[String], log: PathBuf) -> anyhow::Result<Self> {
-        let file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
-        let child = ns.spawn(&mut cmd)?;
-        Ok(Self { name: name.to_string(), child: Some(child), log })
-    }
-
-    /// Spawns `program args` with `ip netns exec <ns>`, which also bind-mounts `/etc/netns/<ns>/*` over `/etc`
-    /// (a per-namespace `/etc/hosts`, for name resolution that differs between networks).
-    pub fn spawn_with_etc(
-        ns: &NetNs,
-        name: &str,
-        program: &Path,
-        args: &[String],
-        log: PathBuf,
-    ) -> anyhow::Result<Self> {
-        let file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns.name()])
-            .arg(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        let child = cmd.spawn().with_context(|| format!("spawning {name} with ip netns exec"))?;
-        Ok(Self { name: name.to_string(), child: Some(child), log })
-    }
-
-    /// The last `n` lines of its log.
-    pub fn log_tail(&self, n: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        // kube-apiserver starts by printing every flag; those lines never explain a failure.
-        let lines: Vec<_> = text.lines().filter(|l| !l.contains("] FLAG: --")).collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// The whole log.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Its pid, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Fails (with the log tail) if the process has exited.
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        if let Some(c) = self.child.as_mut()
-            && let Some(status) = c.try_wait()?
-        {
-            bail!("{} exited ({status}); log:\n{}", self.name, self.log_tail(30));
-        }
-        Ok(())
-    }
-
-    /// Sends a signal.
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        if let Some(pid) = self.pid() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
-        }
-    }
-
-    /// SIGKILLs it and reaps it.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns whether it exited within the grace period.
-    pub fn stop(&mut self, grace: Duration) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        if let Ok(Some(_)) = c.try_wait() {
-            return true;
-        }
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        false
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop(Duration::from_secs(5));
-    }
 }
 
 /// Every certificate and key the fixture uses, all from one CA, written to the fixture's directory.
@@ -457,15 +350,15 @@ pub struct ControlPlane {
     /// Egress mode in use.
     pub mode: EgressMode,
     /// etcd.
-    pub etcd: Proc,
+    pub etcd: ChildProcess,
     /// kube-apiserver.
-    pub kas: Proc,
+    pub kas: ChildProcess,
     /// proxy-server (ours), if running.
-    pub server: Option<Proc>,
+    pub server: Option<ChildProcess>,
     /// proxy-agent (ours), if running.
-    pub agent: Option<Proc>,
+    pub agent: Option<ChildProcess>,
     /// Servers started with [`ControlPlane::start_extra_server`].
-    pub extra_servers: Vec<Proc>,
+    pub extra_servers: Vec<ChildProcess>,
     /// Endpoint and decoy counters.
     pub counters: Arc<Counters>,
     /// A kubeconfig (admin identity) usable in the control network.
@@ -528,11 +421,9 @@ impl ControlPlane {
         write_kubeconfig(&agent_kubeconfig, &format!("https://{CONTROL_LINK}:{KAS_PORT}"), &pki.ca, &pki.admin)?;
 
         let etcd_data = dir.path().join("etcd");
-        let etcd = Proc::spawn(
-            &control,
+        let etcd = control.spawn_process(
             "etcd",
-            &bins.etcd,
-            &[
+            Command::new(&bins.etcd).args([
                 "--name=e2e".into(),
                 format!("--data-dir={}", etcd_data.display()),
                 "--listen-client-urls=http://127.0.0.1:2379".into(),
@@ -542,18 +433,16 @@ impl ControlPlane {
                 "--initial-cluster=e2e=http://127.0.0.1:2380".into(),
                 "--unsafe-no-fsync".into(),
                 "--log-level=warn".into(),
-            ],
+            ]),
             dir.path().join("etcd.log"),
         )?;
 
         let egress = dir.path().join("egress-selector.yaml");
         let uds = dir.path().join("konnectivity.sock");
         std::fs::write(&egress, egress_config(options.mode, &uds, &pki))?;
-        let kas = Proc::spawn(
-            &control,
+        let kas = control.spawn_process(
             "kube-apiserver",
-            &bins.kube_apiserver,
-            &[
+            Command::new(&bins.kube_apiserver).args([
                 "--etcd-servers=http://127.0.0.1:2379".into(),
                 format!("--secure-port={KAS_PORT}"),
                 "--bind-address=0.0.0.0".into(),
@@ -576,7 +465,7 @@ impl ControlPlane {
                 "--enable-aggregator-routing=true".into(),
                 "--profiling=false".into(),
                 "--v=1".into(),
-            ],
+            ]),
             dir.path().join("kube-apiserver.log"),
         )?;
 
@@ -694,7 +583,11 @@ impl ControlPlane {
         args.extend(extra.iter().cloned());
         let bin = workspace_bin("proxy-server")?;
         let log = self.dir.path().join(format!("proxy-server-{n}.log"));
-        self.extra_servers.push(Proc::spawn(&self.control, &format!("proxy-server-{n}"), &bin, &args, log)?);
+        self.extra_servers.push(self.control.spawn_process(
+            &format!("proxy-server-{n}"),
+            Command::new(bin).args(args),
+            log,
+        )?);
         Ok(base)
     }
 
@@ -732,8 +625,11 @@ impl ControlPlane {
     pub fn start_server(&mut self) -> anyhow::Result<()> {
         let args = self.server_args();
         let bin = workspace_bin("proxy-server")?;
-        self.server =
-            Some(Proc::spawn(&self.control, "proxy-server", &bin, &args, self.dir.path().join("proxy-server.log"))?);
+        self.server = Some(self.control.spawn_process(
+            "proxy-server",
+            Command::new(bin).args(args),
+            self.dir.path().join("proxy-server.log"),
+        )?);
         Ok(())
     }
 
@@ -785,8 +681,11 @@ impl ControlPlane {
         args.extend(self.options.agent_args.iter().cloned());
         args.extend(extra.iter().cloned());
         let bin = workspace_bin("proxy-agent")?;
-        self.agent =
-            Some(Proc::spawn(&self.cluster, "proxy-agent", &bin, &args, self.dir.path().join("proxy-agent.log"))?);
+        self.agent = Some(self.cluster.spawn_process(
+            "proxy-agent",
+            Command::new(bin).args(args),
+            self.dir.path().join("proxy-agent.log"),
+        )?);
         Ok(())
     }
 
@@ -816,7 +715,7 @@ impl ControlPlane {
                 let logs = [&self.server, &self.agent]
                     .into_iter()
                     .flatten()
-                    .map(|p| format!("{}:\n{}", p.name, p.log_tail(20)))
+                    .map(|p| format!("{}:\n{}", p.name(), p.log_tail(20)))
                     .collect::<Vec<_>>()
                     .join("\n");
                 bail!("GET {path} on port {port} in {} not 200 within {within:?}\n{logs}", ns.name());
@@ -1093,7 +992,7 @@ impl ControlPlane {
             [self.agent.as_mut(), self.server.as_mut(), Some(&mut self.kas), Some(&mut self.etcd)].into_iter().flatten()
         {
             if !p.stop(Duration::from_secs(10)) {
-                slow.push(p.name.clone());
+                slow.push(p.name().to_string());
             }
         }
         slow

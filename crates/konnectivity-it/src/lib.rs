@@ -1,5 +1,5 @@
-//! Test support for konnectivity-rs, shared by the integration tests (`tests/it`) and the demo: a throwaway
-//! PKI, HTTP and TCP targets, a builder that starts a real server and agent on loopback, and a real Kubernetes
+//! Test support for konnectivity-rs, shared by the integration tests (`tests/it`) and the demo: HTTP and TCP
+//! targets, a builder that starts a real server and agent on loopback, and a real Kubernetes
 //! control plane in isolated network namespaces (`controlplane`).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -8,7 +8,6 @@ pub mod controlplane;
 pub mod fake_agent;
 pub mod http;
 pub mod netns;
-pub mod pki;
 pub mod stack;
 pub mod targets;
 
@@ -28,35 +27,6 @@ macro_rules! eventually {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }};
-}
-
-/// A temporary directory removed when dropped.
-pub struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    /// Creates a fresh directory under the system temp dir.
-    pub fn new(prefix: &str) -> std::io::Result<Self> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "{prefix}-{}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
-    }
-    /// The directory.
-    pub fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Number of open file descriptors of this process (Linux).

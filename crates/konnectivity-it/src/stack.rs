@@ -1,10 +1,10 @@
 //! A real proxy-server and proxy-agent on loopback, in-process, on free ports and a temporary socket.
 
-use crate::TempDir;
-use crate::pki::Pki;
 use konnectivity_agent::{AgentConfig, AgentHandle};
 use konnectivity_client::{ProxyAddress, Tunnel};
 use konnectivity_server::{FrontendAddr, FrontendListen, ServerConfig, ServerHandle};
+use konnectivity_testkit::TempDir;
+use konnectivity_testkit::pki::Pki;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -146,6 +146,18 @@ impl Stack {
         c.health = Some(("127.0.0.1".into(), 0));
         c.admin = Some(("127.0.0.1".into(), 0));
         c
+    }
+
+    /// The flags a `proxy-agent` process (ours or the Go reference) needs to reach a server's agent port on
+    /// loopback with this stack's CA and agent certificate.
+    pub fn agent_process_flags(&self, agent_port: u16) -> Vec<String> {
+        vec![
+            format!("--ca-cert={}", self.pki.ca.display()),
+            format!("--agent-cert={}", self.pki.agent_cert.display()),
+            format!("--agent-key={}", self.pki.agent_key.display()),
+            "--proxy-server-host=127.0.0.1".into(),
+            format!("--proxy-server-port={agent_port}"),
+        ]
     }
 
     /// Starts an agent with `config`.

@@ -7,8 +7,9 @@ use konnectivity_client::{ProxyAddress, Tunnel, http_connect};
 use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled};
 use konnectivity_it::targets::{http_target, pattern, sha256_hex};
+use konnectivity_testkit::{ChildProcess, free_port};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -20,47 +21,13 @@ fn go_bin(name: &str) -> PathBuf {
     p
 }
 
-/// A free loopback port the Go server accepts (it refuses ports above 49151).
-fn free_port() -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        if (1024..=49151).contains(&port) {
-            return port;
-        }
-    }
+/// Starts one of the Go binaries, its output in `log` (its tail shows in failure messages); killed when dropped.
+fn go_process(bin: &str, args: &[String], log: PathBuf) -> ChildProcess {
+    ChildProcess::spawn_logged(bin, Command::new(go_bin(bin)).args(args), log).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// A child process killed (and reaped) when dropped; its stderr goes to a file shown on failure.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(bin: &str, args: &[String], log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(go_bin(bin))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
-        Self { child, log }
-    }
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// The lines of a log tail shown in failure messages.
+const LOG_TAIL: usize = 15;
 
 /// The status of `GET path` on a loopback HTTP port, if it answers.
 async fn http_status(port: u16, path: &str) -> Option<u16> {
@@ -71,39 +38,38 @@ async fn http_status(port: u16, path: &str) -> Option<u16> {
     String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
 }
 
-async fn wait_ready(port: u16, what: &Proc) {
+async fn wait_ready(port: u16, what: &ChildProcess) {
     for _ in 0..1500 {
         if http_status(port, "/readyz").await == Some(200) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("not ready within 30s; log:\n{}", what.log_tail());
+    panic!("not ready within 30s; log:\n{}", what.log_tail(LOG_TAIL));
 }
 
-fn go_agent(stack: &Stack, agent_port: u16, id: &str, identifiers: &str) -> (Proc, u16) {
+fn go_agent(stack: &Stack, agent_port: u16, id: &str, identifiers: &str) -> (ChildProcess, u16) {
     let health = free_port();
-    let args = vec![
-        format!("--ca-cert={}", stack.pki.ca.display()),
-        format!("--agent-cert={}", stack.pki.agent_cert.display()),
-        format!("--agent-key={}", stack.pki.agent_key.display()),
-        "--proxy-server-host=127.0.0.1".into(),
-        format!("--proxy-server-port={agent_port}"),
-        format!("--agent-id={id}"),
-        format!("--agent-identifiers={identifiers}"),
-        "--health-server-host=127.0.0.1".into(),
-        format!("--health-server-port={health}"),
-        "--admin-bind-address=127.0.0.1".into(),
-        format!("--admin-server-port={}", free_port()),
-        "--sync-interval=200ms".into(),
-        "--sync-interval-cap=1s".into(),
-        "--v=2".into(),
-    ];
-    (Proc::spawn("proxy-agent", &args, stack.dir().join(format!("go-agent-{id}.log"))), health)
+    let args = [
+        stack.agent_process_flags(agent_port),
+        vec![
+            format!("--agent-id={id}"),
+            format!("--agent-identifiers={identifiers}"),
+            "--health-server-host=127.0.0.1".into(),
+            format!("--health-server-port={health}"),
+            "--admin-bind-address=127.0.0.1".into(),
+            format!("--admin-server-port={}", free_port()),
+            "--sync-interval=200ms".into(),
+            "--sync-interval-cap=1s".into(),
+            "--v=2".into(),
+        ],
+    ]
+    .concat();
+    (go_process("proxy-agent", &args, stack.dir().join(format!("go-agent-{id}.log"))), health)
 }
 
 struct GoServer {
-    proc: Proc,
+    proc: ChildProcess,
     agent_port: u16,
     health_port: u16,
     /// The mTLS TCP frontend port, when the server has one instead of the socket.
@@ -142,7 +108,7 @@ fn go_server_with(stack: &Stack, mode: &str, tcp_frontend: bool, server_count: u
         ]),
         None => args.extend([format!("--uds-name={}", stack.uds.display()), "--server-port=0".into()]),
     }
-    let proc = Proc::spawn("proxy-server", &args, stack.dir().join("go-server.log"));
+    let proc = go_process("proxy-server", &args, stack.dir().join("go-server.log"));
     GoServer { proc, agent_port, health_port, frontend_port }
 }
 
@@ -224,7 +190,7 @@ async fn go_agent_serves_our_server_in_both_modes() {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(server.handle.ready(), "Go agent did not connect; log:\n{}", agent.log_tail());
+        assert!(server.handle.ready(), "Go agent did not connect; log:\n{}", agent.log_tail(LOG_TAIL));
         let agents = server.handle.agents();
         assert_eq!(agents[0].agent_id, "go-agent-1");
         assert_eq!(agents[0].identifiers.hosts, ["node-a"]);
@@ -600,14 +566,14 @@ async fn the_go_client_sees_the_same_failure_reasons_from_our_server_as_from_the
     assert_eq!(seen[0], ["endpoint", "context", "endpoint"]);
 }
 
-async fn wait_ready_healthz(port: u16, what: &Proc) {
+async fn wait_ready_healthz(port: u16, what: &ChildProcess) {
     for _ in 0..1500 {
         if http_status(port, "/healthz").await == Some(200) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("no /healthz within 30s; log:\n{}", what.log_tail());
+    panic!("no /healthz within 30s; log:\n{}", what.log_tail(LOG_TAIL));
 }
 
 #[tokio::test]
@@ -658,13 +624,13 @@ async fn mixed_ha_pair_behind_a_load_balancer_every_agent_reaches_every_server()
         metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await,
         Some(2.0),
         "Go server: {}",
-        go.proc.log_tail()
+        go.proc.log_tail(LOG_TAIL)
     );
     assert_eq!(
         metric(go_agent_health, "konnectivity_network_proxy_agent_open_server_connections").await,
         Some(2.0),
         "Go agent: {}",
-        go_agent.log_tail()
+        go_agent.log_tail(LOG_TAIL)
     );
     let mut servers = rust_agent.handle.connected_servers();
     servers.sort();
@@ -697,14 +663,9 @@ async fn our_agent_drains_from_the_go_server_on_sigterm() {
 
     // Our agent as a real process, so the signal path is the binary's.
     let health = free_port();
-    let log = stack.dir().join("rust-agent.log");
-    let mut ours = Command::new(crate::faults::binary("proxy-agent"))
-        .args([
-            format!("--ca-cert={}", stack.pki.ca.display()),
-            format!("--agent-cert={}", stack.pki.agent_cert.display()),
-            format!("--agent-key={}", stack.pki.agent_key.display()),
-            "--proxy-server-host=127.0.0.1".into(),
-            format!("--proxy-server-port={}", go.agent_port),
+    let mut ours = ChildProcess::spawn_logged(
+        "proxy-agent",
+        Command::new(crate::faults::binary("proxy-agent")).args(stack.agent_process_flags(go.agent_port)).args([
             "--agent-id=rust-agent".into(),
             "--health-server-host=127.0.0.1".into(),
             format!("--health-server-port={health}"),
@@ -712,12 +673,10 @@ async fn our_agent_drains_from_the_go_server_on_sigterm() {
             "--sync-interval=200ms".into(),
             // The 1 GiB transfer below must not be cut by the default 25s.
             "--drain-timeout=5m".into(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("spawn our agent");
+        ]),
+        stack.dir().join("rust-agent.log"),
+    )
+    .expect("spawn our agent");
     wait_ready(go.health_port, &go.proc).await;
 
     // An in-flight transfer, necessarily through our agent (the only one yet), read continuously: the Go
@@ -763,23 +722,19 @@ async fn our_agent_drains_from_the_go_server_on_sigterm() {
         metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await,
         Some(2.0),
         "{}",
-        go_agent.log_tail()
+        go_agent.log_tail(LOG_TAIL)
     );
 
     let dial_count = "konnectivity_network_proxy_agent_dial_duration_seconds_count";
     let dials_before = metric(health, dial_count).await.expect("our agent's metrics");
     // SIGTERM: our agent sends DRAIN; the Go server logs that it marked the backend draining.
-    let status = Command::new("kill").args(["-TERM", &ours.id().to_string()]).status().expect("kill");
-    assert!(status.success());
-    let mut marked = false;
-    for _ in 0..1500 {
-        if std::fs::read_to_string(&go.proc.log).unwrap_or_default().contains("marked backend as draining") {
-            marked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(marked, "the Go server never saw DRAIN; its log:\n{}", go.proc.log_tail());
+    ours.terminate();
+    konnectivity_it::eventually!(
+        30,
+        go.proc.log().contains("marked backend as draining"),
+        "the Go server never saw DRAIN; its log:\n{}",
+        go.proc.log_tail(LOG_TAIL)
+    );
 
     // New dials go to the other agent.
     for _ in 0..10 {
@@ -797,18 +752,8 @@ async fn our_agent_drains_from_the_go_server_on_sigterm() {
     assert_eq!(sha, konnectivity_it::targets::pattern_sha256(BIG), "in-flight transfer damaged by the drain");
 
     // With nothing left to carry, our agent exits by itself (the reference needs a second signal).
-    let mut exited = None;
-    for _ in 0..500 {
-        if let Some(s) = ours.try_wait().expect("wait") {
-            exited = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let _ = ours.kill();
-    let status = exited.unwrap_or_else(|| {
-        panic!("our agent did not exit after draining; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
-    });
+    let exited = ours.exit_within(Duration::from_secs(10)).await;
+    let status = exited.unwrap_or_else(|| panic!("our agent did not exit after draining; log:\n{}", ours.log()));
     assert!(status.success(), "agent exit status {status:?}");
     drop(go_agent);
 }
@@ -831,22 +776,16 @@ async fn a_go_client_sees_the_same_outcome_when_the_agent_dies_mid_transfer() {
             (None, Some(g), port)
         };
         // Our agent as a process, killed with SIGKILL while the Go client downloads 1 GiB through it.
-        let mut agent = Command::new(crate::faults::binary("proxy-agent"))
-            .args([
-                format!("--ca-cert={}", stack.pki.ca.display()),
-                format!("--agent-cert={}", stack.pki.agent_cert.display()),
-                format!("--agent-key={}", stack.pki.agent_key.display()),
-                "--proxy-server-host=127.0.0.1".into(),
-                format!("--proxy-server-port={agent_port}"),
-                "--health-server-port=0".into(),
-                "--admin-server-port=0".into(),
-                "--sync-interval=100ms".into(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn our agent");
+        let mut agent = ChildProcess::spawn(
+            "proxy-agent",
+            Command::new(crate::faults::binary("proxy-agent"))
+                .args(stack.agent_process_flags(agent_port))
+                .args(["--health-server-port=0", "--admin-server-port=0", "--sync-interval=100ms"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("spawn our agent");
         match (&rust_server, &go) {
             (Some(s), _) => konnectivity_it::eventually!(15, s.handle.ready(), "agent did not connect"),
             (_, Some(g)) => wait_ready(g.health_port, &g.proc).await,
@@ -862,11 +801,11 @@ async fn a_go_client_sees_the_same_outcome_when_the_agent_dies_mid_transfer() {
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .kill_on_drop(true)
             .spawn()
             .expect("run grpc-client");
         konnectivity_it::eventually!(30, target.open_connections() > 0, "the transfer did not start");
-        agent.kill().expect("SIGKILL agent");
-        let _ = agent.wait();
+        agent.kill();
         let out = tokio::time::timeout(Duration::from_secs(30), client.wait_with_output())
             .await
             .expect("the Go client hung after the agent died")
@@ -930,27 +869,26 @@ async fn alpn_and_cipher_suites_agree_with_the_reference() {
     // The Go agent, --alpn-proto=konnectivity, through an ALPN router to our server.
     let server = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
     let router = AlpnRouter::start("konnectivity", server.agent_addr).await;
-    let args = vec![
-        format!("--ca-cert={}", stack.pki.ca.display()),
-        format!("--agent-cert={}", stack.pki.agent_cert.display()),
-        format!("--agent-key={}", stack.pki.agent_key.display()),
-        "--proxy-server-host=127.0.0.1".into(),
-        format!("--proxy-server-port={}", router.addr.port()),
-        "--alpn-proto=konnectivity".into(),
-        "--agent-id=go-alpn-agent".into(),
-        "--health-server-host=127.0.0.1".into(),
-        format!("--health-server-port={}", free_port()),
-        "--admin-bind-address=127.0.0.1".into(),
-        format!("--admin-server-port={}", free_port()),
-        "--sync-interval=200ms".into(),
-        "--v=2".into(),
-    ];
-    let go_agent = Proc::spawn("proxy-agent", &args, stack.dir().join("go-alpn-agent.log"));
+    let args = [
+        stack.agent_process_flags(router.addr.port()),
+        vec![
+            "--alpn-proto=konnectivity".into(),
+            "--agent-id=go-alpn-agent".into(),
+            "--health-server-host=127.0.0.1".into(),
+            format!("--health-server-port={}", free_port()),
+            "--admin-bind-address=127.0.0.1".into(),
+            format!("--admin-server-port={}", free_port()),
+            "--sync-interval=200ms".into(),
+            "--v=2".into(),
+        ],
+    ]
+    .concat();
+    let go_agent = go_process("proxy-agent", &args, stack.dir().join("go-alpn-agent.log"));
     konnectivity_it::eventually!(
         15,
         server.handle.ready(),
         "the Go agent did not reach our server; log:\n{}",
-        go_agent.log_tail()
+        go_agent.log_tail(LOG_TAIL)
     );
     assert_eq!(router.offered()[0], ["konnectivity", "h2"], "the Go agent's ALPN list");
     drop(go_agent);
@@ -973,7 +911,7 @@ async fn alpn_and_cipher_suites_agree_with_the_reference() {
         "--server-port=0".into(),
         "--cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,TLS_AES_128_GCM_SHA256".into(),
     ];
-    let go = Proc::spawn("proxy-server", &args, stack.dir().join("go-cipher-server.log"));
+    let go = go_process("proxy-server", &args, stack.dir().join("go-cipher-server.log"));
     wait_ready_healthz(health_port, &go).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{agent_port}").parse().expect("addr");
     probe

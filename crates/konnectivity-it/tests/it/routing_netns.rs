@@ -4,10 +4,10 @@
 //! same addresses in the server's own network count any bypass.
 
 use konnectivity_client::{ProxyAddress, Tunnel};
-use konnectivity_it::TempDir;
-use konnectivity_it::controlplane::{ClusterPki, Proc, metric, workspace_bin};
+use konnectivity_it::controlplane::{ClusterPki, metric, workspace_bin};
 use konnectivity_it::netns::{NetNs, veth};
 use konnectivity_it::targets::{Target, serve_listener};
+use konnectivity_testkit::TempDir;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,14 +108,13 @@ async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same
         "--proxy-strategies=destHost,destCIDR,defaultRoute".into(),
         "--server-id=routing".into(),
     ];
-    let _server = Proc::spawn(
-        &control,
-        "proxy-server",
-        &workspace_bin("proxy-server").expect("bin"),
-        &server_args,
-        dir.path().join("server.log"),
-    )
-    .expect("server");
+    let _server = control
+        .spawn_process(
+            "proxy-server",
+            std::process::Command::new(workspace_bin("proxy-server").expect("bin")).args(&server_args),
+            dir.path().join("server.log"),
+        )
+        .expect("server");
     let agent = |name: &str, identifiers: &str, ns: &NetNs| {
         let args: Vec<String> = vec![
             format!("--ca-cert={}", pki.ca.display()),
@@ -130,11 +129,9 @@ async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same
             "--sync-interval=200ms".into(),
             "--sync-interval-cap=1s".into(),
         ];
-        Proc::spawn_with_etc(
-            ns,
+        ns.spawn_process(
             name,
-            &workspace_bin("proxy-agent").expect("bin"),
-            &args,
+            ns.exec_with_etc(&workspace_bin("proxy-agent").expect("bin")).args(&args),
             dir.path().join(format!("{name}.log")),
         )
         .expect("agent")

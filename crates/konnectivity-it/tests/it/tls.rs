@@ -5,10 +5,10 @@
 
 use konnectivity_agent::ServerAddress;
 use konnectivity_client::{ProxyAddress, Tunnel};
-use konnectivity_it::pki::{Ca, Leaf, SecretDir};
 use konnectivity_it::stack::{Frontend, Stack, assert_settled};
 use konnectivity_it::targets::echo_target;
 use konnectivity_server::{FrontendAddr, FrontendListen, ServerConfig};
+use konnectivity_testkit::pki::{Ca, Leaf, SecretDir};
 use konnectivity_transport::tls::{self, CipherSuites};
 use rustls::crypto::ring::cipher_suite as suite;
 use rustls::{ClientConfig, RootCertStore, SupportedCipherSuite};
@@ -702,7 +702,7 @@ async fn cipher_suites_restrict_tls12_on_both_listeners() {
 
 #[tokio::test]
 async fn unsupported_cipher_suite_names_stop_the_server_at_start() {
-    let dir = konnectivity_it::TempDir::new("cipher-flags").expect("dir");
+    let dir = konnectivity_testkit::TempDir::new("cipher-flags").expect("dir");
     let run = |suites: &str| {
         let out = std::process::Command::new(crate::faults::binary("proxy-server"))
             .args([

@@ -15,10 +15,11 @@
 
 use anyhow::{Context, bail};
 use konnectivity_client::{ProxyAddress, Tunnel, TunnelConn};
-use konnectivity_it::TempDir;
-use konnectivity_it::controlplane::{ClusterPki, Proc, metric, plain_get, workspace_bin};
+use konnectivity_it::controlplane::{ClusterPki, metric, plain_get, workspace_bin};
 use konnectivity_it::netns::{NetNs, veth};
 use konnectivity_it::targets::{Target, echo_target_on, http_target_on, serve_listener};
+use konnectivity_testkit::ChildProcess;
+use konnectivity_testkit::TempDir;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
@@ -100,8 +101,8 @@ pub struct Fabric {
     pub cluster: Arc<NetNs>,
     pub veth_cluster: String,
     pub uds: PathBuf,
-    pub server: Option<Proc>,
-    pub agent: Option<Proc>,
+    pub server: Option<ChildProcess>,
+    pub agent: Option<ChildProcess>,
     pub options: Options,
     agent_starts: u32,
     server_starts: u32,
@@ -264,11 +265,9 @@ impl Fabric {
     pub fn start_server(&mut self) -> anyhow::Result<()> {
         self.server_starts += 1;
         let log = self.dir.path().join(format!("proxy-server-{}.log", self.server_starts));
-        self.server = Some(Proc::spawn(
-            &self.control,
+        self.server = Some(self.control.spawn_process(
             "proxy-server",
-            &workspace_bin("proxy-server")?,
-            &self.server_args(),
+            Command::new(workspace_bin("proxy-server")?).args(self.server_args()),
             log,
         )?);
         Ok(())
@@ -282,7 +281,7 @@ impl Fabric {
             AgentKind::Ours => workspace_bin("proxy-agent")?,
             AgentKind::Go => go_agent_bin()?,
         };
-        self.agent = Some(Proc::spawn(&self.cluster, "proxy-agent", &bin, &self.agent_args(), log)?);
+        self.agent = Some(self.cluster.spawn_process("proxy-agent", Command::new(bin).args(self.agent_args()), log)?);
         Ok(())
     }
 
@@ -405,13 +404,13 @@ impl Fabric {
 
     /// Open file descriptors of the server and the agent process.
     pub fn fds(&self) -> (usize, usize) {
-        let count = |p: &Option<Proc>| p.as_ref().and_then(Proc::pid).map(fd_count).unwrap_or(0);
+        let count = |p: &Option<ChildProcess>| p.as_ref().and_then(ChildProcess::pid).map(fd_count).unwrap_or(0);
         (count(&self.server), count(&self.agent))
     }
 
     /// Resident memory (bytes) of the server and the agent process.
     pub fn rss(&self) -> (u64, u64) {
-        let rss = |p: &Option<Proc>| p.as_ref().and_then(Proc::pid).map(rss_bytes).unwrap_or(0);
+        let rss = |p: &Option<ChildProcess>| p.as_ref().and_then(ChildProcess::pid).map(rss_bytes).unwrap_or(0);
         (rss(&self.server), rss(&self.agent))
     }
 
@@ -441,10 +440,10 @@ impl Fabric {
     /// The runtime tasks (`tokio_alive_tasks`) of our server and agent, by pid; the Go agent has none.
     async fn tasks(&self) -> anyhow::Result<Vec<(&'static str, u32, f64)>> {
         let mut tasks = Vec::new();
-        if let Some(pid) = self.server.as_ref().and_then(Proc::pid) {
+        if let Some(pid) = self.server.as_ref().and_then(ChildProcess::pid) {
             tasks.push(("server", pid, self.server_metric("tokio_alive_tasks").await?));
         }
-        if let Some(pid) = self.agent.as_ref().and_then(Proc::pid)
+        if let Some(pid) = self.agent.as_ref().and_then(ChildProcess::pid)
             && self.options.agent == AgentKind::Ours
         {
             tasks.push(("agent", pid, self.agent_metric("tokio_alive_tasks").await?));

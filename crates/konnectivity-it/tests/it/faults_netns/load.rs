@@ -6,7 +6,7 @@ use super::fabric::{
 };
 use super::traffic::*;
 use konnectivity_client::Tunnel;
-use konnectivity_it::controlplane::{Proc, workspace_bin};
+use konnectivity_it::controlplane::workspace_bin;
 use konnectivity_it::targets::pattern_sha256;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -290,7 +290,7 @@ async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
         }));
     }
     let mut clients = Vec::new();
-    // Proc kills them when dropped, should the test fail before it does.
+    // ChildProcess stops them when dropped, should the test fail before it does.
     let client_bin = workspace_bin("proxy-test-client").unwrap();
     for i in 0..25 {
         let args = [
@@ -300,7 +300,11 @@ async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
             "--request-port=80".into(),
         ];
         let log = f.dir.path().join(format!("test-client-{i}.log"));
-        clients.push(Proc::spawn(&f.control, "proxy-test-client", &client_bin, &args, log).unwrap());
+        clients.push(
+            f.control
+                .spawn_process("proxy-test-client", std::process::Command::new(&client_bin).args(&args), log)
+                .unwrap(),
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
