@@ -24,7 +24,8 @@ pub enum Frontend {
     ConnectTcpMtls,
 }
 
-/// A running server.
+/// A running server. [`ServerRun::stop`] stops it and checks that nothing of it is left; dropped without that
+/// (a test that failed first), it is told to stop all the same.
 pub struct ServerRun {
     /// Its state.
     pub handle: ServerHandle,
@@ -37,19 +38,26 @@ pub struct ServerRun {
     /// The admin port.
     pub admin_addr: Option<SocketAddr>,
     stop: CancellationToken,
-    task: JoinHandle<usize>,
+    task: Option<JoinHandle<usize>>,
 }
 
 impl ServerRun {
     /// Stops the server, waits until it has, and checks that every one of its tasks ended.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.cancel();
-        let left = self.task.await.expect("server task");
+        let left = self.task.take().expect("stopped once").await.expect("server task");
         assert_eq!(left, 0, "{left} server tasks were still running after the stop");
     }
 }
 
-/// A running agent.
+impl Drop for ServerRun {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A running agent. [`AgentRun::stop`] stops it and checks that nothing of it is left; dropped without that (a
+/// test that failed first), it is told to stop all the same.
 pub struct AgentRun {
     /// Its state.
     pub handle: AgentHandle,
@@ -60,15 +68,21 @@ pub struct AgentRun {
     /// Asks it to drain.
     pub drain: CancellationToken,
     stop: CancellationToken,
-    task: JoinHandle<usize>,
+    task: Option<JoinHandle<usize>>,
 }
 
 impl AgentRun {
     /// Stops the agent, waits until it has, and checks that every one of its tasks ended.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.cancel();
-        let left = self.task.await.expect("agent task");
+        let left = self.task.take().expect("stopped once").await.expect("agent task");
         assert_eq!(left, 0, "{left} agent tasks were still running after the stop");
+    }
+}
+
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -133,7 +147,7 @@ impl Stack {
             health_addr: running.health_addr,
             admin_addr: running.admin_addr,
             stop,
-            task: tokio::spawn(running.wait()),
+            task: Some(tokio::spawn(running.wait())),
         })
     }
 
@@ -171,7 +185,7 @@ impl Stack {
             admin_addr: running.admin_addr,
             drain,
             stop,
-            task: tokio::spawn(running.wait()),
+            task: Some(tokio::spawn(running.wait())),
         })
     }
 

@@ -216,3 +216,21 @@ async fn proxy_test_client_binary_fetches_through_the_tunnel() {
     agent.stop().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_server_and_agent_dropped_without_stop_shut_down() {
+    // What a test that panics before its explicit stop leaves behind: nothing that still listens.
+    let stack = Stack::new().expect("pki");
+    let (server, agent) = server_and_agent(&stack, Frontend::TcpMtls).await.expect("stack");
+    let konnectivity_server::FrontendAddr::Tcp(frontend) = server.frontend_addr.clone() else { panic!("tcp frontend") };
+    let (agent_port, agent_health) = (server.agent_addr, agent.health_addr.expect("agent health port"));
+    drop(agent);
+    drop(server);
+    for addr in [agent_port, frontend, agent_health] {
+        konnectivity_it::eventually!(
+            10,
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "{addr} still accepts after its server or agent was dropped"
+        );
+    }
+}
