@@ -16,6 +16,26 @@ use std::time::Duration;
 /// How long a process started by [`NetNs::spawn_process`] gets to exit on SIGTERM when dropped, before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// Whether this process can create network namespaces: it runs as root and has iproute2's `ip`. The error says
+/// what is missing.
+pub fn available() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("this test creates network namespaces and needs root (run it as root; scripts/test does)");
+    }
+    match Command::new("ip").arg("-V").stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => bail!("this test creates network namespaces and needs iproute2's `ip` (apt-get install iproute2)"),
+    }
+}
+
+/// Fails the calling test, saying why, where network namespaces cannot be created: such a test must fail where
+/// it cannot run, never pass without having run.
+pub fn require() {
+    if let Err(e) = available() {
+        panic!("{e:#}");
+    }
+}
+
 /// Runs `ip` with the given arguments, failing with its stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("running `ip`")?;

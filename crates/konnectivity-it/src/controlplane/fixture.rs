@@ -54,7 +54,9 @@ impl ControlPlane {
     /// Builds the networks, starts etcd, kube-apiserver, proxy-server and (optionally) proxy-agent and the
     /// cluster endpoints, creates the Node, the Services with their EndpointSlices and the webhook
     /// configuration, and returns when kube-apiserver is ready and the server has the agent.
+    /// Fails at once, saying why, without root or `ip`.
     pub async fn start(options: Options) -> anyhow::Result<Self> {
+        crate::netns::available()?;
         let bins = Binaries::locate()?;
         let dir = TempDir::new("krs-e2e")?;
         let pki = ClusterPki::generate(dir.path())?;

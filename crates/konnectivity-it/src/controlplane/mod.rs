@@ -139,8 +139,3 @@ pub struct Counters {
     /// Connections the decoys in the control network accepted (must stay 0).
     pub decoy_hits: AtomicU64,
 }
-
-/// True when this process may create network namespaces (the e2e tests need root).
-pub fn can_create_netns() -> bool {
-    nix::unistd::geteuid().is_root()
-}

@@ -57,6 +57,7 @@ static N: AtomicU64 = AtomicU64::new(0);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same_pod_ip() {
+    konnectivity_it::netns::require();
     let id = format!("{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
     let dir = TempDir::new("krs-routing").expect("dir");
     let pki = ClusterPki::generate(dir.path()).expect("pki");

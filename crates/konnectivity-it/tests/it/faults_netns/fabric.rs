@@ -15,6 +15,10 @@
 
 use anyhow::{Context, bail};
 use konnectivity_client::{ProxyAddress, Tunnel, TunnelConn};
+// The link and the server's and agent's ports are the control-plane fixture's.
+pub use konnectivity_it::controlplane::{
+    AGENT_ADMIN_PORT, AGENT_HEALTH_PORT, AGENT_PORT, CLUSTER_LINK, CONTROL_LINK, SERVER_ADMIN_PORT, SERVER_HEALTH_PORT,
+};
 use konnectivity_it::controlplane::{ClusterPki, metric, plain_get, workspace_bin};
 use konnectivity_it::netns::{NetNs, veth};
 use konnectivity_it::targets::{Target, echo_target_on, http_target_on, serve_listener};
@@ -28,8 +32,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
-pub const CONTROL_LINK: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
-pub const CLUSTER_LINK: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 2);
 /// Where the targets listen in the cluster network.
 pub const TARGET_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// An address in the cluster network whose packets are all dropped: a dial to it hangs until a timeout.
@@ -42,11 +44,6 @@ pub const REFUSED_PORT: u16 = 8081;
 pub const STALLED_PORT: u16 = 9000;
 /// Reads 16 KiB every 50 ms (about 320 KB/s).
 pub const SLOW_PORT: u16 = 9001;
-pub const AGENT_PORT: u16 = 8132;
-pub const SERVER_ADMIN_PORT: u16 = 8133;
-pub const SERVER_HEALTH_PORT: u16 = 8134;
-pub const AGENT_HEALTH_PORT: u16 = 8093;
-pub const AGENT_ADMIN_PORT: u16 = 8094;
 
 pub fn http_addr() -> String {
     format!("{TARGET_IP}:{HTTP_PORT}")
@@ -608,13 +605,15 @@ pub async fn drain_counting(
     }
 }
 
-/// True when this process may create network namespaces (root); scenarios skip otherwise.
-pub fn can_run() -> bool {
-    if konnectivity_it::controlplane::can_create_netns() {
-        return true;
-    }
-    eprintln!("skipping: fault-injection scenarios need root (network namespaces, iptables)");
-    false
+/// Fails the scenario, saying why, where it cannot run: it needs root, `ip netns` and iptables. (It used to
+/// return early and pass.)
+pub fn require_fabric() {
+    konnectivity_it::netns::require();
+    let iptables = Command::new("iptables").arg("--version").output();
+    assert!(
+        iptables.is_ok_and(|out| out.status.success()),
+        "fault-injection scenarios need iptables (apt-get install iptables; scripts/test checks for it)"
+    );
 }
 
 /// A measured figure, printed in one greppable format (`FAULTS <scenario> <what>: <value>`), collected into

@@ -1,8 +1,8 @@
 //! Scenarios 6–8: load and misbehaving peers (a dial storm, stalled readers, frontends that vanish mid-dial).
 
 use super::fabric::{
-    BLACKHOLE_IP, Fabric, Options, SLOW_PORT, STALLED_PORT, TARGET_IP, blackhole_addr, can_run, echo_addr, http_addr,
-    refused_addr, report,
+    BLACKHOLE_IP, Fabric, Options, SLOW_PORT, STALLED_PORT, TARGET_IP, blackhole_addr, echo_addr, http_addr,
+    refused_addr, report, require_fabric,
 };
 use super::traffic::*;
 use konnectivity_client::Tunnel;
@@ -36,9 +36,7 @@ struct Outcomes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_storm_every_dial_ends_and_nothing_is_left() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "dial-storm";
     let options = Options {
         server_args: vec![format!("--backend-dial-timeout={}s", STORM_DIAL_TIMEOUT.as_secs()), "--v=1".into()],
@@ -149,9 +147,7 @@ const STALL_SETTLE: Duration = Duration::from_secs(25);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_and_slow_readers_block_no_one_and_leave_nothing() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "stalled-readers";
     let mut f = Fabric::start(tag, Options::default()).await.unwrap();
     let baseline = f.baseline().await.unwrap();
@@ -272,9 +268,7 @@ const VANISH_BOUND: Duration = Duration::from_secs(7);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "vanishing-frontends";
     // No server-side dial timeout: only the frontends' going away can end these dials on the server.
     let options = Options { server_args: vec!["--backend-dial-timeout=0s".into()], ..Options::default() };

@@ -1,6 +1,6 @@
 //! Scenarios 4–5: the processes die (SIGKILL of either side, 50 agent restarts).
 
-use super::fabric::{AgentKind, Fabric, Options, can_run, http_addr, report};
+use super::fabric::{AgentKind, Fabric, Options, http_addr, report, require_fabric};
 use super::traffic::*;
 use konnectivity_client::Tunnel;
 use std::sync::Arc;
@@ -95,16 +95,14 @@ async fn sigkill(kind: AgentKind) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_agent_and_server_mid_transfer() {
-    if can_run() {
-        sigkill(AgentKind::Ours).await.unwrap();
-    }
+    require_fabric();
+    sigkill(AgentKind::Ours).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_the_go_agent() {
-    if can_run() {
-        sigkill(AgentKind::Go).await.unwrap();
-    }
+    require_fabric();
+    sigkill(AgentKind::Go).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -118,9 +116,7 @@ const RESTART_REQUEST_BOUND: Duration = Duration::from_secs(6);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restarted_50_times_leaves_no_state_behind() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "restart-loop";
     let mut f = Fabric::start(tag, Options::default()).await.unwrap();
     let baseline = f.baseline().await.unwrap();
