@@ -29,6 +29,22 @@ macro_rules! eventually {
     }};
 }
 
+/// Waits until `read` gives the same value twice, 100 ms apart, for at most `within`, and returns it (or the
+/// last value read). For a count no event announces, such as a process's open descriptors while its last
+/// connections close: a baseline taken from it is a settled one, not whatever a fixed pause happened to catch.
+pub async fn steady<T: PartialEq>(within: std::time::Duration, mut read: impl FnMut() -> T) -> T {
+    let deadline = std::time::Instant::now() + within;
+    let mut last = read();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = read();
+        if now == last || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 /// Number of open file descriptors of this process (Linux).
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)

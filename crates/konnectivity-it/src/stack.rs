@@ -238,29 +238,22 @@ pub async fn server_and_agent(stack: &Stack, frontend: Frontend) -> anyhow::Resu
 
 /// Waits until server and agent hold no dial and no connection; panics with what is left otherwise.
 pub async fn assert_settled(server: &ServerRun, agent: Option<&AgentRun>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let pending = server.handle.pending_dials();
-        let established = server.handle.established_connections();
-        let endpoint = agent.map(|a| a.handle.endpoint_connections()).unwrap_or(0);
-        let open_endpoint_gauge = agent.map(|a| a.handle.metrics().open_endpoint_connections()).unwrap_or(0.0);
-        let gauge = server.handle.metrics().established_connections();
-        let gauge_pending = server.handle.metrics().pending_backend_dials();
-        if pending == 0
-            && established == 0
-            && endpoint == 0
-            && open_endpoint_gauge == 0.0
-            && gauge == 0.0
-            && gauge_pending == 0.0
-        {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
-            panic!(
-                "not settled: server pending={pending} established={established} (gauges {gauge_pending}/{gauge}), \
-                 agent endpoint connections={endpoint} (gauge {open_endpoint_gauge})"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let left = || {
+        let metrics = server.handle.metrics();
+        (
+            server.handle.pending_dials(),
+            server.handle.established_connections(),
+            metrics.pending_backend_dials(),
+            metrics.established_connections(),
+            agent.map(|a| a.handle.endpoint_connections()).unwrap_or(0),
+            agent.map(|a| a.handle.metrics().open_endpoint_connections()).unwrap_or(0.0),
+        )
+    };
+    crate::eventually!(
+        10,
+        left() == (0, 0, 0.0, 0.0, 0, 0.0),
+        "not settled: (server pending dials, established connections, their gauges; agent endpoint connections, \
+         its gauge) = {:?}",
+        left()
+    );
 }

@@ -170,11 +170,12 @@ async fn binaries_explain_startup_failures_log_where_klog_would_and_show_help() 
             .stderr(Stdio::piped()),
     )
     .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening for agents") {
-        assert!(Instant::now() < deadline, "no start-up line in {}", log.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    konnectivity_it::eventually!(
+        10,
+        std::fs::read_to_string(&log).unwrap_or_default().contains("listening for agents"),
+        "no start-up line in {}",
+        log.display()
+    );
     server.terminate();
     let status = server.wait().expect("wait");
     assert!(status.success(), "{status}");

@@ -151,7 +151,8 @@ async fn two_addresses_reaching_one_server_count_once() {
     assert_eq!((metrics.server_dials("new_server"), metrics.server_dials("duplicate")), (1, 1));
     // The duplicate stream was closed: the server holds one stream of this agent.
     konnectivity_it::eventually!(5, server.handle.agents().len() == 1, "server has {:?}", server.handle.agents());
-    // And the agent does not keep redialing: both addresses are served, one server is all there is.
+    // And the agent does not keep redialing: both addresses are served, one server is all there is. (A deliberate
+    // pause: nothing happening is what the test waits to see.)
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!((metrics.server_dials("new_server"), metrics.server_dials("duplicate")), (1, 1));
     assert_eq!(metrics.open_server_connections(), 1.0);

@@ -38,14 +38,18 @@ async fn http_status(port: u16, path: &str) -> Option<u16> {
     String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
 }
 
+/// Waits up to 30 s until `GET path` on loopback `port` answers 200; fails with `what`'s log otherwise.
+async fn wait_ok(port: u16, path: &str, what: &ChildProcess) {
+    konnectivity_it::eventually!(
+        30,
+        http_status(port, path).await == Some(200),
+        "no 200 from {path}; log:\n{}",
+        what.log_tail(LOG_TAIL)
+    );
+}
+
 async fn wait_ready(port: u16, what: &ChildProcess) {
-    for _ in 0..1500 {
-        if http_status(port, "/readyz").await == Some(200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not ready within 30s; log:\n{}", what.log_tail(LOG_TAIL));
+    wait_ok(port, "/readyz", what).await;
 }
 
 fn go_agent(stack: &Stack, agent_port: u16, id: &str, identifiers: &str) -> (ChildProcess, u16) {
@@ -184,13 +188,12 @@ async fn go_agent_serves_our_server_in_both_modes() {
         let stack = Stack::new().expect("pki");
         let server = stack.start_server(stack.server_config(frontend)).await.expect("server");
         let (agent, _) = go_agent(&stack, server.agent_addr.port(), "go-agent-1", "host=node-a&ipv4=127.0.0.1");
-        for _ in 0..1500 {
-            if server.handle.ready() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(server.handle.ready(), "Go agent did not connect; log:\n{}", agent.log_tail(LOG_TAIL));
+        konnectivity_it::eventually!(
+            30,
+            server.handle.ready(),
+            "Go agent did not connect; log:\n{}",
+            agent.log_tail(LOG_TAIL)
+        );
         let agents = server.handle.agents();
         assert_eq!(agents[0].agent_id, "go-agent-1");
         assert_eq!(agents[0].identifiers.hosts, ["node-a"]);
@@ -567,13 +570,7 @@ async fn the_go_client_sees_the_same_failure_reasons_from_our_server_as_from_the
 }
 
 async fn wait_ready_healthz(port: u16, what: &ChildProcess) {
-    for _ in 0..1500 {
-        if http_status(port, "/healthz").await == Some(200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no /healthz within 30s; log:\n{}", what.log_tail(LOG_TAIL));
+    wait_ok(port, "/healthz", what).await;
 }
 
 #[tokio::test]
@@ -612,23 +609,15 @@ async fn mixed_ha_pair_behind_a_load_balancer_every_agent_reaches_every_server()
         "our server has {:?}",
         rust_server.handle.agents().iter().map(|a| a.agent_id.clone()).collect::<Vec<_>>()
     );
-    for _ in 0..1500 {
-        if metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await == Some(2.0)
-            && metric(go_agent_health, "konnectivity_network_proxy_agent_open_server_connections").await == Some(2.0)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await,
-        Some(2.0),
+    konnectivity_it::eventually!(
+        30,
+        metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await == Some(2.0),
         "Go server: {}",
         go.proc.log_tail(LOG_TAIL)
     );
-    assert_eq!(
-        metric(go_agent_health, "konnectivity_network_proxy_agent_open_server_connections").await,
-        Some(2.0),
+    konnectivity_it::eventually!(
+        30,
+        metric(go_agent_health, "konnectivity_network_proxy_agent_open_server_connections").await == Some(2.0),
         "Go agent: {}",
         go_agent.log_tail(LOG_TAIL)
     );
@@ -712,16 +701,10 @@ async fn our_agent_drains_from_the_go_server_on_sigterm() {
     konnectivity_it::eventually!(15, progress.load(std::sync::atomic::Ordering::Relaxed) > 0, "transfer did not start");
 
     let (go_agent, _) = go_agent(&stack, go.agent_port, "go-agent", "");
-    for _ in 0..1500 {
-        if metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await == Some(2.0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await,
-        Some(2.0),
-        "{}",
+    konnectivity_it::eventually!(
+        30,
+        metric(go.health_port, "konnectivity_network_proxy_server_ready_backend_connections").await == Some(2.0),
+        "the Go server does not have both agents; Go agent's log:\n{}",
         go_agent.log_tail(LOG_TAIL)
     );
 

@@ -11,7 +11,6 @@ use konnectivity_testkit::TempDir;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONTROL: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
@@ -139,12 +138,12 @@ async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same
     };
     let _agent_a = agent("node-a", "host=node-a&cidr=198.18.10.0/24", &cluster_a);
     let _agent_b = agent("node-b", "host=node-b&cidr=198.18.20.0/24&default-route=true", &cluster_b);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&control, 8133, "konnectivity_network_proxy_server_ready_backend_connections").await.ok() != Some(2.0)
-    {
-        assert!(Instant::now() < deadline, "agents did not connect; server log:\n{}", _server.log_tail(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    konnectivity_it::eventually!(
+        20,
+        metric(&control, 8133, "konnectivity_network_proxy_server_ready_backend_connections").await.ok() == Some(2.0),
+        "agents did not connect; server log:\n{}",
+        _server.log_tail(20)
+    );
 
     let get = async |target: &str| -> String {
         let tunnel = Tunnel::connect_single_use(&ProxyAddress::Uds(uds.clone())).await.expect("tunnel");
@@ -167,16 +166,17 @@ async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same
     assert_eq!(decoy_hits.load(Ordering::SeqCst), 0, "the control network's decoys were hit");
 
     // Nothing left on the server once the clients are gone.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let held = async || {
         let established =
             metric(&control, 8133, "konnectivity_network_proxy_server_established_connections").await.expect("metric");
         let pending =
             metric(&control, 8133, "konnectivity_network_proxy_server_pending_backend_dials").await.expect("m");
-        if established == 0.0 && pending == 0.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server still holds {established} connections, {pending} dials");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (established, pending)
+    };
+    konnectivity_it::eventually!(
+        10,
+        held().await == (0.0, 0.0),
+        "server still holds (connections, dials) {:?}",
+        held().await
+    );
 }

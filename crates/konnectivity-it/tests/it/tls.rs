@@ -454,8 +454,9 @@ async fn failed_handshake_churn_in_this_process() {
     // Warm up (allocator arenas, lazily built tables), then measure around 1000 more.
     churn(200).await;
     konnectivity_it::eventually!(10, failures() == 200, "warm-up failures counted: {}", failures());
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (fds, tasks, rss) = (konnectivity_it::open_fds(), alive_tasks(), konnectivity_it::resident_memory_bytes());
+    let (fds, tasks) =
+        konnectivity_it::steady(Duration::from_secs(2), || (konnectivity_it::open_fds(), alive_tasks())).await;
+    let rss = konnectivity_it::resident_memory_bytes();
     let started = Instant::now();
     churn(1000).await;
     let took = started.elapsed();

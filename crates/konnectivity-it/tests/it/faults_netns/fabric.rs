@@ -497,8 +497,7 @@ impl Fabric {
     pub async fn baseline(&self) -> anyhow::Result<(usize, usize)> {
         self.get_success(Duration::from_secs(10)).await?;
         self.assert_settled((usize::MAX / 2, usize::MAX / 2), 0, Duration::from_secs(10)).await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        Ok(self.fds())
+        Ok(konnectivity_it::steady(Duration::from_secs(2), || self.fds()).await)
     }
 
     /// Cuts the link both ways (iptables DROP on the cluster side of the veth); [`Fabric::heal`] undoes it.

@@ -192,19 +192,16 @@ async fn stalled_and_slow_readers_block_no_one_and_leave_nothing() {
     let max_queued = |debug: &serde_json::Value| {
         debug["connections"].as_array().into_iter().flatten().filter_map(|c| c["queued_bytes"].as_u64()).max()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let backed_up = async || {
         let queued = max_queued(&f.server_debug().await.unwrap()).unwrap_or(0);
-        let pushed = written.load(Ordering::Relaxed);
-        if queued >= 1 << 20 && pushed >= 16 << 20 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not backed up after 30 s: frontend queue {queued} bytes, {pushed} bytes written"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (queued, written.load(Ordering::Relaxed))
+    };
+    konnectivity_it::eventually!(
+        30,
+        matches!(backed_up().await, (queued, pushed) if queued >= 1 << 20 && pushed >= 16 << 20),
+        "not backed up: (frontend queue, bytes written) {:?}",
+        backed_up().await
+    );
 
     // The normal transfer and echo round trips, beside them.
     let (sha, len, beside) = download_hashed(&f, 16 << 20, Duration::from_secs(60)).await.unwrap();
@@ -300,15 +297,8 @@ async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
                 .unwrap(),
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let pending = f.server_metric("konnectivity_network_proxy_server_pending_backend_dials").await.unwrap();
-        if pending >= 50.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "only {pending} dials pending");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pending = async || f.server_metric("konnectivity_network_proxy_server_pending_backend_dials").await.unwrap();
+    konnectivity_it::eventually!(10, pending().await >= 50.0, "only {} dials pending", pending().await);
     let dialing = f.leftovers().await.unwrap().agent_dials_debug;
     report(tag, "dials in flight on the agent before the frontends vanish", dialing);
     for d in &dials {

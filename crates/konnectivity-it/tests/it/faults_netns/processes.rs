@@ -83,8 +83,7 @@ async fn sigkill(kind: AgentKind) -> anyhow::Result<()> {
     f.get_success(Duration::from_secs(5)).await?;
     if kind == AgentKind::Ours {
         // The restarted server's own baseline; the agent's must not have grown.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let server_fds = f.fds().0;
+        let server_fds = konnectivity_it::steady(Duration::from_secs(2), || f.fds().0).await;
         f.assert_settled((server_fds, agent_fds), FD_SLACK, SETTLE).await?;
     } else {
         f.assert_settled((usize::MAX / 2, usize::MAX / 2), 0, SETTLE).await?;
@@ -165,6 +164,7 @@ async fn agent_restarted_50_times_leaves_no_state_behind() {
         let peers = fab.agent_peers().await.unwrap();
         assert_eq!(peers.len(), 1, "after restart {i}: {peers:?}");
         server_fds_max = server_fds_max.max(fab.fds().0);
+        // The scenario's pace: a moment of service between restarts.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed();
