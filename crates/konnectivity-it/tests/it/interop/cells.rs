@@ -24,40 +24,9 @@ async fn go_agent_serves_our_server_in_both_modes() {
 
         let proxy = stack.proxy_address(&server).expect("addr");
         rust_client_cell(&proxy, connect_mode, &host).await;
-        let uds = stack.uds.display().to_string();
-        if connect_mode {
-            let config = egress_uds(&stack, "HTTPConnect");
-            let out = go_client(
-                "egress-client",
-                &[
-                    format!("--config={}", config.display()),
-                    format!("--url=http://{host}/bytes/{SIZE}"),
-                    "--sha256".into(),
-                ],
-            )
-            .await;
-            assert_eq!(out, want_sha());
-        } else {
-            let out = go_client(
-                "grpc-client",
-                &[
-                    format!("--uds={uds}"),
-                    format!("--target={host}"),
-                    "--mode=sha256".into(),
-                    format!("--path=/bytes/{SIZE}"),
-                ],
-            )
-            .await;
-            assert_eq!(out, want_sha());
-        }
+        go_client_download(&stack, &host, connect_mode).await;
         // The Go agent's dial error text reaches our clients.
-        let closed = konnectivity_it::targets::closed_port().expect("closed port");
-        let refused = closed.addr.to_string();
-        let err = if connect_mode {
-            http_connect::dial(&proxy, &refused, "interop").await.expect_err("refused").message
-        } else {
-            Tunnel::connect_single_use(&proxy).await.expect("tunnel").dial(&refused).await.expect_err("refused").message
-        };
+        let err = refused_dial_error(&proxy, connect_mode).await;
         assert!(err.contains("connection refused"), "{err}");
         assert_settled(&server, None).await;
         drop(agent);
@@ -82,31 +51,9 @@ async fn our_agent_serves_the_go_server_in_both_modes() {
 
         let proxy = ProxyAddress::Uds(stack.uds.clone());
         rust_client_cell(&proxy, connect_mode, &host).await;
-        let uds = stack.uds.display().to_string();
-        if connect_mode {
-            let config = egress_uds(&stack, "HTTPConnect");
-            let out = go_client(
-                "egress-client",
-                &[
-                    format!("--config={}", config.display()),
-                    format!("--url=http://{host}/bytes/{SIZE}"),
-                    "--sha256".into(),
-                ],
-            )
-            .await;
-            assert_eq!(out, want_sha());
-        } else {
-            let out = go_client(
-                "grpc-client",
-                &[
-                    format!("--uds={uds}"),
-                    format!("--target={host}"),
-                    "--mode=sha256".into(),
-                    format!("--path=/bytes/{SIZE}"),
-                ],
-            )
-            .await;
-            assert_eq!(out, want_sha());
+        go_client_download(&stack, &host, connect_mode).await;
+        if !connect_mode {
+            let uds = stack.uds.display().to_string();
             let echo = go_client(
                 "grpc-client",
                 &[
@@ -120,25 +67,9 @@ async fn our_agent_serves_the_go_server_in_both_modes() {
             .await;
             assert_eq!(echo, "success".repeat(5));
             // kube-apiserver's own egress path (GRPC over UDS) through the Go server to our agent.
-            let config = egress_uds(&stack, "GRPC");
-            let out = go_client(
-                "egress-client",
-                &[
-                    format!("--config={}", config.display()),
-                    format!("--url=http://{host}/bytes/{SIZE}"),
-                    "--sha256".into(),
-                ],
-            )
-            .await;
-            assert_eq!(out, want_sha());
+            assert_eq!(egress_sha256(&egress_uds(&stack, "GRPC"), &host).await, want_sha());
         }
-        let closed = konnectivity_it::targets::closed_port().expect("closed port");
-        let refused = closed.addr.to_string();
-        let err = if connect_mode {
-            http_connect::dial(&proxy, &refused, "interop").await.expect_err("refused").message
-        } else {
-            Tunnel::connect_single_use(&proxy).await.expect("tunnel").dial(&refused).await.expect_err("refused").message
-        };
+        let err = refused_dial_error(&proxy, connect_mode).await;
         assert!(err.contains("connection refused"), "our agent's error text did not reach the client: {err}");
         konnectivity_it::eventually!(
             10,
@@ -261,12 +192,7 @@ async fn go_clients_and_the_egress_selector_through_our_stack() {
         )
         .await;
         assert_eq!(out, "success", "{frontend:?}");
-        let out = go_client(
-            "egress-client",
-            &[format!("--config={}", config.display()), format!("--url=http://{host}/bytes/{SIZE}"), "--sha256".into()],
-        )
-        .await;
-        assert_eq!(out, want_sha(), "{frontend:?}");
+        assert_eq!(egress_sha256(&config, &host).await, want_sha(), "{frontend:?}");
         assert_settled(&server, Some(&agent)).await;
         agent.stop().await;
         server.stop().await;
@@ -296,12 +222,7 @@ async fn egress_selector_over_tcp_mtls_through_the_go_server_and_our_agent() {
         go_client("egress-client", &[format!("--config={}", config.display()), format!("--url=http://{host}/success")])
             .await;
     assert_eq!(out, "success");
-    let out = go_client(
-        "egress-client",
-        &[format!("--config={}", config.display()), format!("--url=http://{host}/bytes/{SIZE}"), "--sha256".into()],
-    )
-    .await;
-    assert_eq!(out, want_sha());
+    assert_eq!(egress_sha256(&config, &host).await, want_sha());
     // And our CONNECT client over the Go server's mTLS TCP frontend.
     let proxy = ProxyAddress::tcp_mtls("localhost", port, &stack.pki.ca, &stack.pki.client_cert, &stack.pki.client_key)
         .expect("tls");

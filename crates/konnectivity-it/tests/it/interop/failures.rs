@@ -2,6 +2,7 @@
 //! mid-transfer, each compared with the reference.
 
 use super::*;
+use konnectivity_it::stack::ServerRun;
 
 #[tokio::test]
 async fn go_client_sees_no_agent_available_from_our_server() {
@@ -32,16 +33,7 @@ async fn the_go_client_sees_the_same_failure_reasons_from_our_server_as_from_the
         let stack = Stack::new().expect("pki");
         let uds = format!("--uds={}", stack.uds.display());
         // Our server, or the Go one; agents connect to `agent_port`.
-        let (rust_server, go, agent_port) = if ours {
-            let s = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
-            let port = s.agent_addr.port();
-            (Some(s), None, port)
-        } else {
-            let g = go_server(&stack, "grpc");
-            wait_ready_healthz(g.health_port, &g.proc).await;
-            let port = g.agent_port;
-            (None, Some(g), port)
-        };
+        let (rust_server, go, agent_port) = our_server_or_the_go_one(&stack, ours).await;
         let mut reasons = Vec::new();
         // No agent.
         let err =
@@ -88,16 +80,7 @@ async fn a_go_client_sees_the_same_outcome_when_the_agent_dies_mid_transfer() {
     let mut outcomes = Vec::new();
     for ours in [true, false] {
         let stack = Stack::new().expect("pki");
-        let (rust_server, go, agent_port) = if ours {
-            let s = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
-            let port = s.agent_addr.port();
-            (Some(s), None, port)
-        } else {
-            let g = go_server(&stack, "grpc");
-            wait_ready_healthz(g.health_port, &g.proc).await;
-            let port = g.agent_port;
-            (None, Some(g), port)
-        };
+        let (rust_server, go, agent_port) = our_server_or_the_go_one(&stack, ours).await;
         // Our agent as a process, killed with SIGKILL while the Go client downloads 1 GiB through it.
         let mut agent = ChildProcess::spawn(
             "proxy-agent",
@@ -145,4 +128,19 @@ async fn a_go_client_sees_the_same_outcome_when_the_agent_dies_mid_transfer() {
     }
     assert_eq!(outcomes[0], outcomes[1], "ours vs reference");
     assert_eq!(outcomes[0], "unexpected EOF");
+}
+
+/// Our server (gRPC, on the stack's socket) when `ours`, else the Go one, ready: whichever runs, and its agent
+/// port.
+async fn our_server_or_the_go_one(stack: &Stack, ours: bool) -> (Option<ServerRun>, Option<GoServer>, u16) {
+    if ours {
+        let s = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
+        let port = s.agent_addr.port();
+        (Some(s), None, port)
+    } else {
+        let g = go_server(stack, "grpc");
+        wait_ready_healthz(g.health_port, &g.proc).await;
+        let port = g.agent_port;
+        (None, Some(g), port)
+    }
 }

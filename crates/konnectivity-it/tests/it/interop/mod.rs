@@ -188,3 +188,38 @@ async fn rust_client_cell(proxy: &ProxyAddress, connect_mode: bool, host: &str) 
 async fn wait_ready_healthz(port: u16, what: &ChildProcess) {
     wait_ok(port, "/healthz", what).await;
 }
+
+/// The 20 MiB download through the Go side's client for the mode, over the socket: kube-apiserver's egress
+/// selector (HTTPConnect) or the Go konnectivity-client (gRPC); checks length and SHA-256.
+async fn go_client_download(stack: &Stack, host: &str, connect_mode: bool) {
+    let out = if connect_mode {
+        egress_sha256(&egress_uds(stack, "HTTPConnect"), host).await
+    } else {
+        let args = [
+            format!("--uds={}", stack.uds.display()),
+            format!("--target={host}"),
+            "--mode=sha256".into(),
+            format!("--path=/bytes/{SIZE}"),
+        ];
+        go_client("grpc-client", &args).await
+    };
+    assert_eq!(out, want_sha());
+}
+
+/// `egress-client` fetching the 20 MiB body as `config` says: its output (length and SHA-256).
+async fn egress_sha256(config: &std::path::Path, host: &str) -> String {
+    let args =
+        [format!("--config={}", config.display()), format!("--url=http://{host}/bytes/{SIZE}"), "--sha256".into()];
+    go_client("egress-client", &args).await
+}
+
+/// The error text a dial to a closed port gets through `proxy`, gRPC or CONNECT.
+async fn refused_dial_error(proxy: &ProxyAddress, connect_mode: bool) -> String {
+    let closed = konnectivity_it::targets::closed_port().expect("closed port");
+    let refused = closed.addr.to_string();
+    if connect_mode {
+        http_connect::dial(proxy, &refused, "interop").await.expect_err("refused").message
+    } else {
+        Tunnel::connect_single_use(proxy).await.expect("tunnel").dial(&refused).await.expect_err("refused").message
+    }
+}

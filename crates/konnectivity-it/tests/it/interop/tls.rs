@@ -73,7 +73,7 @@ async fn alpn_and_cipher_suites_agree_with_the_reference() {
     drop(router);
     server.stop().await;
 
-    // --cipher-suites on the Go server: the same outcomes as ours (tls::cipher_suites_restrict_tls12_on_both_listeners).
+    // --cipher-suites on the Go server: the same outcomes as ours (tls::suites_and_alpn::cipher_suites_restrict_tls12_on_both_listeners).
     let (agent_port, health_port) = (free_port(), free_port());
     let args = vec![
         format!("--cluster-cert={}", stack.pki.server_cert.display()),
