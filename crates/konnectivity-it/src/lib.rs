@@ -1,12 +1,15 @@
 //! Test support for konnectivity-rs, shared by the integration tests (`tests/it`) and the demo: HTTP and TCP
-//! targets, a builder that starts a real server and agent on loopback, and a real Kubernetes
-//! control plane in isolated network namespaces (`controlplane`).
+//! targets, a builder that starts a real server and agent on loopback (`stack`), a fake agent, network
+//! namespaces, a real Kubernetes control plane in isolated networks (`controlplane`), and waits (`eventually!`,
+//! [`steady`]). The fixtures the benchmark shares (PKI, temporary directories, child processes, free ports) are
+//! in `konnectivity-testkit`.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod controlplane;
 pub mod fake_agent;
 pub mod http;
+pub mod metrics;
 pub mod netns;
 pub mod stack;
 pub mod targets;

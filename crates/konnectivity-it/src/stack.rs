@@ -211,15 +211,9 @@ impl Stack {
 
 /// How many dials an agent made (its `dial_duration_seconds` count).
 pub fn dials(agent: &AgentRun) -> u64 {
-    agent
-        .handle
-        .metrics()
-        .registry()
-        .gather()
-        .iter()
-        .find(|f| f.name() == "konnectivity_network_proxy_agent_dial_duration_seconds")
-        .map(|f| f.get_metric()[0].get_histogram().get_sample_count())
-        .unwrap_or(0)
+    let registry = agent.handle.metrics().registry();
+    let samples = crate::metrics::samples(registry, "konnectivity_network_proxy_agent_dial_duration_seconds");
+    samples.first().map(|m| m.get_histogram().get_sample_count()).unwrap_or(0)
 }
 
 /// Starts a server (with `frontend`) and an agent, and waits until the agent is connected.

@@ -57,6 +57,16 @@ impl Binaries {
     }
 }
 
+/// A binary `interop/build.sh` builds (the Go reference's proxy-server, proxy-agent and test client, and our Go
+/// clients), in `interop/bin`.
+pub fn interop_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop/bin").join(name);
+    if !p.exists() {
+        bail!("{} is missing: run interop/build.sh (scripts/test does)", p.display());
+    }
+    Ok(p)
+}
+
 /// A binary of this workspace (proxy-server, proxy-agent, ...), next to the running test executable.
 pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;

@@ -25,7 +25,7 @@ mod fixture;
 mod pki;
 mod probes;
 
-pub use binaries::{Binaries, workspace_bin};
+pub use binaries::{Binaries, interop_bin, workspace_bin};
 pub use fixture::ControlPlane;
 pub use pki::ClusterPki;
 pub use probes::{metric, plain_get};

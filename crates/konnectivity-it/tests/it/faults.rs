@@ -9,14 +9,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A built binary of this workspace (the test command builds them first).
+/// A built binary of this workspace (the test command builds them first); fails the test, saying so, without it.
 pub(crate) fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let path = target.join("debug").join(name);
-    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first", path.display());
-    path
+    konnectivity_it::controlplane::workspace_bin(name).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn spawn_agent(stack: &Stack, agent_port: u16, id: &str) -> ChildProcess {

@@ -8,12 +8,7 @@ use konnectivity_it::targets::http_target;
 use std::sync::Arc;
 
 fn counter(registry: &prometheus::Registry, name: &str) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .find(|f| f.name() == name)
-        .map(|f| f.get_metric()[0].get_counter().get_value())
-        .unwrap_or(0.0)
+    konnectivity_it::metrics::samples(registry, name).first().map(|m| m.get_counter().get_value()).unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use konnectivity_client::{ProxyAddress, Tunnel, TunnelConn};
 pub use konnectivity_it::controlplane::{
     AGENT_ADMIN_PORT, AGENT_HEALTH_PORT, AGENT_PORT, CLUSTER_LINK, CONTROL_LINK, SERVER_ADMIN_PORT, SERVER_HEALTH_PORT,
 };
-use konnectivity_it::controlplane::{ClusterPki, metric, plain_get, workspace_bin};
+use konnectivity_it::controlplane::{ClusterPki, interop_bin, metric, plain_get, workspace_bin};
 use konnectivity_it::netns::{NetNs, veth};
 use konnectivity_it::targets::{Target, echo_target_on, http_target_on, serve_listener};
 use konnectivity_testkit::ChildProcess;
@@ -276,7 +276,7 @@ impl Fabric {
         let log = self.dir.path().join(format!("proxy-agent-{}.log", self.agent_starts));
         let bin = match self.options.agent {
             AgentKind::Ours => workspace_bin("proxy-agent")?,
-            AgentKind::Go => go_agent_bin()?,
+            AgentKind::Go => interop_bin("proxy-agent")?,
         };
         self.agent = Some(self.cluster.spawn_process("proxy-agent", Command::new(bin).args(self.agent_args()), log)?);
         Ok(())
@@ -565,14 +565,6 @@ fn override_flags(args: &mut Vec<String>, extra: &[String]) {
     let overridden: Vec<String> = extra.iter().map(name).collect();
     args.retain(|a| !overridden.contains(&name(a)));
     args.extend(extra.iter().filter(|a| !a.ends_with("=<unset>")).cloned());
-}
-
-pub fn go_agent_bin() -> anyhow::Result<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop/bin/proxy-agent");
-    if !p.exists() {
-        bail!("{} is missing: run interop/build.sh (scripts/test does)", p.display());
-    }
-    Ok(p)
 }
 
 pub fn fd_count(pid: u32) -> usize {

@@ -21,9 +21,7 @@ mod tls;
 const SIZE: usize = 20 << 20;
 
 fn go_bin(name: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop/bin").join(name);
-    assert!(p.exists(), "{} is missing: run interop/build.sh (scripts/test does)", p.display());
-    p
+    konnectivity_it::controlplane::interop_bin(name).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Starts one of the Go binaries, its output in `log` (its tail shows in failure messages); killed when dropped.
@@ -89,11 +87,10 @@ fn go_server(stack: &Stack, mode: &str) -> GoServer {
     go_server_with(stack, mode, false, 1)
 }
 
-fn go_server_with(stack: &Stack, mode: &str, tcp_frontend: bool, server_count: u32) -> GoServer {
-    let (agent_port, health_port) = (free_port(), free_port());
-    let frontend_port = tcp_frontend.then(free_port);
-    let mut args = vec![
-        format!("--mode={mode}"),
+/// The flags every Go server of these tests has: the stack's certificates, an mTLS agent port and health and
+/// admin ports on loopback.
+fn go_server_flags(stack: &Stack, agent_port: u16, health_port: u16) -> Vec<String> {
+    vec![
         format!("--cluster-cert={}", stack.pki.server_cert.display()),
         format!("--cluster-key={}", stack.pki.server_key.display()),
         format!("--cluster-ca-cert={}", stack.pki.ca.display()),
@@ -103,10 +100,19 @@ fn go_server_with(stack: &Stack, mode: &str, tcp_frontend: bool, server_count: u
         "--health-bind-address=127.0.0.1".into(),
         format!("--admin-port={}", free_port()),
         "--admin-bind-address=127.0.0.1".into(),
+    ]
+}
+
+fn go_server_with(stack: &Stack, mode: &str, tcp_frontend: bool, server_count: u32) -> GoServer {
+    let (agent_port, health_port) = (free_port(), free_port());
+    let frontend_port = tcp_frontend.then(free_port);
+    let mut args = go_server_flags(stack, agent_port, health_port);
+    args.extend([
+        format!("--mode={mode}"),
         "--server-id=go-server".into(),
         format!("--server-count={server_count}"),
         "--v=2".into(),
-    ];
+    ]);
     match frontend_port {
         Some(port) => args.extend([
             format!("--server-port={port}"),

@@ -75,20 +75,12 @@ async fn alpn_and_cipher_suites_agree_with_the_reference() {
 
     // --cipher-suites on the Go server: the same outcomes as ours (tls::suites_and_alpn::cipher_suites_restrict_tls12_on_both_listeners).
     let (agent_port, health_port) = (free_port(), free_port());
-    let args = vec![
-        format!("--cluster-cert={}", stack.pki.server_cert.display()),
-        format!("--cluster-key={}", stack.pki.server_key.display()),
-        format!("--cluster-ca-cert={}", stack.pki.ca.display()),
-        format!("--agent-port={agent_port}"),
-        "--agent-bind-address=127.0.0.1".into(),
-        format!("--health-port={health_port}"),
-        "--health-bind-address=127.0.0.1".into(),
-        format!("--admin-port={}", free_port()),
-        "--admin-bind-address=127.0.0.1".into(),
+    let mut args = go_server_flags(&stack, agent_port, health_port);
+    args.extend([
         format!("--uds-name={}", stack.dir().join("cipher.sock").display()),
         "--server-port=0".into(),
         "--cipher-suites=TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,TLS_AES_128_GCM_SHA256".into(),
-    ];
+    ]);
     let go = go_process("proxy-server", &args, stack.dir().join("go-cipher-server.log"));
     wait_ready_healthz(health_port, &go).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{agent_port}").parse().expect("addr");
