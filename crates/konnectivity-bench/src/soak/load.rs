@@ -52,7 +52,7 @@ pub(super) struct Load {
 }
 
 impl Load {
-    pub(super) fn fail(&self, what: &str, e: &anyhow::Error) {
+    fn fail(&self, what: &str, e: &anyhow::Error) {
         if self.restart.active() {
             self.counters.during_restart.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -63,16 +63,13 @@ impl Load {
             }
         }
     }
-    pub(super) fn ok(&self, bytes: u64) {
+    fn ok(&self, bytes: u64) {
         self.counters.ok.fetch_add(1, Ordering::Relaxed);
         self.counters.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 
-pub(super) async fn with_timeout<T>(
-    d: Duration,
-    f: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
+async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::time::timeout(d, f).await.map_err(|_| anyhow::anyhow!("timed out after {d:?}"))?
 }
 

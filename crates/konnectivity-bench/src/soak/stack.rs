@@ -48,6 +48,7 @@ pub(super) fn thread_names(process: &ChildProcess) -> Vec<String> {
     names
 }
 
+/// The server and agent processes under load, and what restarting the agent needs.
 pub(super) struct Stack {
     pub(super) server: ChildProcess,
     pub(super) agent: ChildProcess,
@@ -60,7 +61,7 @@ pub(super) struct Stack {
 }
 
 /// Starts `bin`; its stderr is appended to `log` (one log across the agent's restarts).
-pub(super) fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<ChildProcess> {
+fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<ChildProcess> {
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = Command::new(bin);
     cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file);
@@ -74,6 +75,8 @@ pub(super) fn server_gauge(stack: &Stack, name: &str) -> Option<f64> {
 }
 
 impl Stack {
+    /// Starts the server and the agent from `args.bin_dir` with the reference's flags; returns once the agent is
+    /// connected.
     pub(super) fn start(args: &Args, pki: &Pki, dir: &Path) -> anyhow::Result<Self> {
         let uds = dir.join("soak.sock");
         let ports = ServerPorts::free();
@@ -90,7 +93,7 @@ impl Stack {
         Ok(stack)
     }
 
-    pub(super) fn wait_ready(&self, patience: Duration) -> anyhow::Result<()> {
+    fn wait_ready(&self, patience: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + patience;
         while Instant::now() < deadline {
             if http_get(self.server_health, "/readyz").is_some_and(|(s, _)| s == 200) {
