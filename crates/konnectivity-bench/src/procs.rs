@@ -1,8 +1,9 @@
 //! Launching the stacks under test as real processes, and reading their CPU time and memory from /proc.
 
-use konnectivity_it::pki::Pki;
+use konnectivity_testkit::pki::Pki;
+use konnectivity_testkit::{ChildProcess, free_port};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Which implementation a component is.
@@ -55,141 +56,120 @@ impl Bins {
     }
 }
 
-/// A child process, killed when dropped.
-pub struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    pub fn from_child(child: Child) -> Self {
-        Self { child }
-    }
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A running server and agent.
 pub struct Running {
-    pub server: Proc,
-    pub agent: Proc,
+    pub server: ChildProcess,
+    pub agent: ChildProcess,
     pub uds: PathBuf,
 }
 
 impl Running {
     /// CPU seconds used so far by server and agent together.
     pub fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(self.server.pid()) + cpu_seconds(self.agent.pid())
+        cpu_seconds(&self.server) + cpu_seconds(&self.agent)
     }
     /// Resident memory of (server, agent), in KiB.
     pub fn rss_kib(&self) -> (u64, u64) {
-        (rss_kib(self.server.pid()), rss_kib(self.agent.pid()))
+        (rss_kib(&self.server), rss_kib(&self.agent))
     }
 }
 
-/// A free loopback port the Go server accepts (it refuses ports above 49151).
-pub fn free_port() -> u16 {
-    loop {
-        if let Ok(l) = std::net::TcpListener::bind("127.0.0.1:0")
-            && let Ok(a) = l.local_addr()
-            && (1024..=49151).contains(&a.port())
-        {
-            return a.port();
-        }
+fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<ChildProcess> {
+    let mut cmd = Command::new(bin);
+    cmd.args(args).env("RUST_LOG", "warn");
+    Ok(ChildProcess::spawn_logged(bin.display().to_string(), &mut cmd, log.to_path_buf())?)
+}
+
+/// The loopback ports a proxy-server process listens on (its frontend is a Unix socket).
+pub struct ServerPorts {
+    /// Where agents connect.
+    pub agent: u16,
+    /// `/healthz`, `/readyz`.
+    pub health: u16,
+    /// `/metrics`.
+    pub admin: u16,
+}
+
+impl ServerPorts {
+    /// Free ports for each.
+    pub fn free() -> Self {
+        Self { agent: free_port(), health: free_port(), admin: free_port() }
     }
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Proc> {
-    let child = Command::new(bin)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log)?)
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("starting {}: {e}", bin.display()))?;
-    Ok(Proc { child })
-}
-
-/// Starts `server` and `agent` (each Rust or Go) with the same reference flags, and waits until the agent is
-/// connected (the server's `/readyz`).
-pub fn start(bins: &Bins, dir: &Path, pki: &Pki, server: Impl, agent: Impl, mode: Mode) -> anyhow::Result<Running> {
-    let uds = dir.join(format!("bench-{}.sock", std::process::id()));
-    let (agent_port, health) = (free_port(), free_port());
-    let server_args = vec![
-        format!("--mode={}", mode.flag()),
+/// The reference's flags (which ours share) for a proxy-server in `mode` (`grpc` or `http-connect`) with its
+/// frontend on `uds`, an mTLS agent port and health and admin ports on loopback, logging little.
+pub fn server_flags(pki: &Pki, uds: &Path, mode: &str, ports: &ServerPorts) -> Vec<String> {
+    vec![
+        format!("--mode={mode}"),
         format!("--uds-name={}", uds.display()),
         "--server-port=0".into(),
         format!("--cluster-cert={}", pki.server_cert.display()),
         format!("--cluster-key={}", pki.server_key.display()),
         format!("--cluster-ca-cert={}", pki.ca.display()),
-        format!("--agent-port={agent_port}"),
+        format!("--agent-port={}", ports.agent),
         "--agent-bind-address=127.0.0.1".into(),
-        format!("--health-port={health}"),
+        format!("--health-port={}", ports.health),
         "--health-bind-address=127.0.0.1".into(),
-        format!("--admin-port={}", free_port()),
+        format!("--admin-port={}", ports.admin),
         "--admin-bind-address=127.0.0.1".into(),
         "--v=0".into(),
-    ];
-    let server = spawn(&bins.path(server, "proxy-server"), &server_args, &dir.join("server.log"))?;
-    let agent_args = vec![
+    ]
+}
+
+/// The reference's flags for a proxy-agent of a server on loopback `agent_port`, with its health and admin
+/// ports, syncing every 100 ms, logging little.
+pub fn agent_flags(pki: &Pki, agent_port: u16, health: u16, admin: u16) -> Vec<String> {
+    vec![
         format!("--ca-cert={}", pki.ca.display()),
         format!("--agent-cert={}", pki.agent_cert.display()),
         format!("--agent-key={}", pki.agent_key.display()),
         "--proxy-server-host=127.0.0.1".into(),
         format!("--proxy-server-port={agent_port}"),
         "--health-server-host=127.0.0.1".into(),
-        format!("--health-server-port={}", free_port()),
+        format!("--health-server-port={health}"),
         "--admin-bind-address=127.0.0.1".into(),
-        format!("--admin-server-port={}", free_port()),
+        format!("--admin-server-port={admin}"),
         "--sync-interval=100ms".into(),
         "--v=0".into(),
-    ];
+    ]
+}
+
+/// Starts `server` and `agent` (each Rust or Go) with the same reference flags, and waits until the agent is
+/// connected (the server's `/readyz`).
+pub fn start(bins: &Bins, dir: &Path, pki: &Pki, server: Impl, agent: Impl, mode: Mode) -> anyhow::Result<Running> {
+    let uds = dir.join(format!("bench-{}.sock", std::process::id()));
+    let ports = ServerPorts::free();
+    let server_args = server_flags(pki, &uds, mode.flag(), &ports);
+    let server = spawn(&bins.path(server, "proxy-server"), &server_args, &dir.join("server.log"))?;
+    let agent_args = agent_flags(pki, ports.agent, free_port(), free_port());
     let agent = spawn(&bins.path(agent, "proxy-agent"), &agent_args, &dir.join("agent.log"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if http_status(health, "/readyz") == Some(200) {
+        if http_get(ports.health, "/readyz").is_some_and(|(status, _)| status == 200) {
             return Ok(Running { server, agent, uds });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    anyhow::bail!(
-        "stack did not become ready; server log: {}; agent log: {}",
-        std::fs::read_to_string(dir.join("server.log"))
-            .unwrap_or_default()
-            .lines()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
-            .join(" | "),
-        std::fs::read_to_string(dir.join("agent.log"))
-            .unwrap_or_default()
-            .lines()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
-            .join(" | ")
-    )
+    let tail = |process: &ChildProcess| process.log_tail(5).lines().rev().collect::<Vec<_>>().join(" | ");
+    anyhow::bail!("stack did not become ready; server log: {}; agent log: {}", tail(&server), tail(&agent))
 }
 
-fn http_status(port: u16, path: &str) -> Option<u16> {
+/// `GET path` on a loopback port (HTTP/1.0, 5 s read timeout): the status and the whole response.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).ok()?;
-    String::from_utf8_lossy(&buf).split(' ').nth(1)?.parse().ok()
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    Some((status, text))
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+fn cpu_seconds(process: &ChildProcess) -> f64 {
+    let Some(pid) = process.pid() else { return 0.0 };
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { return 0.0 };
@@ -200,7 +180,8 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn rss_kib(pid: u32) -> u64 {
+fn rss_kib(process: &ChildProcess) -> u64 {
+    let Some(pid) = process.pid() else { return 0 };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {

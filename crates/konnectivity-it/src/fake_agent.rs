@@ -1,10 +1,10 @@
 //! A scripted agent: holds a real `/AgentService/Connect` stream (mTLS) and lets a test read what the server
 //! sends and answer (or not) by hand, to reach states a well-behaved agent never produces.
 
-use crate::pki::Pki;
 use hyper_util::rt::TokioIo;
 use konnectivity_proto::Packet;
 use konnectivity_proto::agent::AgentServiceClient;
+use konnectivity_testkit::pki::Pki;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;

@@ -1,14 +1,16 @@
-//! Test support for konnectivity-rs, shared by the integration tests (`tests/it`) and the demo: a throwaway
-//! PKI, HTTP and TCP targets, a builder that starts a real server and agent on loopback, and a real Kubernetes
-//! control plane in isolated network namespaces (`controlplane`).
+//! Test support for konnectivity-rs, shared by the integration tests (`tests/it`) and the demo: HTTP and TCP
+//! targets, a builder that starts a real server and agent on loopback (`stack`), a fake agent, network
+//! namespaces, a real Kubernetes control plane in isolated networks (`controlplane`), and waits (`eventually!`,
+//! [`steady`]). The fixtures the benchmark shares (PKI, temporary directories, child processes, free ports) are
+//! in `konnectivity-testkit`.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod controlplane;
 pub mod fake_agent;
 pub mod http;
+pub mod metrics;
 pub mod netns;
-pub mod pki;
 pub mod stack;
 pub mod targets;
 
@@ -30,32 +32,19 @@ macro_rules! eventually {
     }};
 }
 
-/// A temporary directory removed when dropped.
-pub struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    /// Creates a fresh directory under the system temp dir.
-    pub fn new(prefix: &str) -> std::io::Result<Self> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static N: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "{prefix}-{}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir)?;
-        Ok(Self(dir))
-    }
-    /// The directory.
-    pub fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Waits until `read` gives the same value twice, 100 ms apart, for at most `within`, and returns it (or the
+/// last value read). For a count no event announces, such as a process's open descriptors while its last
+/// connections close: a baseline taken from it is a settled one, not whatever a fixed pause happened to catch.
+pub async fn steady<T: PartialEq>(within: std::time::Duration, mut read: impl FnMut() -> T) -> T {
+    let deadline = std::time::Instant::now() + within;
+    let mut last = read();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = read();
+        if now == last || std::time::Instant::now() > deadline {
+            return now;
+        }
+        last = now;
     }
 }
 

@@ -5,11 +5,36 @@
 //! in the namespace after they are handed back, and processes spawned there start in it.
 
 use anyhow::{Context, bail};
+use konnectivity_testkit::ChildProcess;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+/// How long a process started by [`NetNs::spawn_process`] gets to exit on SIGTERM when dropped, before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether this process can create network namespaces: it runs as root and has iproute2's `ip`. The error says
+/// what is missing.
+pub fn available() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("this test creates network namespaces and needs root (run it as root; scripts/test does)");
+    }
+    match Command::new("ip").arg("-V").stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => Ok(()),
+        _ => bail!("this test creates network namespaces and needs iproute2's `ip` (apt-get install iproute2)"),
+    }
+}
+
+/// Fails the calling test, saying why, where network namespaces cannot be created: such a test must fail where
+/// it cannot run, never pass without having run.
+pub fn require() {
+    if let Err(e) = available() {
+        panic!("{e:#}");
+    }
+}
 
 /// Runs `ip` with the given arguments, failing with its stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -76,6 +101,21 @@ impl NetNs {
     /// Spawns `cmd` inside the namespace.
     pub fn spawn(&self, cmd: &mut Command) -> anyhow::Result<Child> {
         self.run(|| cmd.spawn())?.with_context(|| format!("spawning {:?} in netns {}", cmd.get_program(), self.name))
+    }
+
+    /// Spawns `cmd` inside the namespace with its stdout and stderr in a fresh file `log`. Dropped, it gets
+    /// SIGTERM, and SIGKILL after 5 s.
+    pub fn spawn_process(&self, name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<ChildProcess> {
+        ChildProcess::log_to(cmd, &log)?;
+        Ok(ChildProcess::new(name, self.spawn(cmd)?).with_log(log).graceful_on_drop(STOP_GRACE))
+    }
+
+    /// A command that runs `program` with `ip netns exec`, which also bind-mounts `/etc/netns/<ns>/*` over `/etc`
+    /// (a per-namespace `/etc/hosts`, for name resolution that differs between networks).
+    pub fn exec_with_etc(&self, program: &Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", self.name()]).arg(program);
+        cmd
     }
 
     /// Binds a TCP listener inside the namespace (call from within a tokio runtime).

@@ -1,10 +1,10 @@
 //! A real proxy-server and proxy-agent on loopback, in-process, on free ports and a temporary socket.
 
-use crate::TempDir;
-use crate::pki::Pki;
 use konnectivity_agent::{AgentConfig, AgentHandle};
 use konnectivity_client::{ProxyAddress, Tunnel};
 use konnectivity_server::{FrontendAddr, FrontendListen, ServerConfig, ServerHandle};
+use konnectivity_testkit::TempDir;
+use konnectivity_testkit::pki::Pki;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,7 +24,8 @@ pub enum Frontend {
     ConnectTcpMtls,
 }
 
-/// A running server.
+/// A running server. [`ServerRun::stop`] stops it and checks that nothing of it is left; dropped without that
+/// (a test that failed first), it is told to stop all the same.
 pub struct ServerRun {
     /// Its state.
     pub handle: ServerHandle,
@@ -37,19 +38,26 @@ pub struct ServerRun {
     /// The admin port.
     pub admin_addr: Option<SocketAddr>,
     stop: CancellationToken,
-    task: JoinHandle<usize>,
+    task: Option<JoinHandle<usize>>,
 }
 
 impl ServerRun {
     /// Stops the server, waits until it has, and checks that every one of its tasks ended.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.cancel();
-        let left = self.task.await.expect("server task");
+        let left = self.task.take().expect("stopped once").await.expect("server task");
         assert_eq!(left, 0, "{left} server tasks were still running after the stop");
     }
 }
 
-/// A running agent.
+impl Drop for ServerRun {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A running agent. [`AgentRun::stop`] stops it and checks that nothing of it is left; dropped without that (a
+/// test that failed first), it is told to stop all the same.
 pub struct AgentRun {
     /// Its state.
     pub handle: AgentHandle,
@@ -60,15 +68,21 @@ pub struct AgentRun {
     /// Asks it to drain.
     pub drain: CancellationToken,
     stop: CancellationToken,
-    task: JoinHandle<usize>,
+    task: Option<JoinHandle<usize>>,
 }
 
 impl AgentRun {
     /// Stops the agent, waits until it has, and checks that every one of its tasks ended.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.stop.cancel();
-        let left = self.task.await.expect("agent task");
+        let left = self.task.take().expect("stopped once").await.expect("agent task");
         assert_eq!(left, 0, "{left} agent tasks were still running after the stop");
+    }
+}
+
+impl Drop for AgentRun {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 
@@ -133,7 +147,7 @@ impl Stack {
             health_addr: running.health_addr,
             admin_addr: running.admin_addr,
             stop,
-            task: tokio::spawn(running.wait()),
+            task: Some(tokio::spawn(running.wait())),
         })
     }
 
@@ -148,6 +162,18 @@ impl Stack {
         c
     }
 
+    /// The flags a `proxy-agent` process (ours or the Go reference) needs to reach a server's agent port on
+    /// loopback with this stack's CA and agent certificate.
+    pub fn agent_process_flags(&self, agent_port: u16) -> Vec<String> {
+        vec![
+            format!("--ca-cert={}", self.pki.ca.display()),
+            format!("--agent-cert={}", self.pki.agent_cert.display()),
+            format!("--agent-key={}", self.pki.agent_key.display()),
+            "--proxy-server-host=127.0.0.1".into(),
+            format!("--proxy-server-port={agent_port}"),
+        ]
+    }
+
     /// Starts an agent with `config`.
     pub async fn start_agent(&self, config: AgentConfig) -> anyhow::Result<AgentRun> {
         let stop = CancellationToken::new();
@@ -159,7 +185,7 @@ impl Stack {
             admin_addr: running.admin_addr,
             drain,
             stop,
-            task: tokio::spawn(running.wait()),
+            task: Some(tokio::spawn(running.wait())),
         })
     }
 
@@ -185,15 +211,9 @@ impl Stack {
 
 /// How many dials an agent made (its `dial_duration_seconds` count).
 pub fn dials(agent: &AgentRun) -> u64 {
-    agent
-        .handle
-        .metrics()
-        .registry()
-        .gather()
-        .iter()
-        .find(|f| f.name() == "konnectivity_network_proxy_agent_dial_duration_seconds")
-        .map(|f| f.get_metric()[0].get_histogram().get_sample_count())
-        .unwrap_or(0)
+    let registry = agent.handle.metrics().registry();
+    let samples = crate::metrics::samples(registry, "konnectivity_network_proxy_agent_dial_duration_seconds");
+    samples.first().map(|m| m.get_histogram().get_sample_count()).unwrap_or(0)
 }
 
 /// Starts a server (with `frontend`) and an agent, and waits until the agent is connected.
@@ -212,29 +232,22 @@ pub async fn server_and_agent(stack: &Stack, frontend: Frontend) -> anyhow::Resu
 
 /// Waits until server and agent hold no dial and no connection; panics with what is left otherwise.
 pub async fn assert_settled(server: &ServerRun, agent: Option<&AgentRun>) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let pending = server.handle.pending_dials();
-        let established = server.handle.established_connections();
-        let endpoint = agent.map(|a| a.handle.endpoint_connections()).unwrap_or(0);
-        let open_endpoint_gauge = agent.map(|a| a.handle.metrics().open_endpoint_connections()).unwrap_or(0.0);
-        let gauge = server.handle.metrics().established_connections();
-        let gauge_pending = server.handle.metrics().pending_backend_dials();
-        if pending == 0
-            && established == 0
-            && endpoint == 0
-            && open_endpoint_gauge == 0.0
-            && gauge == 0.0
-            && gauge_pending == 0.0
-        {
-            return;
-        }
-        if std::time::Instant::now() > deadline {
-            panic!(
-                "not settled: server pending={pending} established={established} (gauges {gauge_pending}/{gauge}), \
-                 agent endpoint connections={endpoint} (gauge {open_endpoint_gauge})"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let left = || {
+        let metrics = server.handle.metrics();
+        (
+            server.handle.pending_dials(),
+            server.handle.established_connections(),
+            metrics.pending_backend_dials(),
+            metrics.established_connections(),
+            agent.map(|a| a.handle.endpoint_connections()).unwrap_or(0),
+            agent.map(|a| a.handle.metrics().open_endpoint_connections()).unwrap_or(0.0),
+        )
+    };
+    crate::eventually!(
+        10,
+        left() == (0, 0, 0.0, 0.0, 0, 0.0),
+        "not settled: (server pending dials, established connections, their gauges; agent endpoint connections, \
+         its gauge) = {:?}",
+        left()
+    );
 }

@@ -30,16 +30,8 @@ fn lines(path: &std::path::Path) -> Vec<Value> {
 }
 
 fn counter(server: &ServerRun, name: &str, label: &str) -> f64 {
-    server
-        .handle
-        .metrics()
-        .registry()
-        .gather()
-        .iter()
-        .find(|f| f.name() == name)
-        .and_then(|f| f.get_metric().iter().find(|m| m.get_label().iter().any(|l| l.value() == label)).cloned())
-        .map(|m| m.get_counter().get_value())
-        .unwrap_or(f64::NAN)
+    let sample = konnectivity_it::metrics::labelled(server.handle.metrics().registry(), name, label);
+    sample.map(|m| m.get_counter().get_value()).unwrap_or(f64::NAN)
 }
 
 /// `2025-01-31T23:59:59.123Z`.

@@ -160,15 +160,9 @@ async fn agent_without_valid_client_certificate_is_refused() {
     for config in [no_cert, rogue] {
         let agent = stack.start_agent(config).await.expect("agent");
         let failures = || {
-            agent
-                .handle
-                .metrics()
-                .registry()
-                .gather()
-                .iter()
-                .find(|f| f.name() == "konnectivity_network_proxy_agent_server_connection_failure_count")
-                .map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()).sum::<f64>())
-                .unwrap_or(0.0)
+            let name = "konnectivity_network_proxy_agent_server_connection_failure_count";
+            let samples = konnectivity_it::metrics::samples(agent.handle.metrics().registry(), name);
+            samples.iter().map(|m| m.get_counter().get_value()).sum::<f64>()
         };
         konnectivity_it::eventually!(10, failures() >= 2.0, "agent did not fail to connect twice");
         assert!(!agent.handle.ready());
@@ -176,15 +170,9 @@ async fn agent_without_valid_client_certificate_is_refused() {
         agent.stop().await;
     }
     // The refusals are counted, by reason.
-    let failures: f64 = server
-        .handle
-        .metrics()
-        .registry()
-        .gather()
-        .iter()
-        .find(|f| f.name() == "konnectivity_network_proxy_server_tls_handshake_failures_total")
-        .map(|f| f.get_metric().iter().map(|m| m.get_counter().get_value()).sum())
-        .unwrap_or(0.0);
+    let name = "konnectivity_network_proxy_server_tls_handshake_failures_total";
+    let samples = konnectivity_it::metrics::samples(server.handle.metrics().registry(), name);
+    let failures: f64 = samples.iter().map(|m| m.get_counter().get_value()).sum();
     assert!(failures >= 2.0, "handshake failures counted: {failures}");
     // The server still serves a valid agent.
     let agent = stack.start_agent(stack.agent_config(server.agent_addr)).await.expect("agent");

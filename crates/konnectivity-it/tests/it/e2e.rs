@@ -29,17 +29,20 @@ async fn kube_apiserver_reaches_the_cluster(mode: EgressMode, stream_for: Durati
 
     // Service proxy → the pod behind the Service's EndpointSlice.
     // (kube-apiserver finds endpoints through an informer: it may take a moment to see the new slice.)
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let (status, body) = loop {
-        let (status, body) = cp
-            .kas_request("GET", "/api/v1/namespaces/default/services/http:pod-svc:main/proxy/hello", None)
-            .await
-            .expect("service proxy");
-        if status != 503 || Instant::now() > deadline {
-            break (status, body);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let mut answer;
+    konnectivity_it::eventually!(
+        15,
+        {
+            answer = cp
+                .kas_request("GET", "/api/v1/namespaces/default/services/http:pod-svc:main/proxy/hello", None)
+                .await
+                .expect("service proxy");
+            answer.0 != 503
+        },
+        "the service proxy still answers 503: {}",
+        String::from_utf8_lossy(&answer.1)
+    );
+    let (status, body) = answer;
     let body = String::from_utf8_lossy(&body);
     assert_eq!(status, 200, "service proxy: {body}");
     assert_eq!(body, format!("pod at {POD_IP} served /hello\n"));
@@ -54,18 +57,20 @@ async fn kube_apiserver_reaches_the_cluster(mode: EgressMode, stream_for: Durati
         })
     };
     // The configuration takes effect once kube-apiserver's informer has it: retry until the webhook is called.
-    let deadline = Instant::now() + Duration::from_secs(20);
     let mut n = 0;
-    while cp.counters.webhook_reviews.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the webhook was never called");
-        n += 1;
-        let (status, body) = cp
-            .kas_request("POST", "/api/v1/namespaces/default/configmaps", Some(&configmap(&format!("allowed-{n}"))))
-            .await
-            .expect("create configmap");
-        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    konnectivity_it::eventually!(
+        20,
+        {
+            n += 1;
+            let (status, body) = cp
+                .kas_request("POST", "/api/v1/namespaces/default/configmaps", Some(&configmap(&format!("allowed-{n}"))))
+                .await
+                .expect("create configmap");
+            assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+            cp.counters.webhook_reviews.load(Ordering::SeqCst) > 0
+        },
+        "the webhook was never called"
+    );
     let (status, body) = cp
         .kas_request("POST", "/api/v1/namespaces/default/configmaps", Some(&configmap("deny-me")))
         .await
@@ -114,11 +119,11 @@ async fn kube_apiserver_reaches_the_cluster(mode: EgressMode, stream_for: Durati
     assert!(longest_gap < Duration::from_secs(2), "the stream paused for {longest_gap:?}");
     assert_eq!(cp.counters.log_streams_open.load(Ordering::SeqCst), 1);
     drop(body);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cp.counters.log_streams_open.load(Ordering::SeqCst) != 0 {
-        assert!(Instant::now() < deadline, "the kubelet's log stream outlived its client by 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    konnectivity_it::eventually!(
+        10,
+        cp.counters.log_streams_open.load(Ordering::SeqCst) == 0,
+        "the kubelet's log stream outlived its client"
+    );
 
     cp.assert_no_decoy_hits();
     // kube-apiserver keeps idle connections to the kubelet, the pod and the webhook; once it is gone, every

@@ -3,37 +3,21 @@
 use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled, server_and_agent};
 use konnectivity_it::targets::http_target;
+use konnectivity_testkit::ChildProcess;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A built binary of this workspace (the test command builds them first).
+/// A built binary of this workspace (the test command builds them first); fails the test, saying so, without it.
 pub(crate) fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let path = target.join("debug").join(name);
-    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first", path.display());
-    path
+    konnectivity_it::controlplane::workspace_bin(name).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_agent(stack: &Stack, agent_port: u16, id: &str) -> KillOnDrop {
-    let child = Command::new(binary("proxy-agent"))
+fn spawn_agent(stack: &Stack, agent_port: u16, id: &str) -> ChildProcess {
+    let mut cmd = Command::new(binary("proxy-agent"));
+    cmd.args(stack.agent_process_flags(agent_port))
         .args([
-            format!("--ca-cert={}", stack.pki.ca.display()),
-            format!("--agent-cert={}", stack.pki.agent_cert.display()),
-            format!("--agent-key={}", stack.pki.agent_key.display()),
-            "--proxy-server-host=127.0.0.1".into(),
-            format!("--proxy-server-port={agent_port}"),
             format!("--agent-id={id}"),
             "--health-server-port=0".into(),
             "--admin-server-port=0".into(),
@@ -43,10 +27,8 @@ fn spawn_agent(stack: &Stack, agent_port: u16, id: &str) -> KillOnDrop {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn proxy-agent");
-    KillOnDrop(child)
+        .stderr(Stdio::null());
+    ChildProcess::spawn("proxy-agent", &mut cmd).expect("spawn proxy-agent")
 }
 
 #[tokio::test]
@@ -82,7 +64,7 @@ async fn agent_killed_mid_transfer_fails_streams_promptly_and_a_new_agent_serves
     }
     let moving = || progress.iter().all(|c| c.load(std::sync::atomic::Ordering::Relaxed) > (1 << 20));
     konnectivity_it::eventually!(15, moving(), "transfers did not get going");
-    agent.0.kill().expect("SIGKILL agent");
+    agent.kill();
     let killed_at = Instant::now();
     for reader in readers {
         // Every stream must end with an error, promptly, not hang and not look like a clean EOF.
@@ -165,7 +147,8 @@ async fn binaries_explain_startup_failures_log_where_klog_would_and_show_help() 
     // --logtostderr=false --log-file: the log goes to the file, errors to stderr as well (klog's default
     // --stderrthreshold=ERROR).
     let log = stack.dir().join("server.log");
-    let mut server = KillOnDrop(
+    let mut server = ChildProcess::spawn(
+        "proxy-server",
         Command::new(binary("proxy-server"))
             .args([
                 format!("--uds-name={}", stack.dir().join("s.sock").display()),
@@ -179,21 +162,20 @@ async fn binaries_explain_startup_failures_log_where_klog_would_and_show_help() 
                 format!("--log-file={}", log.display()),
             ])
             .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn"),
+            .stderr(Stdio::piped()),
+    )
+    .expect("spawn");
+    konnectivity_it::eventually!(
+        10,
+        std::fs::read_to_string(&log).unwrap_or_default().contains("listening for agents"),
+        "no start-up line in {}",
+        log.display()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("listening for agents") {
-        assert!(Instant::now() < deadline, "no start-up line in {}", log.display());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.0.id()).expect("pid"));
-    nix::sys::signal::kill(pid, nix::sys::signal::SIGTERM).expect("SIGTERM");
-    let status = server.0.wait().expect("wait");
+    server.terminate();
+    let status = server.wait().expect("wait");
     assert!(status.success(), "{status}");
     let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut server.0.stderr.take().expect("stderr"), &mut stderr).expect("read");
+    std::io::Read::read_to_string(&mut server.take_stderr().expect("stderr"), &mut stderr).expect("read");
     assert!(!stderr.contains("listening for agents"), "info lines stay in the file: {stderr}");
 
     for bin in ["proxy-server", "proxy-agent", "proxy-test-client"] {
@@ -229,4 +211,22 @@ async fn proxy_test_client_binary_fetches_through_the_tunnel() {
     assert_settled(&server, Some(&agent)).await;
     agent.stop().await;
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_and_agent_dropped_without_stop_shut_down() {
+    // What a test that panics before its explicit stop leaves behind: nothing that still listens.
+    let stack = Stack::new().expect("pki");
+    let (server, agent) = server_and_agent(&stack, Frontend::TcpMtls).await.expect("stack");
+    let konnectivity_server::FrontendAddr::Tcp(frontend) = server.frontend_addr.clone() else { panic!("tcp frontend") };
+    let (agent_port, agent_health) = (server.agent_addr, agent.health_addr.expect("agent health port"));
+    drop(agent);
+    drop(server);
+    for addr in [agent_port, frontend, agent_health] {
+        konnectivity_it::eventually!(
+            10,
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "{addr} still accepts after its server or agent was dropped"
+        );
+    }
 }

@@ -10,8 +10,9 @@ use konnectivity_it::stack::{AgentRun, Frontend, ServerRun, Stack, assert_settle
 use konnectivity_it::targets::{StreamHash, http_target, pattern_sha256};
 use konnectivity_proto::{Packet, PacketKind};
 use konnectivity_server::routing::Strategy;
+use konnectivity_testkit::ChildProcess;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -150,7 +151,8 @@ async fn two_addresses_reaching_one_server_count_once() {
     assert_eq!((metrics.server_dials("new_server"), metrics.server_dials("duplicate")), (1, 1));
     // The duplicate stream was closed: the server holds one stream of this agent.
     konnectivity_it::eventually!(5, server.handle.agents().len() == 1, "server has {:?}", server.handle.agents());
-    // And the agent does not keep redialing: both addresses are served, one server is all there is.
+    // And the agent does not keep redialing: both addresses are served, one server is all there is. (A deliberate
+    // pause: nothing happening is what the test waits to see.)
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!((metrics.server_dials("new_server"), metrics.server_dials("duplicate")), (1, 1));
     assert_eq!(metrics.open_server_connections(), 1.0);
@@ -193,65 +195,25 @@ async fn an_address_that_hangs_delays_no_other() {
     drop(silent);
 }
 
-/// A `proxy-agent` process, killed if the test ends first.
-struct AgentProcess {
-    child: Child,
-    log: std::path::PathBuf,
-}
-
-impl AgentProcess {
-    fn spawn(stack: &Stack, agent_port: u16, id: &str, drain_timeout: &str) -> Self {
-        let log = stack.dir().join(format!("{id}.log"));
-        let child = Command::new(crate::faults::binary("proxy-agent"))
-            .args([
-                format!("--ca-cert={}", stack.pki.ca.display()),
-                format!("--agent-cert={}", stack.pki.agent_cert.display()),
-                format!("--agent-key={}", stack.pki.agent_key.display()),
-                format!("--proxy-server-addresses=127.0.0.1:{agent_port}"),
-                format!("--agent-id={id}"),
-                "--health-server-port=0".into(),
-                "--admin-server-port=0".into(),
-                "--sync-interval=100ms".into(),
-                "--sync-interval-cap=500ms".into(),
-                format!("--drain-timeout={drain_timeout}"),
-                "--v=2".into(),
-            ])
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn proxy-agent");
-        Self { child, log }
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
-        assert!(status.success());
-    }
-
-    /// Waits up to `limit` for the process to exit; its status and when.
-    async fn exit_within(&mut self, limit: Duration) -> Option<(std::process::ExitStatus, Instant)> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some((status, Instant::now()));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        None
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `proxy-agent` process (ours), killed if the test ends first; its log in the stack's directory.
+fn spawn_agent_process(stack: &Stack, agent_port: u16, id: &str, drain_timeout: &str) -> ChildProcess {
+    let mut cmd = Command::new(crate::faults::binary("proxy-agent"));
+    cmd.args([
+        format!("--ca-cert={}", stack.pki.ca.display()),
+        format!("--agent-cert={}", stack.pki.agent_cert.display()),
+        format!("--agent-key={}", stack.pki.agent_key.display()),
+        format!("--proxy-server-addresses=127.0.0.1:{agent_port}"),
+        format!("--agent-id={id}"),
+        "--health-server-port=0".into(),
+        "--admin-server-port=0".into(),
+        "--sync-interval=100ms".into(),
+        "--sync-interval-cap=500ms".into(),
+        format!("--drain-timeout={drain_timeout}"),
+        "--v=2".into(),
+    ])
+    .env("NO_COLOR", "1");
+    ChildProcess::spawn_logged("proxy-agent", &mut cmd, stack.dir().join(format!("{id}.log")))
+        .expect("spawn proxy-agent")
 }
 
 /// Sends `GET /bytes/{len}` on a fresh tunnel and reads the body in a task: the first `pause_at` bytes at once,
@@ -311,8 +273,8 @@ async fn draining_agent_finishes_its_transfer_new_dials_go_elsewhere_and_it_exit
     let target = http_target("127.0.0.1:0").await.expect("target");
     let host = target.addr.to_string();
     let server = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
-    let mut a = AgentProcess::spawn(&stack, server.agent_addr.port(), "agent-a", "1m");
-    konnectivity_it::eventually!(15, server.handle.ready(), "agent A did not connect: {}", a.log_text());
+    let mut a = spawn_agent_process(&stack, server.agent_addr.port(), "agent-a", "1m");
+    konnectivity_it::eventually!(15, server.handle.ready(), "agent A did not connect: {}", a.log());
 
     // The transfer necessarily goes through A (the only agent yet); its reader stops at 8 MiB until told.
     let go = Arc::new(tokio::sync::Notify::new());
@@ -325,9 +287,9 @@ async fn draining_agent_finishes_its_transfer_new_dials_go_elsewhere_and_it_exit
     konnectivity_it::eventually!(10, server.handle.agent_count() == 2, "agent B did not connect");
 
     let sigterm_at = Instant::now();
-    a.sigterm();
+    a.terminate();
     let a_draining = || server.handle.agents().iter().any(|i| i.agent_id == "agent-a" && i.draining);
-    konnectivity_it::eventually!(10, a_draining(), "the server never saw A's DRAIN: {}", a.log_text());
+    konnectivity_it::eventually!(10, a_draining(), "the server never saw A's DRAIN: {}", a.log());
     eprintln!("server saw DRAIN {:?} after SIGTERM", sigterm_at.elapsed());
 
     // New dials go to B.
@@ -338,7 +300,7 @@ async fn draining_agent_finishes_its_transfer_new_dials_go_elsewhere_and_it_exit
     assert_eq!(dials(&b), before + 10, "a new dial went to the draining agent");
 
     // A is still there, serving the paused transfer, which then completes through it.
-    assert!(a.child.try_wait().expect("try_wait").is_none(), "A exited with a transfer open: {}", a.log_text());
+    assert!(a.try_wait().expect("try_wait").is_none(), "A exited with a transfer open: {}", a.log());
     assert!(!reader.is_finished(), "the transfer ended before the drain; the test proves nothing");
     assert!(a_draining(), "A left the server while its transfer was open");
     let resumed_at = Instant::now();
@@ -356,8 +318,9 @@ async fn draining_agent_finishes_its_transfer_new_dials_go_elsewhere_and_it_exit
     let (status, exited_at) = a
         .exit_within(Duration::from_secs(10))
         .await
-        .unwrap_or_else(|| panic!("A did not exit within 10s of its last connection ending: {}", a.log_text()));
-    assert!(status.success(), "A exited with {status}: {}", a.log_text());
+        .map(|status| (status, Instant::now()))
+        .unwrap_or_else(|| panic!("A did not exit within 10s of its last connection ending: {}", a.log()));
+    assert!(status.success(), "A exited with {status}: {}", a.log());
     eprintln!(
         "drain: the remaining {} MiB took {:?}; A exited {:?} after the transfer ended, {:?} after SIGTERM",
         (LEN - PAUSE_AT) >> 20,
@@ -379,8 +342,8 @@ async fn drain_timeout_closes_the_transfer_left_with_an_error_and_exits() {
     let target = http_target("127.0.0.1:0").await.expect("target");
     let host = target.addr.to_string();
     let server = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
-    let mut a = AgentProcess::spawn(&stack, server.agent_addr.port(), "agent-a", "1s");
-    konnectivity_it::eventually!(15, server.handle.ready(), "agent did not connect: {}", a.log_text());
+    let mut a = spawn_agent_process(&stack, server.agent_addr.port(), "agent-a", "1s");
+    konnectivity_it::eventually!(15, server.handle.ready(), "agent did not connect: {}", a.log());
 
     // A transfer that would run for a long time, read continuously.
     let go = Arc::new(tokio::sync::Notify::new());
@@ -389,7 +352,7 @@ async fn drain_timeout_closes_the_transfer_left_with_an_error_and_exits() {
     konnectivity_it::eventually!(15, progress.load(Ordering::Relaxed) > (1 << 20), "transfer did not start");
 
     let sigterm_at = Instant::now();
-    a.sigterm();
+    a.terminate();
     let outcome = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .expect("the frontend hung: its transfer did not end within 10s of the drain timeout")
@@ -400,8 +363,9 @@ async fn drain_timeout_closes_the_transfer_left_with_an_error_and_exits() {
     let (status, exited_at) = a
         .exit_within(Duration::from_secs(10))
         .await
-        .unwrap_or_else(|| panic!("A did not exit after its drain timeout: {}", a.log_text()));
-    assert!(status.success(), "A exited with {status}: {}", a.log_text());
+        .map(|status| (status, Instant::now()))
+        .unwrap_or_else(|| panic!("A did not exit after its drain timeout: {}", a.log()));
+    assert!(status.success(), "A exited with {status}: {}", a.log());
     let (cut, exited) = (ended_at - sigterm_at, exited_at - sigterm_at);
     eprintln!(
         "drain timeout 1s: transfer cut after {cut:?} ({} MiB read) with {err:?}; process exited after {exited:?}",
@@ -409,7 +373,7 @@ async fn drain_timeout_closes_the_transfer_left_with_an_error_and_exits() {
     );
     assert!(cut >= Duration::from_secs(1), "cut before the timeout: {cut:?}");
     assert!(exited >= Duration::from_secs(1) && exited < Duration::from_secs(5), "exited after {exited:?}");
-    assert!(a.log_text().contains("closing them"), "{}", a.log_text());
+    assert!(a.log().contains("closing them"), "{}", a.log());
     konnectivity_it::eventually!(5, !server.handle.ready(), "the server still lists the agent");
     assert_settled(&server, None).await;
     server.stop().await;

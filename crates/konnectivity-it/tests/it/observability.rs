@@ -4,6 +4,7 @@
 use konnectivity_it::http;
 use konnectivity_it::stack::{Frontend, Stack, assert_settled};
 use konnectivity_it::targets::http_target;
+use konnectivity_testkit::{ChildProcess, free_port};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -482,40 +483,34 @@ async fn agent_is_not_ready_without_a_server() {
 #[tokio::test]
 async fn a_cpu_profile_from_a_running_server_parses_with_go_tool_pprof() {
     let stack = Stack::new().expect("pki");
-    let port = |()| {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr").port()
-    };
-    let (admin, health, agent_port) = (port(()), port(()), port(()));
-    let mut server = std::process::Command::new(crate::faults::binary("proxy-server"))
-        .args([
-            format!("--uds-name={}", stack.uds.display()),
-            "--server-port=0".into(),
-            format!("--cluster-cert={}", stack.pki.server_cert.display()),
-            format!("--cluster-key={}", stack.pki.server_key.display()),
-            format!("--agent-port={agent_port}"),
-            "--agent-bind-address=127.0.0.1".into(),
-            format!("--health-port={health}"),
-            "--health-bind-address=127.0.0.1".into(),
-            format!("--admin-port={admin}"),
-            "--enable-profiling".into(),
-            "--enable-contention-profiling".into(),
-        ])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn proxy-server");
+    let (admin, health, agent_port) = (free_port(), free_port(), free_port());
+    let mut server = ChildProcess::spawn(
+        "proxy-server",
+        std::process::Command::new(crate::faults::binary("proxy-server"))
+            .args([
+                format!("--uds-name={}", stack.uds.display()),
+                "--server-port=0".into(),
+                format!("--cluster-cert={}", stack.pki.server_cert.display()),
+                format!("--cluster-key={}", stack.pki.server_key.display()),
+                format!("--agent-port={agent_port}"),
+                "--agent-bind-address=127.0.0.1".into(),
+                format!("--health-port={health}"),
+                "--health-bind-address=127.0.0.1".into(),
+                format!("--admin-port={admin}"),
+                "--enable-profiling".into(),
+                "--enable-contention-profiling".into(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .expect("spawn proxy-server");
     let admin_addr: SocketAddr = format!("127.0.0.1:{admin}").parse().expect("addr");
-    let mut up = false;
-    for _ in 0..500 {
-        if tokio::net::TcpStream::connect(admin_addr).await.is_ok() {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(up, "admin port never opened");
+    konnectivity_it::eventually!(
+        10,
+        tokio::net::TcpStream::connect(admin_addr).await.is_ok(),
+        "admin port never opened"
+    );
     // Give the profiler something to see: metric scrapes on the health port while it samples.
     let health_addr: SocketAddr = format!("127.0.0.1:{health}").parse().expect("addr");
     let load = tokio::spawn(async move {
@@ -543,8 +538,7 @@ async fn a_cpu_profile_from_a_running_server_parses_with_go_tool_pprof() {
         .output()
         .await
         .expect("go tool pprof");
-    let _ = server.kill();
-    let _ = server.wait();
+    server.kill();
     assert!(out.status.success(), "go tool pprof failed: {}", String::from_utf8_lossy(&out.stderr));
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("flat") && report.contains("Type: cpu"), "{report}");

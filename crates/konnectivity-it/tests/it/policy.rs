@@ -8,12 +8,7 @@ use konnectivity_it::targets::http_target;
 use std::sync::Arc;
 
 fn counter(registry: &prometheus::Registry, name: &str) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .find(|f| f.name() == name)
-        .map(|f| f.get_metric()[0].get_counter().get_value())
-        .unwrap_or(0.0)
+    konnectivity_it::metrics::samples(registry, name).first().map(|m| m.get_counter().get_value()).unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -98,7 +93,7 @@ async fn denied_by_address_port_and_by_what_a_name_resolves_to_through_both_fron
 
 #[tokio::test]
 async fn a_bad_policy_file_stops_the_binary_with_the_reason() {
-    let dir = konnectivity_it::TempDir::new("policy").expect("dir");
+    let dir = konnectivity_testkit::TempDir::new("policy").expect("dir");
     let file = dir.path().join("policy.json");
     std::fs::write(&file, r#"{"rules": [{"action": "deny", "cidr": "10.0.0.0/99"}]}"#).expect("write");
     let out = std::process::Command::new(crate::faults::binary("proxy-server"))

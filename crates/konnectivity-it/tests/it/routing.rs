@@ -51,20 +51,10 @@ async fn strategies_route_by_identifiers_and_fall_through_in_order() {
 
     // ready_backends per strategy.
     let ready = |strategy: &str| -> f64 {
-        server
-            .handle
-            .metrics()
-            .registry()
-            .gather()
-            .iter()
-            .find(|f| f.name() == "konnectivity_network_proxy_server_ready_backends")
-            .and_then(|f| {
-                f.get_metric()
-                    .iter()
-                    .find(|m| m.get_label().iter().any(|l| l.value() == strategy))
-                    .map(|m| m.get_gauge().get_value())
-            })
-            .unwrap_or(-1.0)
+        let registry = server.handle.metrics().registry();
+        let sample =
+            konnectivity_it::metrics::labelled(registry, "konnectivity_network_proxy_server_ready_backends", strategy);
+        sample.map(|m| m.get_gauge().get_value()).unwrap_or(-1.0)
     };
     assert_eq!((ready("destHost"), ready("destCIDR"), ready("defaultRoute")), (2.0, 1.0, 1.0));
 

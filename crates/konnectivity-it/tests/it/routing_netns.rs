@@ -4,14 +4,13 @@
 //! same addresses in the server's own network count any bypass.
 
 use konnectivity_client::{ProxyAddress, Tunnel};
-use konnectivity_it::TempDir;
-use konnectivity_it::controlplane::{ClusterPki, Proc, metric, workspace_bin};
+use konnectivity_it::controlplane::{ClusterPki, metric, workspace_bin};
 use konnectivity_it::netns::{NetNs, veth};
 use konnectivity_it::targets::{Target, serve_listener};
+use konnectivity_testkit::TempDir;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONTROL: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
@@ -57,6 +56,7 @@ static N: AtomicU64 = AtomicU64::new(0);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same_pod_ip() {
+    konnectivity_it::netns::require();
     let id = format!("{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
     let dir = TempDir::new("krs-routing").expect("dir");
     let pki = ClusterPki::generate(dir.path()).expect("pki");
@@ -108,14 +108,13 @@ async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same
         "--proxy-strategies=destHost,destCIDR,defaultRoute".into(),
         "--server-id=routing".into(),
     ];
-    let _server = Proc::spawn(
-        &control,
-        "proxy-server",
-        &workspace_bin("proxy-server").expect("bin"),
-        &server_args,
-        dir.path().join("server.log"),
-    )
-    .expect("server");
+    let _server = control
+        .spawn_process(
+            "proxy-server",
+            std::process::Command::new(workspace_bin("proxy-server").expect("bin")).args(&server_args),
+            dir.path().join("server.log"),
+        )
+        .expect("server");
     let agent = |name: &str, identifiers: &str, ns: &NetNs| {
         let args: Vec<String> = vec![
             format!("--ca-cert={}", pki.ca.display()),
@@ -130,23 +129,21 @@ async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same
             "--sync-interval=200ms".into(),
             "--sync-interval-cap=1s".into(),
         ];
-        Proc::spawn_with_etc(
-            ns,
+        ns.spawn_process(
             name,
-            &workspace_bin("proxy-agent").expect("bin"),
-            &args,
+            ns.exec_with_etc(&workspace_bin("proxy-agent").expect("bin")).args(&args),
             dir.path().join(format!("{name}.log")),
         )
         .expect("agent")
     };
     let _agent_a = agent("node-a", "host=node-a&cidr=198.18.10.0/24", &cluster_a);
     let _agent_b = agent("node-b", "host=node-b&cidr=198.18.20.0/24&default-route=true", &cluster_b);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&control, 8133, "konnectivity_network_proxy_server_ready_backend_connections").await.ok() != Some(2.0)
-    {
-        assert!(Instant::now() < deadline, "agents did not connect; server log:\n{}", _server.log_tail(20));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    konnectivity_it::eventually!(
+        20,
+        metric(&control, 8133, "konnectivity_network_proxy_server_ready_backend_connections").await.ok() == Some(2.0),
+        "agents did not connect; server log:\n{}",
+        _server.log_tail(20)
+    );
 
     let get = async |target: &str| -> String {
         let tunnel = Tunnel::connect_single_use(&ProxyAddress::Uds(uds.clone())).await.expect("tunnel");
@@ -169,16 +166,17 @@ async fn dest_host_dest_cidr_and_default_route_across_two_clusters_with_the_same
     assert_eq!(decoy_hits.load(Ordering::SeqCst), 0, "the control network's decoys were hit");
 
     // Nothing left on the server once the clients are gone.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let held = async || {
         let established =
             metric(&control, 8133, "konnectivity_network_proxy_server_established_connections").await.expect("metric");
         let pending =
             metric(&control, 8133, "konnectivity_network_proxy_server_pending_backend_dials").await.expect("m");
-        if established == 0.0 && pending == 0.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server still holds {established} connections, {pending} dials");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (established, pending)
+    };
+    konnectivity_it::eventually!(
+        10,
+        held().await == (0.0, 0.0),
+        "server still holds (connections, dials) {:?}",
+        held().await
+    );
 }

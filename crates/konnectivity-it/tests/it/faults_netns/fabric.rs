@@ -15,10 +15,15 @@
 
 use anyhow::{Context, bail};
 use konnectivity_client::{ProxyAddress, Tunnel, TunnelConn};
-use konnectivity_it::TempDir;
-use konnectivity_it::controlplane::{ClusterPki, Proc, metric, plain_get, workspace_bin};
+// The link and the server's and agent's ports are the control-plane fixture's.
+pub use konnectivity_it::controlplane::{
+    AGENT_ADMIN_PORT, AGENT_HEALTH_PORT, AGENT_PORT, CLUSTER_LINK, CONTROL_LINK, SERVER_ADMIN_PORT, SERVER_HEALTH_PORT,
+};
+use konnectivity_it::controlplane::{ClusterPki, interop_bin, metric, plain_get, workspace_bin};
 use konnectivity_it::netns::{NetNs, veth};
 use konnectivity_it::targets::{Target, echo_target_on, http_target_on, serve_listener};
+use konnectivity_testkit::ChildProcess;
+use konnectivity_testkit::TempDir;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
@@ -27,8 +32,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
-pub const CONTROL_LINK: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
-pub const CLUSTER_LINK: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 2);
 /// Where the targets listen in the cluster network.
 pub const TARGET_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 /// An address in the cluster network whose packets are all dropped: a dial to it hangs until a timeout.
@@ -41,11 +44,6 @@ pub const REFUSED_PORT: u16 = 8081;
 pub const STALLED_PORT: u16 = 9000;
 /// Reads 16 KiB every 50 ms (about 320 KB/s).
 pub const SLOW_PORT: u16 = 9001;
-pub const AGENT_PORT: u16 = 8132;
-pub const SERVER_ADMIN_PORT: u16 = 8133;
-pub const SERVER_HEALTH_PORT: u16 = 8134;
-pub const AGENT_HEALTH_PORT: u16 = 8093;
-pub const AGENT_ADMIN_PORT: u16 = 8094;
 
 pub fn http_addr() -> String {
     format!("{TARGET_IP}:{HTTP_PORT}")
@@ -100,8 +98,8 @@ pub struct Fabric {
     pub cluster: Arc<NetNs>,
     pub veth_cluster: String,
     pub uds: PathBuf,
-    pub server: Option<Proc>,
-    pub agent: Option<Proc>,
+    pub server: Option<ChildProcess>,
+    pub agent: Option<ChildProcess>,
     pub options: Options,
     agent_starts: u32,
     server_starts: u32,
@@ -264,11 +262,9 @@ impl Fabric {
     pub fn start_server(&mut self) -> anyhow::Result<()> {
         self.server_starts += 1;
         let log = self.dir.path().join(format!("proxy-server-{}.log", self.server_starts));
-        self.server = Some(Proc::spawn(
-            &self.control,
+        self.server = Some(self.control.spawn_process(
             "proxy-server",
-            &workspace_bin("proxy-server")?,
-            &self.server_args(),
+            Command::new(workspace_bin("proxy-server")?).args(self.server_args()),
             log,
         )?);
         Ok(())
@@ -280,9 +276,9 @@ impl Fabric {
         let log = self.dir.path().join(format!("proxy-agent-{}.log", self.agent_starts));
         let bin = match self.options.agent {
             AgentKind::Ours => workspace_bin("proxy-agent")?,
-            AgentKind::Go => go_agent_bin()?,
+            AgentKind::Go => interop_bin("proxy-agent")?,
         };
-        self.agent = Some(Proc::spawn(&self.cluster, "proxy-agent", &bin, &self.agent_args(), log)?);
+        self.agent = Some(self.cluster.spawn_process("proxy-agent", Command::new(bin).args(self.agent_args()), log)?);
         Ok(())
     }
 
@@ -405,13 +401,13 @@ impl Fabric {
 
     /// Open file descriptors of the server and the agent process.
     pub fn fds(&self) -> (usize, usize) {
-        let count = |p: &Option<Proc>| p.as_ref().and_then(Proc::pid).map(fd_count).unwrap_or(0);
+        let count = |p: &Option<ChildProcess>| p.as_ref().and_then(ChildProcess::pid).map(fd_count).unwrap_or(0);
         (count(&self.server), count(&self.agent))
     }
 
     /// Resident memory (bytes) of the server and the agent process.
     pub fn rss(&self) -> (u64, u64) {
-        let rss = |p: &Option<Proc>| p.as_ref().and_then(Proc::pid).map(rss_bytes).unwrap_or(0);
+        let rss = |p: &Option<ChildProcess>| p.as_ref().and_then(ChildProcess::pid).map(rss_bytes).unwrap_or(0);
         (rss(&self.server), rss(&self.agent))
     }
 
@@ -441,10 +437,10 @@ impl Fabric {
     /// The runtime tasks (`tokio_alive_tasks`) of our server and agent, by pid; the Go agent has none.
     async fn tasks(&self) -> anyhow::Result<Vec<(&'static str, u32, f64)>> {
         let mut tasks = Vec::new();
-        if let Some(pid) = self.server.as_ref().and_then(Proc::pid) {
+        if let Some(pid) = self.server.as_ref().and_then(ChildProcess::pid) {
             tasks.push(("server", pid, self.server_metric("tokio_alive_tasks").await?));
         }
-        if let Some(pid) = self.agent.as_ref().and_then(Proc::pid)
+        if let Some(pid) = self.agent.as_ref().and_then(ChildProcess::pid)
             && self.options.agent == AgentKind::Ours
         {
             tasks.push(("agent", pid, self.agent_metric("tokio_alive_tasks").await?));
@@ -501,8 +497,7 @@ impl Fabric {
     pub async fn baseline(&self) -> anyhow::Result<(usize, usize)> {
         self.get_success(Duration::from_secs(10)).await?;
         self.assert_settled((usize::MAX / 2, usize::MAX / 2), 0, Duration::from_secs(10)).await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        Ok(self.fds())
+        Ok(konnectivity_it::steady(Duration::from_secs(2), || self.fds()).await)
     }
 
     /// Cuts the link both ways (iptables DROP on the cluster side of the veth); [`Fabric::heal`] undoes it.
@@ -572,14 +567,6 @@ fn override_flags(args: &mut Vec<String>, extra: &[String]) {
     args.extend(extra.iter().filter(|a| !a.ends_with("=<unset>")).cloned());
 }
 
-pub fn go_agent_bin() -> anyhow::Result<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop/bin/proxy-agent");
-    if !p.exists() {
-        bail!("{} is missing: run interop/build.sh (scripts/test does)", p.display());
-    }
-    Ok(p)
-}
-
 pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
@@ -609,13 +596,15 @@ pub async fn drain_counting(
     }
 }
 
-/// True when this process may create network namespaces (root); scenarios skip otherwise.
-pub fn can_run() -> bool {
-    if konnectivity_it::controlplane::can_create_netns() {
-        return true;
-    }
-    eprintln!("skipping: fault-injection scenarios need root (network namespaces, iptables)");
-    false
+/// Fails the scenario, saying why, where it cannot run: it needs root, `ip netns` and iptables. (It used to
+/// return early and pass.)
+pub fn require_fabric() {
+    konnectivity_it::netns::require();
+    let iptables = Command::new("iptables").arg("--version").output();
+    assert!(
+        iptables.is_ok_and(|out| out.status.success()),
+        "fault-injection scenarios need iptables (apt-get install iptables; scripts/test checks for it)"
+    );
 }
 
 /// A measured figure, printed in one greppable format (`FAULTS <scenario> <what>: <value>`), collected into

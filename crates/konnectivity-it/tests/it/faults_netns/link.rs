@@ -1,6 +1,6 @@
 //! Scenarios 1–3: the link breaks (partition, loss and delay, a half-open connection).
 
-use super::fabric::{AgentKind, Fabric, KEEPALIVE_BOUND, Options, can_run, echo_addr, http_addr, report};
+use super::fabric::{AgentKind, Fabric, KEEPALIVE_BOUND, Options, echo_addr, http_addr, report, require_fabric};
 use super::netem::Netem;
 use super::traffic::*;
 use konnectivity_client::Tunnel;
@@ -111,16 +111,14 @@ async fn partition(kind: AgentKind) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_longer_than_keepalive_fails_in_flight_connections_and_heals() {
-    if can_run() {
-        partition(AgentKind::Ours).await.unwrap();
-    }
+    require_fabric();
+    partition(AgentKind::Ours).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partition_with_the_go_agent() {
-    if can_run() {
-        partition(AgentKind::Go).await.unwrap();
-    }
+    require_fabric();
+    partition(AgentKind::Go).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -131,9 +129,7 @@ const LOSSY_TRANSFER_BOUND: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loss_and_delay_keep_a_16_mib_transfer_byte_identical() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "loss-delay";
     // Keepalive as deployed (30 s, 20 s), not the fabric's 1 s + 2 s: on this link a ping can wait behind
     // megabytes of the transfer in the sender's socket buffer, and 2 s is not enough for its answer (measured:
@@ -186,9 +182,7 @@ const HALF_OPEN_STALE_BOUND: Duration = Duration::from_secs(5);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_agent_connection_is_detected_and_replaced() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "half-open";
     let options = Options {
         // The server does not ping: only the agent's keepalive can notice.

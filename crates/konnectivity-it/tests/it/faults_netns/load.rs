@@ -1,12 +1,12 @@
 //! Scenarios 6–8: load and misbehaving peers (a dial storm, stalled readers, frontends that vanish mid-dial).
 
 use super::fabric::{
-    BLACKHOLE_IP, Fabric, Options, SLOW_PORT, STALLED_PORT, TARGET_IP, blackhole_addr, can_run, echo_addr, http_addr,
-    refused_addr, report,
+    BLACKHOLE_IP, Fabric, Options, SLOW_PORT, STALLED_PORT, TARGET_IP, blackhole_addr, echo_addr, http_addr,
+    refused_addr, report, require_fabric,
 };
 use super::traffic::*;
 use konnectivity_client::Tunnel;
-use konnectivity_it::controlplane::{Proc, workspace_bin};
+use konnectivity_it::controlplane::workspace_bin;
 use konnectivity_it::targets::pattern_sha256;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,9 +36,7 @@ struct Outcomes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_storm_every_dial_ends_and_nothing_is_left() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "dial-storm";
     let options = Options {
         server_args: vec![format!("--backend-dial-timeout={}s", STORM_DIAL_TIMEOUT.as_secs()), "--v=1".into()],
@@ -149,9 +147,7 @@ const STALL_SETTLE: Duration = Duration::from_secs(25);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_and_slow_readers_block_no_one_and_leave_nothing() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "stalled-readers";
     let mut f = Fabric::start(tag, Options::default()).await.unwrap();
     let baseline = f.baseline().await.unwrap();
@@ -196,19 +192,16 @@ async fn stalled_and_slow_readers_block_no_one_and_leave_nothing() {
     let max_queued = |debug: &serde_json::Value| {
         debug["connections"].as_array().into_iter().flatten().filter_map(|c| c["queued_bytes"].as_u64()).max()
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let backed_up = async || {
         let queued = max_queued(&f.server_debug().await.unwrap()).unwrap_or(0);
-        let pushed = written.load(Ordering::Relaxed);
-        if queued >= 1 << 20 && pushed >= 16 << 20 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not backed up after 30 s: frontend queue {queued} bytes, {pushed} bytes written"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (queued, written.load(Ordering::Relaxed))
+    };
+    konnectivity_it::eventually!(
+        30,
+        matches!(backed_up().await, (queued, pushed) if queued >= 1 << 20 && pushed >= 16 << 20),
+        "not backed up: (frontend queue, bytes written) {:?}",
+        backed_up().await
+    );
 
     // The normal transfer and echo round trips, beside them.
     let (sha, len, beside) = download_hashed(&f, 16 << 20, Duration::from_secs(60)).await.unwrap();
@@ -272,9 +265,7 @@ const VANISH_BOUND: Duration = Duration::from_secs(7);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "vanishing-frontends";
     // No server-side dial timeout: only the frontends' going away can end these dials on the server.
     let options = Options { server_args: vec!["--backend-dial-timeout=0s".into()], ..Options::default() };
@@ -290,7 +281,7 @@ async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
         }));
     }
     let mut clients = Vec::new();
-    // Proc kills them when dropped, should the test fail before it does.
+    // ChildProcess stops them when dropped, should the test fail before it does.
     let client_bin = workspace_bin("proxy-test-client").unwrap();
     for i in 0..25 {
         let args = [
@@ -300,17 +291,14 @@ async fn frontends_vanishing_mid_dial_leave_no_pending_dial() {
             "--request-port=80".into(),
         ];
         let log = f.dir.path().join(format!("test-client-{i}.log"));
-        clients.push(Proc::spawn(&f.control, "proxy-test-client", &client_bin, &args, log).unwrap());
+        clients.push(
+            f.control
+                .spawn_process("proxy-test-client", std::process::Command::new(&client_bin).args(&args), log)
+                .unwrap(),
+        );
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let pending = f.server_metric("konnectivity_network_proxy_server_pending_backend_dials").await.unwrap();
-        if pending >= 50.0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "only {pending} dials pending");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pending = async || f.server_metric("konnectivity_network_proxy_server_pending_backend_dials").await.unwrap();
+    konnectivity_it::eventually!(10, pending().await >= 50.0, "only {} dials pending", pending().await);
     let dialing = f.leftovers().await.unwrap().agent_dials_debug;
     report(tag, "dials in flight on the agent before the frontends vanish", dialing);
     for d in &dials {

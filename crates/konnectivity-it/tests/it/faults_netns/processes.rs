@@ -1,6 +1,6 @@
 //! Scenarios 4–5: the processes die (SIGKILL of either side, 50 agent restarts).
 
-use super::fabric::{AgentKind, Fabric, Options, can_run, http_addr, report};
+use super::fabric::{AgentKind, Fabric, Options, http_addr, report, require_fabric};
 use super::traffic::*;
 use konnectivity_client::Tunnel;
 use std::sync::Arc;
@@ -83,8 +83,7 @@ async fn sigkill(kind: AgentKind) -> anyhow::Result<()> {
     f.get_success(Duration::from_secs(5)).await?;
     if kind == AgentKind::Ours {
         // The restarted server's own baseline; the agent's must not have grown.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let server_fds = f.fds().0;
+        let server_fds = konnectivity_it::steady(Duration::from_secs(2), || f.fds().0).await;
         f.assert_settled((server_fds, agent_fds), FD_SLACK, SETTLE).await?;
     } else {
         f.assert_settled((usize::MAX / 2, usize::MAX / 2), 0, SETTLE).await?;
@@ -95,16 +94,14 @@ async fn sigkill(kind: AgentKind) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_agent_and_server_mid_transfer() {
-    if can_run() {
-        sigkill(AgentKind::Ours).await.unwrap();
-    }
+    require_fabric();
+    sigkill(AgentKind::Ours).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_with_the_go_agent() {
-    if can_run() {
-        sigkill(AgentKind::Go).await.unwrap();
-    }
+    require_fabric();
+    sigkill(AgentKind::Go).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -118,9 +115,7 @@ const RESTART_REQUEST_BOUND: Duration = Duration::from_secs(6);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restarted_50_times_leaves_no_state_behind() {
-    if !can_run() {
-        return;
-    }
+    require_fabric();
     let tag = "restart-loop";
     let mut f = Fabric::start(tag, Options::default()).await.unwrap();
     let baseline = f.baseline().await.unwrap();
@@ -169,6 +164,7 @@ async fn agent_restarted_50_times_leaves_no_state_behind() {
         let peers = fab.agent_peers().await.unwrap();
         assert_eq!(peers.len(), 1, "after restart {i}: {peers:?}");
         server_fds_max = server_fds_max.max(fab.fds().0);
+        // The scenario's pace: a moment of service between restarts.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed();

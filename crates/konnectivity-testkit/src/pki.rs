@@ -1,7 +1,10 @@
-//! A throwaway PKI written to a directory: one CA, and server, agent and client certificates signed by it,
-//! plus a second, unrelated CA with its own client certificate (for "wrong CA" tests).
+//! Throwaway PKIs made with rcgen. [`Ca`] signs [`Leaf`] certificates of any shape; [`Pki`] is the set a loopback
+//! server, agent and client use: one CA, and server, agent and client certificates signed by it, plus a second,
+//! unrelated CA with its own client certificate (for "wrong CA" tests). [`SecretDir`] publishes files the way
+//! kubelet mounts a Secret.
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+pub use rcgen::ExtendedKeyUsagePurpose;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use std::path::{Path, PathBuf};
 
 /// Paths of the generated files.
@@ -27,55 +30,31 @@ pub struct Pki {
     pub rogue_key: PathBuf,
 }
 
-fn leaf(
-    name: &str,
-    usage: ExtendedKeyUsagePurpose,
-    issuer: &CertifiedIssuer<'_, KeyPair>,
-) -> Result<(String, String), rcgen::Error> {
-    let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])?;
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.extended_key_usages = vec![usage];
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, issuer)?;
-    Ok((cert.pem(), key.serialize_pem()))
-}
-
-fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, rcgen::Error> {
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    CertifiedIssuer::self_signed(params, KeyPair::generate()?)
-}
-
 impl Pki {
     /// Generates the PKI into `dir`.
     pub fn generate(dir: &Path) -> anyhow::Result<Self> {
-        let write = |name: &str, pem: &str| -> anyhow::Result<PathBuf> {
-            let p = dir.join(name);
-            std::fs::write(&p, pem)?;
-            Ok(p)
-        };
-        let root = ca("konnectivity-rs test CA")?;
-        let rogue_root = ca("unrelated CA")?;
-        let (server_cert, server_key) = leaf("proxy-server", ExtendedKeyUsagePurpose::ServerAuth, &root)?;
-        let (agent_cert, agent_key) = leaf("proxy-agent", ExtendedKeyUsagePurpose::ClientAuth, &root)?;
-        let (client_cert, client_key) = leaf("kube-apiserver", ExtendedKeyUsagePurpose::ClientAuth, &root)?;
-        let (rogue_cert, rogue_key) = leaf("rogue", ExtendedKeyUsagePurpose::ClientAuth, &rogue_root)?;
+        let root = Ca::new("konnectivity-rs test CA")?;
+        let rogue_root = Ca::new("unrelated CA")?;
+        let (server_cert, server_key) = root.write_leaf(dir, "server", &Leaf::server("proxy-server"))?;
+        let (agent_cert, agent_key) = root.write_leaf(dir, "agent", &Leaf::client("proxy-agent"))?;
+        let (client_cert, client_key) = root.write_leaf(dir, "client", &Leaf::client("kube-apiserver"))?;
+        let (rogue_cert, rogue_key) = rogue_root.write_leaf(dir, "rogue", &Leaf::client("rogue"))?;
         Ok(Self {
-            ca: write("ca.crt", &root.pem())?,
-            server_cert: write("server.crt", &server_cert)?,
-            server_key: write("server.key", &server_key)?,
-            agent_cert: write("agent.crt", &agent_cert)?,
-            agent_key: write("agent.key", &agent_key)?,
-            client_cert: write("client.crt", &client_cert)?,
-            client_key: write("client.key", &client_key)?,
-            rogue_cert: write("rogue.crt", &rogue_cert)?,
-            rogue_key: write("rogue.key", &rogue_key)?,
+            ca: root.write(dir, "ca")?,
+            server_cert,
+            server_key,
+            agent_cert,
+            agent_key,
+            client_cert,
+            client_key,
+            rogue_cert,
+            rogue_key,
         })
     }
 }
 
-/// A CA kept in memory, to sign more certificates after start (rotations, expired or wrong-usage certificates).
+/// A CA kept in memory, to sign certificates: the fixed sets ([`Pki`], the control plane's), and more after
+/// start (rotations, expired or wrong-usage certificates).
 pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
@@ -85,6 +64,10 @@ pub struct Ca {
 pub struct Leaf {
     /// Common name.
     pub name: String,
+    /// Organization (`O=`), which Kubernetes reads as a group.
+    pub organization: Option<String>,
+    /// Subject alternative names (DNS names or IP addresses).
+    pub sans: Vec<String>,
     /// Its one extended key usage.
     pub usage: ExtendedKeyUsagePurpose,
     /// Serial number (rcgen picks a random one when `None`).
@@ -94,13 +77,33 @@ pub struct Leaf {
 }
 
 impl Leaf {
+    fn new(name: &str, usage: ExtendedKeyUsagePurpose) -> Self {
+        Self {
+            name: name.into(),
+            organization: None,
+            sans: ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec(),
+            usage,
+            serial: None,
+            expired: false,
+        }
+    }
     /// A server certificate (serverAuth) for localhost, 127.0.0.1 and ::1.
     pub fn server(name: &str) -> Self {
-        Self { name: name.into(), usage: ExtendedKeyUsagePurpose::ServerAuth, serial: None, expired: false }
+        Self::new(name, ExtendedKeyUsagePurpose::ServerAuth)
     }
-    /// A client certificate (clientAuth).
+    /// A client certificate (clientAuth), with the SANs localhost, 127.0.0.1 and ::1.
     pub fn client(name: &str) -> Self {
-        Self { name: name.into(), usage: ExtendedKeyUsagePurpose::ClientAuth, serial: None, expired: false }
+        Self::new(name, ExtendedKeyUsagePurpose::ClientAuth)
+    }
+    /// With these subject alternative names instead.
+    pub fn sans(mut self, sans: &[&str]) -> Self {
+        self.sans = sans.iter().map(|s| s.to_string()).collect();
+        self
+    }
+    /// With this organization.
+    pub fn organization(mut self, organization: &str) -> Self {
+        self.organization = Some(organization.into());
+        self
     }
     /// With this serial number.
     pub fn serial(mut self, serial: u64) -> Self {
@@ -117,7 +120,10 @@ impl Leaf {
 impl Ca {
     /// A new self-signed CA.
     pub fn new(name: &str) -> Result<Self, rcgen::Error> {
-        Ok(Self { issuer: ca(name)? })
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        Ok(Self { issuer: CertifiedIssuer::self_signed(params, KeyPair::generate()?)? })
     }
 
     /// The CA certificate (PEM).
@@ -130,11 +136,20 @@ impl Ca {
         self.issuer.der().to_vec()
     }
 
+    /// Writes the CA certificate to `dir/<stem>.crt`.
+    pub fn write(&self, dir: &Path, stem: &str) -> std::io::Result<PathBuf> {
+        let path = dir.join(format!("{stem}.crt"));
+        std::fs::write(&path, self.pem())?;
+        Ok(path)
+    }
+
     /// Signs a leaf certificate with a fresh key: (certificate PEM, key PEM).
     pub fn leaf(&self, leaf: &Leaf) -> Result<(String, String), rcgen::Error> {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()])?;
+        let mut params = CertificateParams::new(leaf.sans.clone())?;
         params.distinguished_name.push(DnType::CommonName, leaf.name.as_str());
+        if let Some(o) = &leaf.organization {
+            params.distinguished_name.push(DnType::OrganizationName, o.as_str());
+        }
         params.extended_key_usages = vec![leaf.usage.clone()];
         if let Some(serial) = leaf.serial {
             params.serial_number = Some(serial.into());
@@ -146,6 +161,16 @@ impl Ca {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Signs a leaf certificate and writes it to `dir/<stem>.crt`, its key to `dir/<stem>.key`: (certificate
+    /// path, key path).
+    pub fn write_leaf(&self, dir: &Path, stem: &str, leaf: &Leaf) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (cert, key) = self.leaf(leaf)?;
+        let (cert_path, key_path) = (dir.join(format!("{stem}.crt")), dir.join(format!("{stem}.key")));
+        std::fs::write(&cert_path, cert)?;
+        std::fs::write(&key_path, key)?;
+        Ok((cert_path, key_path))
     }
 }
 

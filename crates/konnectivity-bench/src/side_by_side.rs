@@ -1,4 +1,4 @@
-//! `konnectivity-bench`: konnectivity-rs and the Go reference side by side, on loopback, in one run.
+//! `konnectivity-bench`'s run: konnectivity-rs and the Go reference side by side, on loopback, in one run.
 //!
 //! For each stack (direct; our server and agent; the reference's; the mixed pairs), in gRPC and HTTP CONNECT
 //! mode over the Unix-socket frontend, it starts fresh processes and measures bulk throughput each way with
@@ -6,15 +6,10 @@
 //! and on a kept connection, dial rate, idle memory per tunnel, and head-of-line blocking. Every stack runs
 //! once per round and rounds interleave the stacks; each figure is the median of the rounds with min–max, and
 //! ratios compare with the reference and with direct measured in the same invocation.
-#![forbid(unsafe_code)]
 
-mod procs;
-mod scenarios;
-mod target;
-
+use crate::procs::{self, Bins, Impl, Mode};
+use crate::scenarios::{self, Path, quantile};
 use clap::Parser;
-use procs::{Bins, Impl, Mode};
-use scenarios::{Path, quantile};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,35 +18,35 @@ use tokio_util::sync::CancellationToken;
 /// Benchmarks konnectivity-rs against the Go reference (apiserver-network-proxy) on loopback.
 #[derive(Debug, Parser)]
 #[command(name = "konnectivity-bench", version, about)]
-struct Args {
+pub struct Args {
     /// Small sizes and one round: checks the tool end to end (CI); its figures mean little.
     #[arg(long)]
-    quick: bool,
+    pub quick: bool,
     /// Rounds (each stack once per round, interleaved).
     #[arg(long, default_value_t = 3)]
-    runs: usize,
+    pub runs: usize,
     /// Where our proxy-server and proxy-agent are (build with `cargo build --release`).
     #[arg(long, default_value = "target/release")]
-    rust_bin_dir: PathBuf,
+    pub rust_bin_dir: PathBuf,
     /// Where the reference's binaries are (`interop/build.sh`).
     #[arg(long, default_value = "interop/bin")]
-    go_bin_dir: PathBuf,
+    pub go_bin_dir: PathBuf,
     /// Only stacks whose name contains one of these (comma-separated), e.g. `direct,rust/rust`.
     #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
+    pub only: Vec<String>,
     /// Write the results as JSON here.
     #[arg(long)]
-    json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
     /// Write the markdown table here (it is printed too).
     #[arg(long)]
-    markdown: Option<PathBuf>,
+    pub markdown: Option<PathBuf>,
     /// Idle-tunnel counts for the memory figure (comma-separated).
     #[arg(long, value_delimiter = ',')]
-    idle: Vec<usize>,
+    pub idle: Vec<usize>,
     /// Internal: run only the target and print its address (the bench runs its target in a process of its
     /// own, so 10,000 idle tunnels do not need 20,000 descriptors in one process).
     #[arg(long, hide = true)]
-    serve_target: bool,
+    pub serve_target: bool,
 }
 
 struct Sizes {
@@ -89,11 +84,10 @@ fn record(results: &mut Results, stack: &str, metric: &str, value: f64) {
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * MIB;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Runs the benchmark and prints (and writes) its tables.
+pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.serve_target {
-        let addr = target::start(CancellationToken::new()).await?;
+        let addr = crate::target::start(CancellationToken::new()).await?;
         println!("{addr}");
         std::future::pending::<()>().await;
     }
@@ -142,8 +136,8 @@ async fn main() -> anyhow::Result<()> {
     }
     stacks.retain(|s| args.only.is_empty() || args.only.iter().any(|o| s.name().contains(o.as_str())));
 
-    let dir = konnectivity_it::TempDir::new("konnectivity-bench")?;
-    let pki = konnectivity_it::pki::Pki::generate(dir.path())?;
+    let dir = konnectivity_testkit::TempDir::new("konnectivity-bench")?;
+    let pki = konnectivity_testkit::pki::Pki::generate(dir.path())?;
     let (_target_proc, target) = spawn_target()?;
     let mut results = Results::new();
 
@@ -169,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Starts this binary as the target process and reads its address.
-fn spawn_target() -> anyhow::Result<(procs::Proc, std::net::SocketAddr)> {
+fn spawn_target() -> anyhow::Result<(konnectivity_testkit::ChildProcess, std::net::SocketAddr)> {
     use std::io::BufRead;
     let mut child = std::process::Command::new(std::env::current_exe()?)
         .arg("--serve-target")
@@ -177,17 +171,18 @@ fn spawn_target() -> anyhow::Result<(procs::Proc, std::net::SocketAddr)> {
         .stderr(std::process::Stdio::inherit())
         .spawn()?;
     let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("target stdout"))?;
+    let target = konnectivity_testkit::ChildProcess::new("target", child);
     let mut line = String::new();
     std::io::BufReader::new(stdout).read_line(&mut line)?;
     let addr = line.trim().parse()?;
-    Ok((procs::Proc::from_child(child), addr))
+    Ok((target, addr))
 }
 
 async fn measure(
     spec: &StackSpec,
     bins: &Bins,
     dir: &std::path::Path,
-    pki: &konnectivity_it::pki::Pki,
+    pki: &konnectivity_testkit::pki::Pki,
     target: std::net::SocketAddr,
     sizes: &Sizes,
     results: &mut Results,
