@@ -1,78 +1,77 @@
 #!/usr/bin/env bash
-# Builds the proxy-server and proxy-agent images from static binaries (see deploy/Dockerfile), offline.
+# Builds the proxy-server and proxy-agent images from static binaries (see deploy/Dockerfile), offline, for one
+# or several architectures, and a manifest list (multi-arch image) per image.
 #
-#   deploy/build-image.sh [--no-image] [--smoke] [--oci-dir DIR]
+#   deploy/build-image.sh [--arch LIST] [--prebuilt DIR] [--no-image] [--smoke] [--oci-dir DIR]
 #
-#   1. cargo build --release of proxy-server and proxy-agent for the host's gnu target with crt-static;
-#   2. checks with file(1) and ldd(1) that both are static, and that they run;
-#   3. stages the build context in target/image-context (Dockerfile, bin/, rootfs/), debug info stripped;
-#   4. builds the two images with buildah, podman or docker (IMAGE_TOOL to choose), FROM scratch: no registry;
-#   --smoke: runs the images' own root filesystems end to end on loopback: server and agent as user 65532 in a
-#      chroot of the image (mounted with buildah), a request through the tunnel with proxy-test-client, the agent
-#      finding the server and the target by DNS when dnsmasq is installed (static glibc resolves with its
-#      built-in files/dns services);
-#   --oci-dir DIR: also writes DIR/proxy-server-TAG.tar and DIR/proxy-agent-TAG.tar (OCI archives, loadable with
-#      `podman load`, `ctr images import`, `kind load image-archive`, `skopeo copy oci-archive:... docker://...`);
-#   --no-image: steps 1-3 only.
+#   1. static release builds of proxy-server and proxy-agent for each architecture (deploy/static-build.sh: a
+#      -linux-gnu Rust target with crt-static, cross-linked by Debian's gcc for a foreign one), checked with
+#      file(1) and readelf(1) to be static and for that machine, and run (`--version`; under qemu-user when
+#      foreign); staged in target/image-context (Dockerfile, bin/ARCH/, rootfs/), debug info stripped;
+#   2. per architecture, an image REPO/NAME:TAG-ARCH built with buildah, podman or docker (IMAGE_TOOL to
+#      choose), FROM scratch: no registry; then REPO/NAME:TAG, a manifest list of them (buildah and podman);
+#   --arch LIST: comma-separated amd64, arm64, ppc64le, s390x, or `all` (default: this host's architecture);
+#   --prebuilt DIR: no build; package DIR/ARCH/proxy-server and DIR/ARCH/proxy-agent (from
+#      `deploy/static-build.sh --out DIR/ARCH`, e.g. the release workflow's binaries), checked as in step 1;
+#   --smoke: runs the images' own root filesystems end to end on loopback (this host's architecture, which LIST
+#      must include): server and agent as user 65532 in a chroot of the image (mounted with buildah), a request
+#      through the tunnel with proxy-test-client, the agent finding the server and the target by DNS when
+#      dnsmasq is installed (static glibc resolves with its built-in files/dns services);
+#   --oci-dir DIR: also writes DIR/proxy-server-TAG.tar and DIR/proxy-agent-TAG.tar (OCI archives holding the
+#      manifest list and every architecture's image; loadable with `podman load`, `ctr images import`, `kind load
+#      image-archive`, `skopeo copy --all oci-archive:... docker://...`);
+#   --no-image: step 1 only.
 #
 # Env: IMAGE_REPO (default ghcr.io/konnectivity-rs), TAG (default v<workspace version>), IMAGE_TOOL
-# (buildah|podman|docker, default: the first found), STORAGE_DRIVER (buildah/podman, default vfs: works where
-# overlay mounts are not allowed), CARGO_TARGET (default: the host triple; must be a -gnu target).
+# (buildah|podman|docker, default: the first found; docker: one architecture, no manifest list), STORAGE_DRIVER
+# (buildah/podman, default vfs: works where overlay mounts are not allowed).
 set -euo pipefail
 
 die() { echo "build-image.sh: FAILED: $*" >&2; exit 1; }
 step() { echo; echo "== $*"; }
 
+here=$PWD
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
-want_image=1 smoke=0 oci_dir=""
+want_image=1 smoke=0 oci_dir="" prebuilt="" arch_list=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --no-image) want_image=0 ;;
     --smoke) smoke=1 ;;
-    --oci-dir) [[ $# -ge 2 ]] || die "--oci-dir needs a directory"; oci_dir=$2; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --oci-dir) [[ $# -ge 2 ]] || die "--oci-dir needs a directory"; oci_dir=$(cd "$here" && realpath -m "$2"); shift ;;
+    --arch) [[ $# -ge 2 ]] || die "--arch needs a list"; arch_list=$2; shift ;;
+    --prebuilt) [[ $# -ge 2 ]] || die "--prebuilt needs a directory"; prebuilt=$(cd "$here" && cd "$2" && pwd) \
+                  || die "no directory $2"; shift ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
 [[ $smoke == 0 || $want_image == 1 ]] || die "--smoke needs the images (drop --no-image)"
+[[ -z ${CARGO_TARGET:-} ]] || die "CARGO_TARGET is gone: use --arch (amd64, arm64, ppc64le, s390x)"
 
 version=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' Cargo.toml)
 [[ -n $version ]] || die "no version in Cargo.toml [workspace.package]"
 repo=${IMAGE_REPO:-ghcr.io/konnectivity-rs}
 tag=${TAG:-v$version}
-target=${CARGO_TARGET:-$(rustc -vV | sed -n 's/^host: //p')}
-[[ $target == *-linux-gnu* ]] || die "CARGO_TARGET=$target: this recipe links glibc statically (a -linux-gnu target)"
+case $(uname -m) in x86_64) host=amd64 ;; aarch64) host=arm64 ;; *) host=$(uname -m) ;; esac
+[[ $arch_list != all ]] || arch_list=amd64,arm64,ppc64le,s390x
+IFS=, read -r -a arches <<<"${arch_list:-$host}"
+[[ ${#arches[@]} -gt 0 ]] || die "--arch: empty list"
+[[ $smoke == 0 || " ${arches[*]} " == *" $host "* ]] || die "--smoke runs this host's architecture ($host): add it to --arch"
 ctx=$root/target/image-context
 export STORAGE_DRIVER=${STORAGE_DRIVER:-vfs}
 
-step "1. static build ($target, crt-static)"
-RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-  cargo build --locked --release --target "$target" --bin proxy-server --bin proxy-agent
-out=$root/target/$target/release
-
-step "2. static check"
-for b in proxy-server proxy-agent; do
-  desc=$(file -b "$out/$b")
-  echo "$b: $desc"
-  [[ $desc == *"static-pie linked"* || $desc == *"statically linked"* ]] || die "$b is not statically linked"
-  lddout=$(ldd "$out/$b" 2>&1 || true)
-  echo "$b: ldd: $lddout"
-  [[ $lddout != *"=>"* ]] || die "$b has shared library dependencies"
-  "$out/$b" --version || die "$b does not run"
-done
-
-step "3. build context in $ctx"
+step "1. static binaries for ${arches[*]}, staged in $ctx"
 rm -rf "$ctx"
 mkdir -p "$ctx/bin"
 cp deploy/Dockerfile "$ctx/Dockerfile"
 cp -a deploy/image/rootfs "$ctx/rootfs"
-for b in proxy-server proxy-agent; do
-  # Keep the symbols (panics and backtraces name functions), drop the DWARF line tables.
-  strip --strip-debug -o "$ctx/bin/$b" "$out/$b"
-  chmod 0755 "$ctx/bin/$b"
+for a in "${arches[@]}"; do
+  from=()
+  [[ -z $prebuilt ]] || from=(--from "$prebuilt/$a")
+  deploy/static-build.sh --arch "$a" "${from[@]}" --out "$ctx/bin/$a" proxy-server proxy-agent
 done
 (cd "$ctx" && find . -type f -printf '%M %8s %p\n' | sort -k3)
 
@@ -86,42 +85,58 @@ if [[ -z $tool ]]; then
 fi
 [[ -n $tool ]] || die "no image tool: install buildah (apt-get install buildah) or podman or docker, or use --no-image"
 case $tool in
-  buildah) build() { buildah --storage-driver "$STORAGE_DRIVER" bud --layers=false "$@"; } ;;
-  podman) build() { podman --storage-driver "$STORAGE_DRIVER" build "$@"; } ;;
-  docker) build() { docker build "$@"; } ;;
+  buildah|podman) imagetool() { "$tool" --storage-driver "$STORAGE_DRIVER" "$@"; } ;;
+  docker) imagetool() { docker "$@"; } ;;
   *) die "IMAGE_TOOL=$tool: want buildah, podman or docker" ;;
 esac
+case $tool in
+  buildah) build() { imagetool bud --layers=false "$@"; } ;;
+  *) build() { imagetool build "$@"; } ;;
+esac
+[[ $tool != docker || ${#arches[@]} == 1 ]] || die "docker builds one architecture here (no manifest list): use buildah or podman"
 
-step "4. images with $tool"
+step "2. images with $tool: ${arches[*]}"
 for b in proxy-server proxy-agent; do
-  build --target "$b" --build-arg "VERSION=$version" -t "$repo/$b:$tag" -f "$ctx/Dockerfile" "$ctx" \
-    || die "$tool could not build $repo/$b:$tag"
+  for a in "${arches[@]}"; do
+    # TARGETARCH selects bin/ARCH/ in the Dockerfile; buildah and BuildKit also set it from --platform.
+    build --platform "linux/$a" --build-arg "TARGETARCH=$a" --target "$b" --build-arg "VERSION=$version" \
+      -t "$repo/$b:$tag-$a" -f "$ctx/Dockerfile" "$ctx" || die "$tool could not build $repo/$b:$tag-$a"
+    if [[ $tool != docker ]]; then
+      cfg=$(imagetool inspect --format '{{.OCIv1.Config.Entrypoint}} user={{.OCIv1.Config.User}} {{.OCIv1.OS}}/{{.OCIv1.Architecture}}' "$repo/$b:$tag-$a" 2>/dev/null \
+            || imagetool image inspect --format '{{.Config.Entrypoint}} user={{.Config.User}} {{.Os}}/{{.Architecture}}' "$repo/$b:$tag-$a")
+      echo "$repo/$b:$tag-$a: entrypoint $cfg"
+      [[ $cfg == "[/$b] user=65532:65532 linux/$a" ]] || die "$b image: unexpected entrypoint/user/platform: $cfg"
+    fi
+    if [[ $tool == buildah && $a == "$host" ]]; then
+      c=$(imagetool from --pull=never "$repo/$b:$tag-$a")
+      v=$(imagetool run --isolation chroot "$c" -- "/$b" --version) || die "$b does not run in its image"
+      imagetool rm "$c" >/dev/null
+      echo "buildah run $repo/$b:$tag-$a /$b --version: $v"
+    fi
+  done
+  if [[ $tool == docker ]]; then
+    docker tag "$repo/$b:$tag-${arches[0]}" "$repo/$b:$tag"
+    continue
+  fi
+  # The manifest list REPO/NAME:TAG: what `buildah manifest push --all` sends to a registry.
+  imagetool manifest rm "$repo/$b:$tag" >/dev/null 2>&1 || imagetool rmi "$repo/$b:$tag" >/dev/null 2>&1 || true
+  imagetool manifest create "$repo/$b:$tag" >/dev/null
+  for a in "${arches[@]}"; do
+    imagetool manifest add "$repo/$b:$tag" "containers-storage:$repo/$b:$tag-$a" >/dev/null
+  done
+  platforms=$(imagetool manifest inspect "$repo/$b:$tag" | python3 -c 'import json,sys; print(" ".join(sorted(m["platform"]["os"] + "/" + m["platform"]["architecture"] for m in json.load(sys.stdin)["manifests"])))')
+  echo "$repo/$b:$tag: manifest list of $platforms"
+  want=$(printf 'linux/%s\n' "${arches[@]}" | sort | tr '\n' ' ')
+  [[ "$platforms " == "$want" ]] || die "$repo/$b:$tag lists '$platforms', want '$want'"
 done
-if [[ $tool != docker ]]; then
-  for b in proxy-server proxy-agent; do
-    cfg=$($tool --storage-driver "$STORAGE_DRIVER" inspect --format '{{.OCIv1.Config.Entrypoint}} user={{.OCIv1.Config.User}}' "$repo/$b:$tag" 2>/dev/null \
-          || $tool --storage-driver "$STORAGE_DRIVER" image inspect --format '{{.Config.Entrypoint}} user={{.Config.User}}' "$repo/$b:$tag")
-    echo "$repo/$b:$tag: entrypoint $cfg"
-    [[ $cfg == "[/$b] user=65532:65532" ]] || die "$b image: unexpected entrypoint/user: $cfg"
-  done
-fi
-if [[ $tool == buildah ]]; then
-  for b in proxy-server proxy-agent; do
-    c=$(buildah --storage-driver "$STORAGE_DRIVER" from --pull=never "$repo/$b:$tag")
-    v=$(buildah --storage-driver "$STORAGE_DRIVER" run --isolation chroot "$c" -- "/$b" --version) || die "$b does not run in its image"
-    buildah --storage-driver "$STORAGE_DRIVER" rm "$c" >/dev/null
-    echo "buildah run $repo/$b:$tag /$b --version: $v"
-  done
-fi
 
 if [[ -n $oci_dir ]]; then
   mkdir -p "$oci_dir"
   for b in proxy-server proxy-agent; do
     rm -f "$oci_dir/$b-$tag.tar"
     case $tool in
-      buildah) buildah --storage-driver "$STORAGE_DRIVER" push "$repo/$b:$tag" "oci-archive:$oci_dir/$b-$tag.tar:$repo/$b:$tag" ;;
-      podman) podman --storage-driver "$STORAGE_DRIVER" save --format oci-archive -o "$oci_dir/$b-$tag.tar" "$repo/$b:$tag" ;;
       docker) docker save -o "$oci_dir/$b-$tag.tar" "$repo/$b:$tag" ;;
+      *) imagetool manifest push --all --format oci "$repo/$b:$tag" "oci-archive:$oci_dir/$b-$tag.tar:$repo/$b:$tag" >/dev/null ;;
     esac
   done
   ls -la "$oci_dir"
@@ -132,7 +147,7 @@ fi
 # ---- smoke test: the images' root filesystems, as the kubelet would run them (minus the namespaces) ----------
 [[ $tool == buildah ]] || die "--smoke mounts the images with buildah (IMAGE_TOOL=buildah)"
 command -v python3 >/dev/null || die "--smoke needs python3 (HTTP target, free ports)"
-step "5. smoke test: server and agent from their images, in chroots, as 65532:65532"
+step "3. smoke test: server and agent from their images, in chroots, as 65532:65532"
 work=$(mktemp -d /tmp/konnectivity-image-smoke.XXXXXX)
 pids=() containers=()
 cleanup() {
