@@ -26,9 +26,17 @@ pub enum ProfileError {
 /// Samples this process's CPU for `duration` and returns the profile (pprof protobuf).
 pub async fn cpu_profile(duration: Duration) -> Result<Vec<u8>, ProfileError> {
     tokio::task::spawn_blocking(move || {
-        let guard = pprof::ProfilerGuardBuilder::default()
-            .frequency(FREQUENCY)
-            .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+        let builder = pprof::ProfilerGuardBuilder::default().frequency(FREQUENCY);
+        // pprof skips samples taken inside these libraries (unwinding through them can crash) where it can tell
+        // them apart: on the architectures it offers the blocklist for.
+        #[cfg(any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64",
+            target_arch = "loongarch64"
+        ))]
+        let builder = builder.blocklist(&["libc", "libgcc", "pthread", "vdso"]);
+        let guard = builder
             .build()
             .map_err(|e| ProfileError::Profiler(e.to_string()))?;
         let started = SystemTime::now();
