@@ -36,9 +36,7 @@ pub async fn cpu_profile(duration: Duration) -> Result<Vec<u8>, ProfileError> {
             target_arch = "loongarch64"
         ))]
         let builder = builder.blocklist(&["libc", "libgcc", "pthread", "vdso"]);
-        let guard = builder
-            .build()
-            .map_err(|e| ProfileError::Profiler(e.to_string()))?;
+        let guard = builder.build().map_err(|e| ProfileError::Profiler(e.to_string()))?;
         let started = SystemTime::now();
         std::thread::sleep(duration);
         let report = guard.report().build().map_err(|e| ProfileError::Profiler(e.to_string()))?;

@@ -62,6 +62,18 @@ pub const DEFAULT_MAX_AGENT_STREAMS: u32 = 4;
 /// Default bound on HTTP/2 streams per gRPC frontend connection (hyper's own default).
 pub const DEFAULT_MAX_FRONTEND_STREAMS: u32 = 1000;
 
+/// What a server does when one CA signs both agent and frontend client certificates (and
+/// [`ServerConfig::frontend_client_names`] does not tell them apart).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedClientCa {
+    /// Start, with a warning at start (the default: deployments moved from the reference often share one CA).
+    Warn,
+    /// Refuse to start.
+    Refuse,
+    /// Start without a word (the operator has accepted it).
+    Allow,
+}
+
 /// Where the frontend (kube-apiserver side) listens.
 #[derive(Debug, Clone)]
 pub enum FrontendListen {
@@ -246,9 +258,9 @@ pub struct ServerConfig {
     /// Names (certificate common name, DNS or URI SAN) of which a TCP frontend client's certificate must carry
     /// one; empty admits any certificate of the frontend CA.
     pub frontend_client_names: Vec<String>,
-    /// Start even though the agent CA and the frontend CA bundles share a certificate (and no client names are
-    /// required), so that an agent certificate could open tunnels through the frontend.
-    pub allow_shared_client_ca: bool,
+    /// What to do when the agent CA and the frontend CA bundles share a certificate and no client names are
+    /// required there, so that an agent certificate could open tunnels through the frontend.
+    pub shared_client_ca: SharedClientCa,
     /// HTTP/2 streams one agent connection may have open at once (an agent needs one).
     pub max_agent_streams: u32,
     /// HTTP/2 streams one gRPC frontend connection may have open at once (kube-apiserver opens a connection
@@ -299,7 +311,7 @@ impl ServerConfig {
             max_handshakes_per_source: konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             max_connect_connections: DEFAULT_MAX_CONNECT_CONNECTIONS,
             frontend_client_names: Vec::new(),
-            allow_shared_client_ca: false,
+            shared_client_ca: SharedClientCa::Warn,
             max_agent_streams: DEFAULT_MAX_AGENT_STREAMS,
             max_frontend_streams: DEFAULT_MAX_FRONTEND_STREAMS,
             egress_policy: std::sync::Arc::new(konnectivity_egress_policy::EgressPolicy::allow_all()),

@@ -4,7 +4,7 @@
 
 use crate::config::{
     AgentAuthConfig, AuditConfig, AuditOutput, FrontendListen, FrontendMode, KubeClientConfig, LeaseConfig,
-    ServerConfig,
+    ServerConfig, SharedClientCa,
 };
 use crate::routing::Strategy;
 use clap::{ArgAction, Parser};
@@ -177,6 +177,17 @@ pub struct ServerFlags {
     /// client cannot hold every slot. Agents behind one NAT or an address-hiding load balancer share it (ours).
     #[arg(long, default_value_t = konnectivity_transport::listen::DEFAULT_MAX_HANDSHAKES_PER_SOURCE, value_name = "n")]
     pub max_concurrent_handshakes_per_source: usize,
+    /// Comma-separated names of which a TCP frontend client's certificate must carry one (as its subject's common
+    /// name or a DNS or URI subject alternative name), checked after the CA's verdict (--server-ca-cert): so that
+    /// only kube-apiserver's client certificate opens tunnels, not every certificate the CA ever signed. Empty
+    /// (the default, as the reference): any certificate of the frontend CA (ours).
+    #[arg(long, default_value = "", value_name = "names")]
+    pub frontend_client_names: String,
+    /// When one certificate is in both --cluster-ca-cert (agents) and --server-ca-cert (frontend clients) and
+    /// --frontend-client-names is empty, an agent's certificate can open tunnels through the frontend: warn (at
+    /// start; the default), refuse (do not start), or allow (say nothing) (ours).
+    #[arg(long, default_value = "warn", value_parser = ["warn", "refuse", "allow"], value_name = "warn|refuse|allow")]
+    pub shared_client_ca: String,
     /// HTTP/2 streams one agent connection may have open at once; an agent needs one (ours; the reference has
     /// no bound).
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_AGENT_STREAMS, value_name = "n")]
@@ -329,6 +340,18 @@ impl ServerFlags {
         config.max_handshakes = self.max_concurrent_handshakes;
         config.max_connect_connections = self.max_connect_connections;
         config.max_handshakes_per_source = self.max_concurrent_handshakes_per_source;
+        config.frontend_client_names = self
+            .frontend_client_names
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        config.shared_client_ca = match self.shared_client_ca.as_str() {
+            "refuse" => SharedClientCa::Refuse,
+            "allow" => SharedClientCa::Allow,
+            _ => SharedClientCa::Warn,
+        };
         config.max_agent_streams = self.max_agent_streams_per_connection;
         config.max_frontend_streams = self.max_frontend_streams_per_connection;
         config.egress_policy = konnectivity_egress_policy::EgressPolicy::from_flag(&self.egress_policy_file)

@@ -5,7 +5,7 @@ use crate::audit::AuditLog;
 use crate::auth::TokenAuthenticator;
 use crate::backend::manager::BackendManager;
 use crate::backend::service::AgentEndpoint;
-use crate::config::{FrontendListen, FrontendMode, ServerConfig};
+use crate::config::{FrontendListen, FrontendMode, ServerConfig, SharedClientCa};
 use crate::credentials::ClientAllowList;
 use crate::frontend::listen::FrontendServing;
 use crate::handle::ServerHandle;
@@ -303,10 +303,10 @@ async fn start_frontend(
     }
 }
 
-/// Refuses to start when one certificate is in both the agent CA and the frontend CA bundles and nothing else
-/// tells agents and frontend clients apart: any agent's certificate would then open tunnels through the
-/// frontend. `--frontend-client-names` (clients must carry one of those names) resolves it; so does
-/// `--allow-shared-client-ca`, with a warning.
+/// Warns (or, with `--shared-client-ca=refuse`, refuses to start) when one certificate is in both the agent CA
+/// and the frontend CA bundles and nothing else tells agents and frontend clients apart: any agent's certificate
+/// would then open tunnels through the frontend. `--frontend-client-names` (clients must carry one of those
+/// names) resolves it.
 fn check_client_cas(config: &ServerConfig, frontend_ca: &std::path::Path) -> Result<(), ServerError> {
     let Some(agent_ca) = &config.cluster_ca else { return Ok(()) };
     let agent = konnectivity_transport::tls::load_certs(agent_ca)?;
@@ -322,15 +322,22 @@ fn check_client_cas(config: &ServerConfig, frontend_ca: &std::path::Path) -> Res
     );
     if !config.frontend_client_names.is_empty() {
         tracing::info!("{what}; only clients named in --frontend-client-names are admitted there");
-        Ok(())
-    } else if config.allow_shared_client_ca {
-        tracing::warn!("{what}, and --allow-shared-client-ca lets them: any agent credential can open tunnels");
-        Ok(())
-    } else {
-        Err(ServerError::Config(format!(
+        return Ok(());
+    }
+    match config.shared_client_ca {
+        SharedClientCa::Allow => Ok(()),
+        SharedClientCa::Warn => {
+            tracing::warn!(
+                "{what}: any agent credential can open tunnels through the frontend. Set --frontend-client-names to \
+                 the frontend clients' certificate names (or sign them with another CA); --shared-client-ca=refuse \
+                 makes this fatal, --shared-client-ca=allow silences it"
+            );
+            Ok(())
+        }
+        SharedClientCa::Refuse => Err(ServerError::Config(format!(
             "{what}; set --frontend-client-names to the frontend clients' certificate names (or sign them with \
-             another CA), or accept it with --allow-shared-client-ca"
-        )))
+             another CA), or accept it with --shared-client-ca=warn or allow"
+        ))),
     }
 }
 
