@@ -115,7 +115,7 @@ pub struct LeaseCountConfig {
     /// `--server-count-source=max`: the larger of the lease count and the servers' `servercount`; otherwise
     /// the lease count alone.
     pub source_max: bool,
-    /// How often the Leases are listed.
+    /// How often the valid Leases are counted again from the watched cache (no request is sent for it).
     pub poll_interval: Duration,
 }
 

@@ -109,8 +109,9 @@ pub struct AgentFlags {
     /// How to combine server counts: default or max.
     #[arg(long, default_value = "default")]
     pub server_count_source: String,
-    /// How often the server Leases are listed when counting them (ours; the reference watches them, resyncing
-    /// every 10s).
+    /// How often the valid server Leases are counted again from the agent's watched cache, since a lease expires
+    /// without any event (ours). No request is sent for it: the agent LISTs the Leases once and then WATCHes them,
+    /// as the reference's informer does.
     #[arg(long, value_parser = go_duration, default_value = "5s")]
     pub lease_poll_interval: Duration,
     /// kubeconfig for the Lease client (empty: in-cluster).

@@ -99,7 +99,7 @@ fn to_value(lease: &Lease) -> serde_json::Value {
     v
 }
 
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
@@ -112,7 +112,7 @@ fn escape(s: &str) -> String {
 }
 
 impl Client {
-    fn leases_path(namespace: &str) -> String {
+    pub(crate) fn leases_path(namespace: &str) -> String {
         format!("/apis/coordination.k8s.io/v1/namespaces/{}/leases", escape(namespace))
     }
 

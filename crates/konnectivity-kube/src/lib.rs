@@ -10,6 +10,7 @@ mod config;
 pub mod lease;
 mod limiter;
 pub mod token_review;
+pub mod watch;
 
 pub use config::{Config, IN_CLUSTER_DIR, Token};
 pub use limiter::RateLimiter;
@@ -195,7 +196,13 @@ impl Client {
         Ok(resp.body)
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> Result<Response, KubeError> {
+    /// A request with the client's headers and credentials.
+    fn build_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<http::Request<Full<Bytes>>, KubeError> {
         let inner = &self.inner;
         let mut req = http::Request::builder()
             .method(method.clone())
@@ -209,10 +216,13 @@ impl Client {
         if let Some(token) = &inner.config.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", token.read()?));
         }
-        let req = req
-            .body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
-            .map_err(|e| KubeError::Config(format!("{method} {path}: {e}")))?;
+        req.body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
+            .map_err(|e| KubeError::Config(format!("{method} {path}: {e}")))
+    }
 
+    async fn send(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> Result<Response, KubeError> {
+        let inner = &self.inner;
+        let req = self.build_request(method.clone(), path, body)?;
         let mut sender = match self.take_idle() {
             Some(s) => s,
             None => self.connect().await?,
