@@ -288,28 +288,6 @@ async fn agents_authenticate_with_service_account_tokens() {
     // The real agent is still connected and serving.
     cp.wait_backends(1, Duration::from_secs(5)).await.expect("agent still there");
     node_proxy(&cp).await;
-
-    // All along the agent watched: one LIST at start (a relist only on 410 Gone), where polling every 300 ms
-    // would have listed dozens of times by now; and kube-apiserver holds its WATCH.
-    let lists_now =
-        agent_metric(&cp, "konnectivity_network_proxy_agent_lease_lists_total{http_response_code=\"200\"}").await;
-    assert!(lists_now <= lists + 1.0, "the agent kept listing: {lists} LISTs at first, {lists_now} now");
-    let watches =
-        agent_metric(&cp, "konnectivity_network_proxy_agent_lease_watches_total{http_response_code=\"200\"}").await;
-    assert!(watches >= 1.0, "lease watches counted: {watches}");
-    let (status, body) = cp.kas_request("GET", "/metrics", None).await.expect("kube-apiserver metrics");
-    assert_eq!(status, 200);
-    let held: f64 = String::from_utf8_lossy(&body)
-        .lines()
-        .filter(|l| {
-            l.starts_with("apiserver_longrunning_requests{")
-                && l.contains("resource=\"leases\"")
-                && l.contains("verb=\"WATCH\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    assert!(held >= 1.0, "kube-apiserver holds no lease WATCH ({held})");
-    eprintln!("leases: the agent sent {lists_now} LIST(s) and opened {watches} WATCH(es) in the whole test");
     cp.assert_no_decoy_hits();
     assert!(cp.stop_kube_apiserver(), "kube-apiserver needed SIGKILL");
     cp.assert_settled(Duration::from_secs(10)).await.expect("settled");
