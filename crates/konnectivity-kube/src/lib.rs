@@ -7,6 +7,7 @@
 #![deny(rust_2018_idioms, missing_docs)]
 
 mod config;
+mod exec;
 pub mod lease;
 mod limiter;
 pub mod token_review;
