@@ -52,6 +52,9 @@ pub struct Args {
     /// recovery after a server restart. `--runs` rounds; `--quick` takes fewer dial samples.
     #[arg(long, value_delimiter = ',', value_name = "agents")]
     pub scale: Vec<usize>,
+    /// Dial samples per scale measurement (default 500; 50 with `--quick`).
+    #[arg(long, value_name = "n")]
+    pub scale_dials: Option<usize>,
 }
 
 struct Sizes {
@@ -150,7 +153,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let scale = crate::scale::ScaleArgs {
             agents: args.scale.clone(),
             runs,
-            dials: if args.quick { 50 } else { 500 },
+            dials: args.scale_dials.unwrap_or(if args.quick { 50 } else { 500 }),
             markdown: args.markdown.clone(),
         };
         return crate::scale::run(scale, &bins, dir.path(), &pki, target).await;
