@@ -54,6 +54,10 @@ pub(crate) struct Opened {
     pub(crate) flow_control: bool,
     pub(crate) server_count: u32,
     pub(crate) to_server: mpsc::Sender<Packet>,
+    /// Ends the outbound half cleanly: what is queued in `to_server` is still sent, then the stream is
+    /// half-closed. The session that owns the stream fires it, after queuing its DRAIN. (Dropping every sender
+    /// of `to_server` ends it too, as when the stream is not kept.)
+    pub(crate) end_outbound: CancellationToken,
     pub(crate) inbound: tonic::Streaming<Packet>,
 }
 
@@ -73,8 +77,8 @@ async fn connect_tcp(address: &ServerAddress) -> std::io::Result<tokio::net::Tcp
 }
 
 impl Dialer {
-    /// Opens a stream to `target`. Its outbound half ends cleanly once `finish` fires.
-    pub(crate) async fn open(&self, target: &Target, finish: &CancellationToken) -> Result<Opened, AgentError> {
+    /// Opens a stream to `target`. Its outbound half ends cleanly once [`Opened::end_outbound`] fires.
+    pub(crate) async fn open(&self, target: &Target) -> Result<Opened, AgentError> {
         let addr = target.address.to_string();
         let tls = tokio_rustls::TlsConnector::from(self.tls.current());
         let server_name = target.server_name.clone();
@@ -110,7 +114,8 @@ impl Dialer {
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(4 << 20);
 
         let (to_server, rx) = mpsc::channel(SERVER_QUEUE_PACKETS);
-        let mut request = tonic::Request::new(outbound_until_finished(rx, finish.clone()));
+        let end_outbound = CancellationToken::new();
+        let mut request = tonic::Request::new(outbound_until_finished(rx, end_outbound.clone()));
         let bad = |what: String| AgentError::BadHeaders { addr: addr.clone(), what };
         let md = request.metadata_mut();
         md.insert(
@@ -164,13 +169,14 @@ impl Dialer {
             header(SERVER_COUNT)?.parse().map_err(|_| bad(format!("{SERVER_COUNT} is not a number")))?;
         let flow_control =
             response.metadata().get(flow::METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(flow::VERSION);
-        Ok(Opened { server_id, flow_control, server_count, to_server, inbound: response.into_inner() })
+        Ok(Opened { server_id, flow_control, server_count, to_server, end_outbound, inbound: response.into_inner() })
     }
 }
 
 /// The packets for one server as a request stream that, once `finish` fires, still yields what is queued and
-/// then ends (a clean half-close), instead of being dropped mid-queue.
-fn outbound_until_finished(
+/// then ends (a clean half-close), instead of being dropped mid-queue. Whatever was queued before `finish`
+/// fired is sent: the receiver is closed only then, and emptied after.
+pub(crate) fn outbound_until_finished(
     rx: mpsc::Receiver<Packet>,
     finish: CancellationToken,
 ) -> impl futures_util::Stream<Item = Packet> + Send + 'static {
