@@ -209,7 +209,7 @@ fn adopt(
     let session = Session::new(
         server_id.clone(),
         address.clone(),
-        crate::session::Outbound { to_server: opened.to_server, end: opened.end_outbound },
+        opened.outbound,
         shutdown.child_token(),
         metrics.clone(),
         config,

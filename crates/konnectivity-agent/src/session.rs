@@ -70,7 +70,33 @@ pub(crate) struct Outbound {
     /// Packets for the server.
     pub(crate) to_server: mpsc::Sender<Packet>,
     /// Half-closes the stream once what is queued in `to_server` is sent; only [`Session::serve`] fires it.
+    /// (Dropping every sender ends the stream too, as when an opened stream is not kept.)
     pub(crate) end: CancellationToken,
+}
+
+impl Outbound {
+    /// A sending half with room for `queue` packets, and the request stream gRPC sends from it: once `end`
+    /// fires, that stream still yields everything queued before, then ends (a clean half-close) instead of
+    /// being dropped mid-queue.
+    pub(crate) fn channel(queue: usize) -> (Self, impl futures_util::Stream<Item = Packet> + Send + 'static) {
+        let (to_server, rx) = mpsc::channel(queue);
+        let end = CancellationToken::new();
+        let packets = futures_util::stream::unfold((rx, end.clone(), false), |(mut rx, end, mut closing)| async move {
+            if !closing {
+                tokio::select! {
+                    biased;
+                    m = rx.recv() => return m.map(|m| (m, (rx, end, closing))),
+                    _ = end.cancelled() => {
+                        // Closed first, then emptied: what was queued before `end` fired is all sent.
+                        rx.close();
+                        closing = true;
+                    }
+                }
+            }
+            rx.recv().await.map(|m| (m, (rx, end, closing)))
+        });
+        (Self { to_server, end }, packets)
+    }
 }
 
 /// One server stream's state.
@@ -568,15 +594,13 @@ mod tests {
     /// A session whose outbound half is the request stream the dialer would give gRPC, over a queue of `queue`
     /// packets; the stream is returned with it.
     fn session(queue: usize) -> (Arc<Session>, impl futures_util::Stream<Item = Packet>, TaskTracker) {
-        let (to_server, rx) = mpsc::channel(queue);
-        let end = CancellationToken::new();
-        let outbound = crate::dialer::outbound_until_finished(rx, end.clone());
+        let (outbound, packets) = Outbound::channel(queue);
         let config = crate::AgentConfig::new("127.0.0.1", 1, "unused-ca.crt".into());
         let tracker = TaskTracker::new();
         let session = Session::new(
             "server".into(),
             "127.0.0.1:1".into(),
-            Outbound { to_server, end },
+            outbound,
             CancellationToken::new(),
             AgentMetrics::new().expect("metrics"),
             &config,
@@ -584,7 +608,7 @@ mod tests {
             Default::default(),
             tracker.clone(),
         );
-        (session, outbound, tracker)
+        (session, packets, tracker)
     }
 
     /// The end of a drain right after its start (an idle agent with no idle period), with the stream's queue
