@@ -124,11 +124,20 @@ pub struct AgentFlags {
     #[arg(long, default_value = "")]
     pub egress_policy_file: String,
     /// After the first SIGTERM/SIGINT (which sends DRAIN to every server), how long open connections may run
-    /// before the agent closes them, with an error their clients see, and exits; it exits earlier once none is
-    /// left. 0: no limit (a second signal still exits at once). Keep it below the pod's
+    /// before the agent closes them, with an error their clients see, and exits; it exits earlier once none has
+    /// been left for --drain-idle-period. 0: no limit (a second signal still exits at once). Keep it below the pod's
     /// terminationGracePeriodSeconds. konnectivity-rs only; the reference waits for a second signal.
     #[arg(long, value_parser = go_duration, default_value = "25s")]
     pub drain_timeout: Duration,
+    /// While draining, how long the agent must have carried no dial and no connection before it exits by
+    /// itself. Servers still send dials to a draining agent when it is the only one they have (a single-agent
+    /// cluster, or the only --agent-identifiers match for a node whose new agent is not up yet), so leaving at
+    /// the first idle moment would fail them with "No agent available"; the period starts again after each
+    /// one. The 5s default outlasts a dial sent while the DRAIN was on its way and the gaps between a caller's
+    /// requests, and still lets an idle agent go well before the default --drain-timeout (25s), which bounds
+    /// the whole drain. 0: exit as soon as nothing is open. konnectivity-rs only.
+    #[arg(long, value_parser = go_duration, default_value = "5s")]
+    pub drain_idle_period: Duration,
     /// klog flags.
     #[command(flatten)]
     pub klog: KlogFlags,
@@ -242,6 +251,15 @@ impl AgentFlags {
         let mut config = AgentConfig::new(self.proxy_server_host, self.proxy_server_port, PathBuf::from(self.ca_cert));
         config.servers = servers;
         config.drain_timeout = (!self.drain_timeout.is_zero()).then_some(self.drain_timeout);
+        if config.drain_timeout.is_some_and(|t| self.drain_idle_period >= t) {
+            tracing::warn!(
+                "--drain-idle-period ({:?}) is not shorter than --drain-timeout ({:?}): a draining agent stays until \
+                 --drain-timeout even when idle",
+                self.drain_idle_period,
+                self.drain_timeout
+            );
+        }
+        config.drain_idle_period = self.drain_idle_period;
         config.service_account_token_path =
             (!self.service_account_token_path.is_empty()).then(|| PathBuf::from(&self.service_account_token_path));
         if self.count_server_leases {
@@ -279,7 +297,7 @@ impl AgentFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_DRAIN_TIMEOUT;
+    use crate::config::{DEFAULT_DRAIN_IDLE_PERIOD, DEFAULT_DRAIN_TIMEOUT};
 
     fn parse(args: &[&str]) -> Result<AgentConfig, String> {
         let mut all = vec!["proxy-agent".to_string()];
@@ -293,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn server_addresses_and_drain_timeout() {
+    fn server_addresses_and_drain_timings() {
         let c = parse(&["--ca-cert=/ca"]).expect("defaults");
         assert_eq!(addresses(&c), ["127.0.0.1:8091"]);
         assert_eq!(c.drain_timeout, Some(DEFAULT_DRAIN_TIMEOUT));
@@ -314,6 +332,10 @@ mod tests {
         let c = parse(&["--ca-cert=/ca", "--drain-timeout=1m30s"]).expect("drain");
         assert_eq!(c.drain_timeout, Some(Duration::from_secs(90)));
         assert_eq!(parse(&["--ca-cert=/ca", "--drain-timeout=0"]).expect("no limit").drain_timeout, None);
+        assert_eq!(c.drain_idle_period, DEFAULT_DRAIN_IDLE_PERIOD);
+        let c = parse(&["--ca-cert=/ca", "--drain-idle-period=250ms"]).expect("idle period");
+        assert_eq!(c.drain_idle_period, Duration::from_millis(250));
+        assert_eq!(parse(&["--ca-cert=/ca", "--drain-idle-period=0"]).expect("none").drain_idle_period, Duration::ZERO);
     }
 
     #[test]

@@ -128,8 +128,7 @@ pub(crate) async fn sync_loop(
                 slot.dialing = true;
                 let dialer = dialer.clone();
                 let target = slot.target.clone();
-                let finish = handle.finish.clone();
-                in_flight.push(async move { (index, dialer.open(&target, &finish).await) });
+                in_flight.push(async move { (index, dialer.open(&target).await) });
             }
         }
         metrics.known_server_count.set(f64::from(crate::lease_counter::effective_count(
@@ -210,11 +209,12 @@ fn adopt(
     let session = Session::new(
         server_id.clone(),
         address.clone(),
-        opened.to_server,
+        opened.outbound,
         shutdown.child_token(),
         metrics.clone(),
         config,
         opened.flow_control,
+        handle.dials_received.clone(),
         tracker.clone(),
     );
     sessions.insert(server_id.clone(), session.clone());
@@ -228,10 +228,11 @@ fn adopt(
     let ended = handle.session_ended.clone();
     let metrics = metrics.clone();
     let drain = drain.clone();
+    let finish = handle.finish.clone();
     let span = tracing::info_span!("server", server_id = %server_id, address = %address);
     tracker.spawn(
         async move {
-            session.serve(opened.inbound, drain).await;
+            session.serve(opened.inbound, drain, finish).await;
             let mut sessions = sessions.lock();
             sessions.remove(&server_id);
             metrics.open_server_connections.set(sessions.len() as f64);

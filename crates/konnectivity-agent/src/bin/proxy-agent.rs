@@ -1,8 +1,9 @@
 //! `proxy-agent`: parses the reference's flags and runs [`konnectivity_agent::run`].
 //!
 //! Signals: the first SIGTERM/SIGINT drains, as the reference (DRAIN to every server, no new server
-//! streams); unlike the reference, the agent then exits by itself once no connection is left, or when
-//! `--drain-timeout` passes (closing what remains). A second signal exits at once.
+//! streams, dials a server still sends are served); unlike the reference, the agent then exits by itself once
+//! it has carried nothing for `--drain-idle-period`, or when `--drain-timeout` passes (closing what remains).
+//! A second signal exits at once.
 use konnectivity_agent::flags::AgentFlags;
 use tokio_util::sync::CancellationToken;
 

@@ -3,6 +3,7 @@
 mod audit;
 mod bad_input;
 mod connect;
+mod drain;
 mod e2e;
 mod e2e_deploy;
 mod faults;
