@@ -6,6 +6,7 @@ use clap::{ArgAction, Parser};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use konnectivity_client::{ProxyAddress, Tunnel};
+use konnectivity_process::effective_flags::EffectiveFlags;
 use konnectivity_process::flags::KlogFlags;
 use std::io::Write;
 use std::path::PathBuf;
@@ -72,8 +73,16 @@ struct Flags {
 }
 
 fn main() -> std::process::ExitCode {
-    let flags = Flags::parse_from(konnectivity_process::flags::normalize_args(std::env::args()));
-    konnectivity_process::logging::init(flags.klog.v.min(3));
+    let (flags, effective) =
+        EffectiveFlags::parse::<Flags>(konnectivity_process::flags::normalize_args(std::env::args()));
+    let mut logging = flags.klog.log_settings("proxy-test-client");
+    // The client's own lines stay at info (its output is the response body; -v above 4 only adds noise).
+    logging.verbosity = logging.verbosity.min(3);
+    if let Err(e) = konnectivity_process::logging::init_klog(logging) {
+        eprintln!("proxy-test-client: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    effective.log();
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -12,6 +12,7 @@ mod ha;
 mod house;
 mod interop;
 mod limits;
+mod logs;
 mod monitoring;
 mod observability;
 mod policy;
