@@ -5,6 +5,7 @@ mod bad_input;
 mod connect;
 mod e2e;
 mod e2e_deploy;
+mod egress_client;
 mod faults;
 mod faults_netns;
 mod flow;
