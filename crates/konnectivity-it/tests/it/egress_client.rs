@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use konnectivity_client::{EgressDialer, EgressSelectorConfiguration, TunnelConnector};
+use konnectivity_client::{DialError, DialFailureReason, EgressDialer, EgressSelectorConfiguration, TunnelConnector};
 use konnectivity_it::stack::{Frontend, ServerRun, Stack, assert_settled, server_and_agent};
 use konnectivity_it::targets::http_target;
 use konnectivity_server::FrontendAddr;
@@ -106,6 +106,8 @@ async fn a_hyper_client_sends_its_requests_through_the_tunnel_connector() {
         let refused: http::Uri = "http://127.0.0.1:9/".parse().expect("uri");
         let err = client.get(refused).await.expect_err("port 9 is closed");
         assert!(err.is_connect(), "{err:?}");
+        let dial = std::error::Error::source(&err).and_then(|e| e.downcast_ref::<DialError>());
+        assert_eq!(dial.map(|d| d.reason), Some(DialFailureReason::Endpoint), "{err:?}");
         drop(client); // closes the pooled connections, and with them their tunnels
         assert_settled(&server, Some(&agent)).await;
         agent.stop().await;
