@@ -4,6 +4,7 @@
 use crate::config::{AgentConfig, LeaseCountConfig, ServerAddress, validate_identifiers};
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use konnectivity_process::effective_flags::EffectiveFlags;
 pub use konnectivity_process::flags::FlagError;
 use konnectivity_process::flags::{KlogFlags, go_duration};
 use std::path::{Path, PathBuf};
@@ -151,11 +152,17 @@ impl AgentFlags {
     /// Parses a command line (after [`konnectivity_process::flags::normalize_args`]), noting which flags were
     /// given rather than defaulted where that matters.
     pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Self, clap::Error> {
-        let matches = Self::command().try_get_matches_from(args)?;
+        Self::parse_with_effective(args).map(|(flags, _)| flags)
+    }
+
+    /// [`AgentFlags::parse_args`], with every flag's effective value for the start-up log.
+    pub fn parse_with_effective(args: impl IntoIterator<Item = String>) -> Result<(Self, EffectiveFlags), clap::Error> {
+        let command = Self::command();
+        let matches = command.clone().try_get_matches_from(args)?;
         let mut flags = Self::from_arg_matches(&matches)?;
         let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
         flags.host_port_given = given("proxy_server_host") || given("proxy_server_port");
-        Ok(flags)
+        Ok((flags, EffectiveFlags::new(&command, &matches)))
     }
 
     /// The addresses to dial: --proxy-server-addresses (plus --proxy-server-host:port if given explicitly),
