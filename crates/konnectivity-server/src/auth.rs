@@ -1,15 +1,18 @@
 //! Agent authentication by ServiceAccount token (`--agent-namespace`, `--agent-service-account`,
-//! `--authentication-audience`), checked with a TokenReview exactly as the reference checks it, plus a short
-//! cache of successful reviews so that a reconnect storm does not become a TokenReview storm (ANP#237).
+//! `--authentication-audience`), checked with a TokenReview exactly as the reference checks it, plus what keeps a
+//! reconnect storm from becoming a TokenReview storm (ANP#237) and a flood of bad tokens from starving good ones:
+//! reviews have a rate limit of their own (`--token-review-qps`/`--token-review-burst`) with a bounded wait,
+//! concurrent reviews of one token are one, results are kept ([`crate::review_cache`]), and tokens that are not
+//! even shaped like a JWT are refused without a review.
 
 use crate::config::AgentAuthConfig;
+use crate::review_cache::{Outcome, ReviewCache, unavailable_retry_after};
 use base64::Engine;
-use konnectivity_kube::Client;
-use parking_lot::Mutex;
+use konnectivity_kube::{Client, KubeError, RequestLimits};
 use prometheus::IntCounterVec;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
@@ -20,28 +23,53 @@ const BEARER: &str = "Bearer ";
 /// Reviews cached at most; past this only entries that expired are evicted, and new ones are not cached.
 const MAX_CACHED: usize = 10_000;
 
+/// The longest a review waits for a slot of the review rate limit. Past it the stream is refused at once with
+/// `Unavailable` and a retry hint, instead of being promised a slot so far away that its agent has given up
+/// (and retried, asking again) by then.
+const REVIEW_MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The deadline of one review from the moment it is asked: the wait for a rate-limit slot (at most
+/// [`REVIEW_MAX_WAIT`]), connecting to kube-apiserver, and its answer. No stream waits longer for its
+/// authentication (one that joins another's review of the same token waits less). Agents must wait longer than
+/// this for the response headers: ours wait 15 s.
+pub const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reviews one source address may lead at once, at least (the review burst, if larger): see
+/// [`crate::review_cache`] for why a cap per source bounds what a flood from one address costs others.
+const MIN_REVIEWS_PER_SOURCE: u32 = 8;
+
 /// Checks agent tokens.
 pub(crate) struct TokenAuthenticator {
     client: Client,
     config: AgentAuthConfig,
     expected_username: String,
-    /// sha256(token) → (username, cached until).
-    cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    /// sha256(token) → results kept, and reviews in flight.
+    reviews: ReviewCache<String>,
     results: IntCounterVec,
 }
 
 impl TokenAuthenticator {
+    /// Reviews go through `client`'s connections, with a rate limit of their own (`config`'s), apart from the
+    /// Leases'.
     pub(crate) fn new(client: Client, config: AgentAuthConfig, results: IntCounterVec) -> Self {
         let expected_username = format!("system:serviceaccount:{}:{}", config.namespace, config.service_account);
-        Self { client, config, expected_username, cache: Mutex::new(HashMap::new()), results }
+        let client = client.with_limits(RequestLimits {
+            qps: config.review_qps,
+            burst: config.review_burst,
+            max_wait: REVIEW_MAX_WAIT,
+            timeout: TOKEN_REVIEW_TIMEOUT,
+        });
+        let per_source = config.review_burst.max(MIN_REVIEWS_PER_SOURCE) as usize;
+        Self { client, config, expected_username, reviews: ReviewCache::new(per_source, MAX_CACHED), results }
     }
 
     fn count(&self, result: &str) {
         self.results.with_label_values(&[result]).inc();
     }
 
-    /// Authenticates the agent stream whose metadata is `md`. Returns the service account's username.
-    pub(crate) async fn authenticate(&self, md: &MetadataMap) -> Result<String, Status> {
+    /// Authenticates the agent stream whose metadata is `md`, from `source`. Returns the service account's
+    /// username.
+    pub(crate) async fn authenticate(&self, md: &MetadataMap, source: Option<IpAddr>) -> Result<String, Status> {
         let values: Vec<_> = md.get_all(AUTHORIZATION).iter().collect();
         let value = match values.as_slice() {
             [] => {
@@ -58,33 +86,25 @@ impl TokenAuthenticator {
             self.count("denied");
             return Err(Status::unauthenticated(format!("received token does not have {BEARER:?} prefix")));
         };
-        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let now = Instant::now();
-        if let Some((user, until)) = self.cache.lock().get(&key)
-            && *until > now
-        {
-            self.count("cached");
-            return Ok(user.clone());
+        if !is_jwt_shaped(token) {
+            self.count("denied");
+            return Err(Status::unauthenticated(
+                "Failed to validate authentication token, err:lookup failed: the token is not a JWT",
+            ));
         }
-        match self.review(token).await {
-            Ok(user) => {
-                self.count("ok");
-                if let Some(ttl) = cache_ttl(token, self.config.cache_ttl) {
-                    let mut cache = self.cache.lock();
-                    if cache.len() >= MAX_CACHED {
-                        cache.retain(|_, (_, until)| *until > now);
-                    }
-                    if cache.len() < MAX_CACHED {
-                        cache.insert(key, (user.clone(), now + ttl));
-                    }
-                }
-                Ok(user)
+        let key = Sha256::digest(token.as_bytes()).into();
+        let keep = |_: &String| cache_ttl(token, self.config.cache_ttl);
+        let (result, outcome) = self.reviews.get(key, source, || self.review(token), keep).await;
+        self.count(match (&result, outcome) {
+            (Ok(_), Outcome::Reviewed) => "ok",
+            (Ok(_), _) => "cached",
+            (Err(status), _) if status.code() == tonic::Code::Unauthenticated => "denied",
+            (Err(status), _) if status.metadata().contains_key(konnectivity_proto::names::RETRY_PUSHBACK_MS) => {
+                "throttled"
             }
-            Err(status) => {
-                self.count(if status.code() == tonic::Code::Unauthenticated { "denied" } else { "error" });
-                Err(status)
-            }
-        }
+            (Err(_), _) => "error",
+        });
+        result
     }
 
     /// One TokenReview, with the reference's checks and wording.
@@ -92,9 +112,14 @@ impl TokenAuthenticator {
         let fail = |m: String| Status::unauthenticated(format!("Failed to validate authentication token, err:{m}"));
         let status =
             self.client.token_review(token, std::slice::from_ref(&self.config.audience)).await.map_err(|e| {
-                Status::unavailable(format!(
-                    "Failed to validate authentication token, err:Failed to authenticate request. err:{e}"
-                ))
+                let message =
+                    format!("Failed to validate authentication token, err:Failed to authenticate request. err:{e}");
+                match e {
+                    KubeError::Throttled { retry_after, .. } => {
+                        unavailable_retry_after(message, retry_after.max(Duration::from_secs(1)))
+                    }
+                    _ => Status::unavailable(message),
+                }
             })?;
         if !status.error.is_empty() {
             return Err(fail(format!("lookup failed: {}", status.error)));
@@ -125,6 +150,28 @@ impl TokenAuthenticator {
         debug_assert_eq!(username, self.expected_username);
         Ok(username)
     }
+}
+
+/// Whether `token` is shaped like a JWT, as every ServiceAccount token is: three base64url parts, the first two
+/// JSON objects, the header naming its `alg`. Nothing else can pass a TokenReview as a ServiceAccount, so
+/// anything else is refused without one (the reference asks kube-apiserver all the same): a flood of garbage
+/// costs no review budget. Nothing here is trusted: the signature and claims are the review's to check.
+fn is_jwt_shaped(token: &str) -> bool {
+    let json_object = |part: &str| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(part.trim_end_matches('='))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .filter(serde_json::Value::is_object)
+    };
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    !signature.is_empty()
+        && json_object(header).is_some_and(|h| h.get("alg").is_some_and(serde_json::Value::is_string))
+        && json_object(payload).is_some()
 }
 
 /// How long a successful review of `token` may be reused: `max`, but never past the token's own `exp`
@@ -161,5 +208,23 @@ mod tests {
         assert_eq!(cache_ttl(&jwt(now.saturating_sub(5)), max), None, "expired token: never cached");
         assert_eq!(cache_ttl("not-a-jwt", max), None);
         assert_eq!(cache_ttl(&jwt(now + 3600), Duration::ZERO), None, "cache disabled");
+    }
+
+    #[test]
+    fn only_jwt_shaped_tokens_are_reviewed() {
+        assert!(is_jwt_shaped(&jwt(1)));
+        let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        for bad in [
+            String::new(),
+            "header.payload.signature".into(),
+            "a.b".into(),
+            format!("{}.{}.sig.extra", enc(r#"{"alg":"RS256"}"#), enc("{}")),
+            format!("{}.{}.", enc(r#"{"alg":"RS256"}"#), enc("{}")),
+            format!("{}.{}.sig", enc(r#"{"typ":"JWT"}"#), enc("{}")),
+            format!("{}.{}.sig", enc(r#"{"alg":"RS256"}"#), enc("[1]")),
+            format!("{}.{}.sig", enc(r#"{"alg":"RS256"}"#), "!!!"),
+        ] {
+            assert!(!is_jwt_shaped(&bad), "{bad:?}");
+        }
     }
 }
