@@ -20,4 +20,5 @@ mod reference_suite;
 mod routing;
 mod routing_netns;
 mod tls;
+mod token_storm;
 mod tunnel;
