@@ -229,13 +229,14 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_reviews_of_one_token_are_one() {
+        let tracker = tokio_util::task::TaskTracker::new();
         let cache = Arc::new(ReviewCache::<String>::new(100, 100));
         let reviews = Arc::new(AtomicUsize::new(0));
         let gate = Arc::new(tokio::sync::Notify::new());
         let mut waiting = Vec::new();
         for _ in 0..10 {
             let (cache, reviews, gate) = (cache.clone(), reviews.clone(), gate.clone());
-            waiting.push(tokio::spawn(async move {
+            waiting.push(tracker.spawn(async move {
                 let review = || async {
                     reviews.fetch_add(1, Ordering::SeqCst);
                     gate.notified().await;
@@ -263,16 +264,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_leader_who_leaves_hands_the_review_to_a_waiter() {
+        let tracker = tokio_util::task::TaskTracker::new();
         let cache = Arc::new(ReviewCache::<String>::new(100, 100));
         let never = || std::future::pending::<Result<String, Status>>();
-        let leader = tokio::spawn({
+        let leader = tracker.spawn({
             let cache = cache.clone();
             async move { cache.get([2; 32], IP, never, |_| None).await }
         });
         while cache.sizes().1 == 0 {
             tokio::task::yield_now().await;
         }
-        let follower = tokio::spawn({
+        let follower = tracker.spawn({
             let cache = cache.clone();
             async move {
                 let ok = || async { Ok::<_, Status>("bob".to_string()) };
@@ -305,12 +307,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_source_leads_at_most_its_share_of_reviews() {
+        let tracker = tokio_util::task::TaskTracker::new();
         let cache = Arc::new(ReviewCache::<String>::new(2, 100));
         let never = || std::future::pending::<Result<String, Status>>();
         let held: Vec<_> = (0..2u8)
             .map(|i| {
                 let cache = cache.clone();
-                tokio::spawn(async move { cache.get([10 + i; 32], IP, never, |_| None).await })
+                tracker.spawn(async move { cache.get([10 + i; 32], IP, never, |_| None).await })
             })
             .collect();
         while cache.sizes().2 < 2 {
