@@ -94,7 +94,14 @@ impl TokenAuthenticator {
         }
         let key = Sha256::digest(token.as_bytes()).into();
         let keep = |_: &String| cache_ttl(token, self.config.cache_ttl);
-        let (result, outcome) = self.reviews.get(key, source, || self.review(token), keep).await;
+        // The review's own deadline bounds a stream that leads it; this bounds one that waited for another's
+        // review and then, that stream having left, led a new one.
+        let reviewed = self.reviews.get(key, source, || self.review(token), keep);
+        let (result, outcome) = tokio::time::timeout(TOKEN_REVIEW_TIMEOUT, reviewed).await.unwrap_or_else(|_| {
+            let message =
+                format!("Failed to validate authentication token, err:no review within {TOKEN_REVIEW_TIMEOUT:?}");
+            (Err(unavailable_retry_after(message, Duration::from_secs(1))), Outcome::Busy)
+        });
         self.count(match (&result, outcome) {
             (Ok(_), Outcome::Reviewed) => "ok",
             (Ok(_), _) => "cached",
