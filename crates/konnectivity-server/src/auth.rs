@@ -29,9 +29,12 @@ const MAX_CACHED: usize = 10_000;
 const REVIEW_MAX_WAIT: Duration = Duration::from_secs(5);
 
 /// The deadline of one review from the moment it is asked: the wait for a rate-limit slot (at most
-/// [`REVIEW_MAX_WAIT`]), connecting to kube-apiserver, and its answer. No stream waits longer for its
-/// authentication (one that joins another's review of the same token waits less). Agents must wait longer than
-/// this for the response headers: ours wait 15 s.
+/// [`REVIEW_MAX_WAIT`]), connecting to kube-apiserver, and its answer. Past it the review failed (`error`).
+const REVIEW_DEADLINE: Duration = Duration::from_secs(9);
+
+/// The longest a stream waits for its token to be reviewed: its own review's [`REVIEW_DEADLINE`] and a moment, or
+/// another stream's review of the same token (and then, if that stream left, its own). Past it the stream is told
+/// to retry. Agents must wait longer than this for the response headers: ours wait 15 s.
 pub const TOKEN_REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Reviews one source address may lead at once, at least (the review burst, if larger): see
@@ -57,7 +60,7 @@ impl TokenAuthenticator {
             qps: config.review_qps,
             burst: config.review_burst,
             max_wait: REVIEW_MAX_WAIT,
-            timeout: TOKEN_REVIEW_TIMEOUT,
+            timeout: REVIEW_DEADLINE,
         });
         let per_source = config.review_burst.max(MIN_REVIEWS_PER_SOURCE) as usize;
         Self { client, config, expected_username, reviews: ReviewCache::new(per_source, MAX_CACHED), results }
