@@ -237,4 +237,49 @@ mod tests {
             assert!(!is_jwt_shaped(&bad), "{bad:?}");
         }
     }
+
+    /// A review past the bounded wait of the review rate limit is refused at once, `Unavailable` with a retry
+    /// hint, and counted as throttled; a review that could not be made is an error.
+    #[tokio::test]
+    async fn a_review_past_the_rate_limit_s_bound_is_told_when_to_retry() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = closed.local_addr().expect("addr");
+        drop(closed);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let ca = rcgen::CertificateParams::new(vec!["ca".to_string()]).expect("params").self_signed(&key).expect("ca");
+        let ca = base64::engine::general_purpose::STANDARD.encode(ca.pem());
+        let path = std::env::temp_dir().join(format!("auth-test-{}-{}.kubeconfig", std::process::id(), addr.port()));
+        let kubeconfig = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://{addr}\n    \
+             certificate-authority-data: {ca}\ncontexts:\n- name: c\n  context:\n    cluster: c\ncurrent-context: c\n"
+        );
+        std::fs::write(&path, kubeconfig).expect("kubeconfig");
+        let config = konnectivity_kube::Config::load(Some(&path));
+        let _ = std::fs::remove_file(&path);
+        let client = Client::new(config.expect("config"), 0.0, 0).expect("client");
+        let mut auth_config = AgentAuthConfig::new("kube-system", "konnectivity-agent", "konnectivity");
+        (auth_config.review_qps, auth_config.review_burst) = (0.01, 1);
+        let results =
+            IntCounterVec::new(prometheus::Opts::new("authentications", "test"), &["result"]).expect("counter");
+        let auth = TokenAuthenticator::new(client, auth_config, results.clone());
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let md = |exp| {
+            let mut md = MetadataMap::new();
+            md.insert(AUTHORIZATION, format!("Bearer {}", jwt(exp)).parse().expect("value"));
+            md
+        };
+        let source = Some(IpAddr::from([127, 0, 0, 1]));
+        let failed = auth.authenticate(&md(now + 3600), source).await.expect_err("nothing listens");
+        assert_eq!(failed.code(), tonic::Code::Unavailable);
+        assert!(failed.metadata().get(konnectivity_proto::names::RETRY_PUSHBACK_MS).is_none(), "{failed:?}");
+        // The burst is spent; the next slot is 100 s away, past the 5 s a review may wait.
+        let throttled = auth.authenticate(&md(now + 3601), source).await.expect_err("throttled");
+        assert_eq!(throttled.code(), tonic::Code::Unavailable);
+        assert!(throttled.message().contains("client-side rate limit: no request slot within 5s"), "{throttled:?}");
+        let hint = throttled.metadata().get(konnectivity_proto::names::RETRY_PUSHBACK_MS).expect("hint");
+        let hint: u64 = hint.to_str().expect("text").parse().expect("milliseconds");
+        assert!((90_000..=95_000).contains(&hint), "{hint}");
+        let count = |r: &str| results.with_label_values(&[r]).get();
+        assert_eq!((count("error"), count("throttled")), (1, 1));
+    }
 }
