@@ -115,6 +115,7 @@ impl RequestLimits {
         ))
     }
 }
+
 /// Idle keep-alive connections kept for reuse.
 const MAX_IDLE: usize = 4;
 
