@@ -16,8 +16,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long the agent waits for a server's response headers (the reference waits forever).
-pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the agent waits for a server's response headers (the reference waits forever). A server answers at
+/// once, except that with token authentication it first reviews the agent's token, for at most its
+/// `TOKEN_REVIEW_TIMEOUT` (10 s: up to 5 s waiting for its TokenReview rate limit, then the review itself;
+/// past the 5 s it refuses at once with a retry hint). 5 s more cover the server's scheduling under a storm
+/// and the round trip. Shorter, an agent would give up on reviews still under way, and retry, asking again.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long TCP connect plus the TLS and HTTP/2 handshakes may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Packets queued towards one server stream.

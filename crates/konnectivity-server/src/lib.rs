@@ -22,10 +22,12 @@ pub mod fuzzing;
 mod handle;
 pub mod lease;
 pub mod metrics;
+mod review_cache;
 pub mod routing;
 mod server;
 mod tunnels;
 
+pub use auth::TOKEN_REVIEW_TIMEOUT;
 pub use backend::identifiers::AgentIdentifiers;
 pub use config::{AuditConfig, AuditOutput, FrontendListen, FrontendMode, ServerConfig};
 pub use frontend::http_connect::{CONNECTION_ESTABLISHED, dial_error_status};

@@ -23,4 +23,5 @@ mod reference_suite;
 mod routing;
 mod routing_netns;
 mod tls;
+mod token_storm;
 mod tunnel;

@@ -69,7 +69,7 @@ impl AgentService for AgentEndpoint {
         let info = request.extensions().get::<konnectivity_transport::listen::TlsConnectInfo>();
         let peer = info.map(|i| i.remote_addr.to_string()).unwrap_or_else(|| "unknown".into());
         if let Some(auth) = &self.auth {
-            match auth.authenticate(md).await {
+            match auth.authenticate(md, info.map(|i| i.remote_addr.ip())).await {
                 Ok(username) => tracing::debug!(%agent_id, %peer, %username, "agent authenticated by token"),
                 Err(status) => {
                     tracing::warn!(%agent_id, %peer, error = %status.message(), "agent authentication failed");
