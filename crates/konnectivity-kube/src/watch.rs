@@ -328,7 +328,12 @@ impl Client {
     /// Returns the status and the body to read.
     pub(crate) async fn open_stream(&self, path: &str) -> Result<(u16, hyper::body::Incoming), KubeError> {
         let req = self.build_request(Method::GET, path, None)?;
-        self.inner.limiter.acquire().await;
+        let max_wait = self.limits.max_wait.min(self.limits.timeout);
+        self.limiter
+            .reserve(max_wait)
+            .map_err(|t| KubeError::Throttled { max_wait, retry_after: t.retry_after })?
+            .wait()
+            .await;
         let mut sender = tokio::time::timeout(crate::REQUEST_TIMEOUT, self.connect()).await.map_err(|_| {
             KubeError::Transport(format!("GET {path}: no connection within {:?}", crate::REQUEST_TIMEOUT))
         })??;
