@@ -16,6 +16,7 @@ pub enum Impl {
 }
 
 impl Impl {
+    /// `rust` or `go`, as the tables print it.
     pub fn name(self) -> &'static str {
         match self {
             Impl::Rust => "rust",
@@ -27,11 +28,14 @@ impl Impl {
 /// The frontend protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
+    /// `/ProxyService/Proxy` (kube-apiserver's `GRPC` egress).
     Grpc,
+    /// HTTP CONNECT.
     Connect,
 }
 
 impl Mode {
+    /// The `--mode` value.
     pub fn flag(self) -> &'static str {
         match self {
             Mode::Grpc => "grpc",
@@ -43,7 +47,9 @@ impl Mode {
 /// Where the binaries are.
 #[derive(Debug, Clone)]
 pub struct Bins {
+    /// Our binaries.
     pub rust: PathBuf,
+    /// The reference's.
     pub go: PathBuf,
 }
 
@@ -59,8 +65,11 @@ impl Bins {
 
 /// A running server and agent.
 pub struct Running {
+    /// The proxy-server.
     pub server: ChildProcess,
+    /// The proxy-agent.
     pub agent: ChildProcess,
+    /// The server's frontend socket.
     pub uds: PathBuf,
 }
 

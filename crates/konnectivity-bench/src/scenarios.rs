@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// A byte stream to the target.
 pub trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
+/// A boxed [`Conn`].
 pub type BoxConn = Pin<Box<dyn Conn>>;
 
 /// How connections reach the target.
@@ -25,6 +26,7 @@ pub enum Path {
 }
 
 impl Path {
+    /// Opens a connection to `target` this way.
     pub async fn dial(&self, target: SocketAddr) -> anyhow::Result<BoxConn> {
         Ok(match self {
             Path::Direct => {

@@ -1,4 +1,6 @@
 //! konnectivity-rs integration tests: one binary, real sockets, real TLS, real server and agent.
+// Tests: a failed `expect` is the test failing, with its message.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
 
 mod audit;
 mod bad_input;
