@@ -1,5 +1,6 @@
 //! A small Kubernetes API client: just what proxy-server and proxy-agent need from kube-apiserver
-//! (TokenReview for agent authentication, Leases for server counting), over HTTPS/1.1 with JSON.
+//! (TokenReview for agent authentication, Leases for server counting, a Node's addresses for agent identity),
+//! over HTTPS/1.1 with JSON.
 //!
 //! Credentials come from a kubeconfig file or the in-cluster service account ([`Config`]); requests are rate
 //! limited like client-go (`--kubeconfig-qps`, `--kubeconfig-burst`) and reuse a few keep-alive connections.
@@ -9,6 +10,7 @@
 mod config;
 pub mod lease;
 mod limiter;
+pub mod node;
 pub mod token_review;
 
 pub use config::{Config, IN_CLUSTER_DIR, Token};

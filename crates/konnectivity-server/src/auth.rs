@@ -3,6 +3,7 @@
 //! cache of successful reviews so that a reconnect storm does not become a TokenReview storm (ANP#237).
 
 use crate::config::AgentAuthConfig;
+use crate::identity::AgentIdentity;
 use base64::Engine;
 use konnectivity_kube::Client;
 use parking_lot::Mutex;
@@ -25,8 +26,8 @@ pub(crate) struct TokenAuthenticator {
     client: Client,
     config: AgentAuthConfig,
     expected_username: String,
-    /// sha256(token) → (username, cached until).
-    cache: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    /// sha256(token) → (who it is, cached until).
+    cache: Mutex<HashMap<[u8; 32], (AgentIdentity, Instant)>>,
     results: IntCounterVec,
 }
 
@@ -40,8 +41,9 @@ impl TokenAuthenticator {
         self.results.with_label_values(&[result]).inc();
     }
 
-    /// Authenticates the agent stream whose metadata is `md`. Returns the service account's username.
-    pub(crate) async fn authenticate(&self, md: &MetadataMap) -> Result<String, Status> {
+    /// Authenticates the agent stream whose metadata is `md`. Returns who the token says it is: the service
+    /// account's user name, and the node a bound token names.
+    pub(crate) async fn authenticate(&self, md: &MetadataMap) -> Result<AgentIdentity, Status> {
         let values: Vec<_> = md.get_all(AUTHORIZATION).iter().collect();
         let value = match values.as_slice() {
             [] => {
@@ -88,7 +90,7 @@ impl TokenAuthenticator {
     }
 
     /// One TokenReview, with the reference's checks and wording.
-    async fn review(&self, token: &str) -> Result<String, Status> {
+    async fn review(&self, token: &str) -> Result<AgentIdentity, Status> {
         let fail = |m: String| Status::unauthenticated(format!("Failed to validate authentication token, err:{m}"));
         let status =
             self.client.token_review(token, std::slice::from_ref(&self.config.audience)).await.map_err(|e| {
@@ -102,7 +104,7 @@ impl TokenAuthenticator {
         if !status.authenticated {
             return Err(fail("lookup failed: service account jwt not valid".into()));
         }
-        let username = status.user.username;
+        let username = &status.user.username;
         let parts: Vec<&str> = username.split(':').collect();
         if parts.len() != 4 {
             return Err(fail("lookup failed: unexpected username format".into()));
@@ -122,8 +124,8 @@ impl TokenAuthenticator {
                 parts[3], self.config.service_account
             )));
         }
-        debug_assert_eq!(username, self.expected_username);
-        Ok(username)
+        debug_assert_eq!(*username, self.expected_username);
+        Ok(AgentIdentity::of_token(username, status.user.node_name()))
     }
 }
 

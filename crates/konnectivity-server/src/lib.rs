@@ -20,6 +20,7 @@ mod frontend;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handle;
+mod identity;
 pub mod lease;
 pub mod metrics;
 pub mod routing;
@@ -27,7 +28,10 @@ mod server;
 mod tunnels;
 
 pub use backend::identifiers::AgentIdentifiers;
-pub use config::{AuditConfig, AuditOutput, FrontendListen, FrontendMode, ServerConfig};
+pub use config::{
+    AgentIdentityConfig, AuditConfig, AuditOutput, FrontendListen, FrontendMode, IdentityMode, ServerConfig,
+};
 pub use frontend::http_connect::{CONNECTION_ESTABLISHED, dial_error_status};
 pub use handle::{AgentInfo, ServerHandle};
+pub use identity::grants::Grants;
 pub use server::{FrontendAddr, RunningServer, ServerError, run, start};
