@@ -53,17 +53,22 @@ impl AgentEndpoint {
     }
 }
 
-/// The identity a client certificate chain (leaf first) proves; `Err` if it names several nodes.
-fn certificate_identity(certs: &[rustls::pki_types::CertificateDer<'static>]) -> Result<AgentIdentity, Refusal> {
+/// The identity a client certificate chain (leaf first) proves; if it names several nodes, the refusal and
+/// the identity without a node (which trust mode, checking nothing, takes).
+fn certificate_identity(
+    certs: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<AgentIdentity, (Refusal, AgentIdentity)> {
     let Some(names) = certs.first().and_then(CertNames::of) else {
         // The TLS layer verified it, so this is not expected: a certificate without names we can read.
         return Ok(AgentIdentity { credential: Credential::Certificate, name: String::new(), node: None });
     };
     AgentIdentity::of_certificate(&names).map_err(|ambiguous| {
-        Refusal::new(
+        let refusal = Refusal::new(
             RefusalReason::AmbiguousIdentity,
             format!("the agent's client certificate names several nodes {:?}", ambiguous.0),
-        )
+        );
+        let name = names.all().next().unwrap_or_default().to_string();
+        (refusal, AgentIdentity { credential: Credential::Certificate, name, node: None })
     })
 }
 
@@ -111,12 +116,10 @@ impl AgentService for AgentEndpoint {
                 }
             }
         } else {
-            match info.and_then(|i| i.peer_certs.as_deref()) {
-                Some(certs) => certificate_identity(certs).map_err(|refusal| {
-                    let unnamed =
-                        AgentIdentity { credential: Credential::Certificate, name: String::new(), node: None };
-                    self.refuse(refusal, &agent_id, &peer, &unnamed)
-                })?,
+            match info.and_then(|i| i.peer_certs.as_deref()).map(|certs| certificate_identity(certs)) {
+                Some(Ok(identity)) => identity,
+                Some(Err((_, identity))) if self.admission.trusts_every_claim() => identity,
+                Some(Err((refusal, identity))) => return Err(self.refuse(refusal, &agent_id, &peer, &identity)),
                 None => AgentIdentity::anonymous(),
             }
         };

@@ -63,6 +63,11 @@ impl Admission {
         Self { config, kube, nodes: Mutex::new(HashMap::new()), warned: Mutex::new(HashSet::new()) }
     }
 
+    /// Whether every claim is taken on trust (`--agent-identity-mode=trust`).
+    pub(crate) fn trusts_every_claim(&self) -> bool {
+        self.config.mode == IdentityMode::Trust
+    }
+
     /// Admits a stream of `identity` claiming `identifiers` (its agent ID is the registry's to check), or says
     /// why not.
     pub(crate) async fn admit(
