@@ -120,6 +120,10 @@ async fn node_certificates_bind_agents_to_their_node() {
     agent_config.agent_identifiers = "host=node-a".into();
     let agent = stack.start_agent(agent_config).await.expect("agent");
     eventually!(10, server.handle.ready() && agent.handle.ready(), "node-a's agent did not connect");
+    let agents = server.handle.agents();
+    assert!(agents[0].identity.contains("\"system:node:node-a\" (node node-a)"), "{agents:?}");
+    let view = server.handle.debug_connections();
+    assert_eq!(view["agents"][0]["credential"]["bound"], true, "{view}");
 
     // Hijack attempts with node-b's certificate.
     let b = |id: String| {
