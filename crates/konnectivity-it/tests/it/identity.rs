@@ -369,3 +369,96 @@ async fn bound_tokens_bind_agents_to_their_node() {
     assert_eq!(taken["agent_node"], "node-b");
     assert_eq!(lines.iter().filter(|l| l["event"] == "agent_refused").count(), 6);
 }
+
+/// A ServiceAccount token bound to a pod on `node` (as a projected token is): kube-apiserver's TokenReview then
+/// names the node.
+async fn bound_token(cp: &konnectivity_it::controlplane::ControlPlane, pod: &str, node: &str) -> String {
+    let auth = konnectivity_it::controlplane::TokenAuth::default();
+    let (ns, sa) = (&auth.namespace, &auth.service_account);
+    cp.create_token(ns, sa, &auth.audience, 600).await.expect("the ServiceAccount exists");
+    let spec = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod},
+        "spec": {"nodeName": node, "serviceAccountName": sa, "automountServiceAccountToken": false,
+                 "containers": [{"name": "agent", "image": "konnectivity-rs.invalid/agent:none"}]}
+    });
+    let (status, body) =
+        cp.kas_request("POST", &format!("/api/v1/namespaces/{ns}/pods"), Some(&spec)).await.expect("create pod");
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let created: Value = serde_json::from_slice(&body).expect("pod");
+    let request = serde_json::json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [auth.audience], "expirationSeconds": 600,
+                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": created["metadata"]["uid"]}}
+    });
+    let path = format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token");
+    let (status, body) = cp.kas_request("POST", &path, Some(&request)).await.expect("token request");
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let v: Value = serde_json::from_slice(&body).expect("token");
+    v["status"]["token"].as_str().expect("a token").to_string()
+}
+
+/// Opens `/AgentService/Connect` from the cluster network with `token`, as `agent_id` claiming `identifiers`.
+async fn cluster_connect(
+    cp: &konnectivity_it::controlplane::ControlPlane,
+    token: &str,
+    agent_id: &str,
+    identifiers: &str,
+) -> Result<Stream, tonic::Status> {
+    use konnectivity_it::controlplane::{AGENT_PORT, CONTROL_LINK};
+    let tls = konnectivity_transport::tls::client_config(&cp.pki.ca, None, &[b"h2".to_vec()]).expect("tls");
+    let tcp = cp.cluster.connect((CONTROL_LINK, AGENT_PORT).into(), std::time::Duration::from_secs(5)).await;
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from(CONTROL_LINK).into());
+    let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp.expect("tcp")).await.expect("tls handshake");
+    let mut stream = Some(stream);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let s = stream.take();
+        async move { s.map(TokioIo::new).ok_or_else(|| std::io::Error::other("used")) }
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://agent-port")
+        .connect_with_connector(connector)
+        .await
+        .expect("channel");
+    let (to_server, rx) = mpsc::channel(4);
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.metadata_mut().insert("agentid", agent_id.parse().expect("id"));
+    request.metadata_mut().insert("agentidentifiers", identifiers.parse().expect("identifiers"));
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("token"));
+    let response = konnectivity_proto::agent::AgentServiceClient::new(channel).connect(request).await?;
+    Ok(Stream { _to_server: to_server, _inbound: response.into_inner() })
+}
+
+/// With a real kube-apiserver: a token bound to a pod on the node is that node's identity (the TokenReview's
+/// node-name), may claim the node's real address (read from its Node), and nothing else; the fixture's agent,
+/// whose token is not bound, is a shared identity taken on trust and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_kube_apiserver_bound_tokens_name_their_node() {
+    use konnectivity_it::controlplane::{ControlPlane, EgressMode, NODE_IP, NODE_NAME, Options};
+    let mut options = Options::new(EgressMode::GrpcUds);
+    options.token_auth = Some(Default::default());
+    let mut cp = ControlPlane::start(options).await.expect("control plane");
+    let token = bound_token(&cp, "agent-on-node-1", NODE_NAME).await;
+
+    let own = format!("host={NODE_NAME}&ipv4={NODE_IP}");
+    let stream = cluster_connect(&cp, &token, "bound-1", &own).await.expect("its own node's name and address");
+    refused(cluster_connect(&cp, &token, "bound-2", "ipv4=198.18.0.99").await, "may not claim ipv4=198.18.0.99");
+    refused(cluster_connect(&cp, &token, "bound-2", "host=node-2").await, "may not claim host=node-2");
+    refused(cluster_connect(&cp, &token, "bound-2", "default-route=true").await, "default-route=true");
+    // The fixture's own agent holds its ID under the shared (unbound) identity.
+    refused(cluster_connect(&cp, &token, "e2e-agent-1", "").await, "held by a connected agent of another identity");
+    drop(stream);
+    let metric = async |reason: &str| {
+        let name = format!("konnectivity_network_proxy_server_agent_identity_refusals_total{{reason=\"{reason}\"}}");
+        cp.server_metric(&name).await.unwrap_or(0.0)
+    };
+    for (reason, n) in [("address", 1.0), ("host", 1.0), ("default_route", 1.0), ("agent_id_taken", 1.0)] {
+        assert_eq!(metric(reason).await, n, "{reason}");
+    }
+    let (status, body) =
+        cp.kas_request("GET", &format!("/api/v1/nodes/{NODE_NAME}:10250/proxy/healthz"), None).await.expect("req");
+    assert_eq!(status, 200, "the fixture's agent still serves: {}", String::from_utf8_lossy(&body));
+    cp.assert_no_decoy_hits();
+    assert!(cp.stop_kube_apiserver(), "kube-apiserver needed SIGKILL");
+    cp.assert_settled(std::time::Duration::from_secs(10)).await.expect("settled");
+    let slow = cp.shutdown();
+    assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
+}
