@@ -52,9 +52,9 @@ impl RunningAgent {
     }
 }
 
-/// Starts an agent. `drain` asks it to drain: send DRAIN to its servers, open no new server stream, and stop
-/// by itself once its connections have ended (or at `drain_timeout`, closing the rest). `shutdown` stops it
-/// at once.
+/// Starts an agent. `drain` asks it to drain: send DRAIN to its servers, open no new server stream, keep
+/// answering the dials servers still send it, and stop by itself once it has carried nothing for
+/// `drain_idle_period` (or at `drain_timeout`, closing the rest). `shutdown` stops it at once.
 pub async fn start(
     config: AgentConfig,
     drain: CancellationToken,
@@ -88,6 +88,7 @@ pub async fn start(
         finish: CancellationToken::new(),
         agent_id: config.agent_id.as_str().into(),
         lease_count: Arc::new(std::sync::atomic::AtomicU32::new(0)),
+        dials_received: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         metrics: metrics.clone(),
     };
     if let Some(leases) = &config.lease_count {
@@ -120,7 +121,7 @@ pub async fn start(
     let ports = Ports { health: config.health.as_ref(), admin: config.admin.as_ref(), admin_redirects_metrics: true };
     let bound = endpoints.serve(ports, &shutdown, &tracker).await?;
 
-    let drain_timeout = config.drain_timeout;
+    let timing = crate::drain::DrainTiming { timeout: config.drain_timeout, idle_period: config.drain_idle_period };
     let dialer = Arc::new(Dialer { config: Arc::new(config), tls: tls_config });
     tracker.spawn(crate::server_set::sync_loop(
         dialer,
@@ -130,7 +131,7 @@ pub async fn start(
         shutdown.clone(),
         tracker.clone(),
     ));
-    tracker.spawn(crate::drain::drain_then_stop(handle.clone(), drain, drain_timeout, shutdown.clone()));
+    tracker.spawn(crate::drain::drain_then_stop(handle.clone(), drain, timing, shutdown.clone()));
     Ok(RunningAgent { health_addr: bound.health, admin_addr: bound.admin, handle, tracker, shutdown })
 }
 

@@ -96,6 +96,10 @@ pub struct AgentConfig {
     /// After a drain starts, how long open connections may take to end before the agent closes them and
     /// stops. `None`: no limit (the agent stops once they have ended, or when its shutdown token fires).
     pub drain_timeout: Option<Duration>,
+    /// While draining, how long the agent must have had no dial and no connection before it stops by itself.
+    /// A server still sends dials to a draining agent when it has no other agent, so leaving at the first idle
+    /// moment would fail them. Zero: stop as soon as nothing is open. `drain_timeout` still bounds the drain.
+    pub drain_idle_period: Duration,
     /// A ServiceAccount token file, sent as `authorization: Bearer <token>` on every connect (re-read each time:
     /// projected tokens rotate).
     pub service_account_token_path: Option<PathBuf>,
@@ -115,13 +119,19 @@ pub struct LeaseCountConfig {
     /// `--server-count-source=max`: the larger of the lease count and the servers' `servercount`; otherwise
     /// the lease count alone.
     pub source_max: bool,
-    /// How often the Leases are listed.
+    /// How often the valid Leases are counted again from the watched cache (no request is sent for it).
     pub poll_interval: Duration,
 }
 
 /// The default `--drain-timeout`: under Kubernetes' default termination grace period (30 s), so that the agent
 /// closes what is left itself, with an error each frontend sees, before the kubelet's SIGKILL.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// The default `--drain-idle-period`. Long enough that a dial a server sent just before it read the DRAIN, or
+/// the next of a caller's requests while this is the last agent a server has (a single-agent cluster, a
+/// `destHost` node whose replacement agent is not up yet), still finds the agent; short enough that an idle
+/// agent is gone well within the default `--drain-timeout` and the pod's default 30 s grace period.
+pub const DEFAULT_DRAIN_IDLE_PERIOD: Duration = Duration::from_secs(5);
 
 impl AgentConfig {
     /// A configuration with the reference's defaults, dialing one server address.
@@ -146,6 +156,7 @@ impl AgentConfig {
             enable_profiling: false,
             egress_policy: std::sync::Arc::new(konnectivity_egress_policy::EgressPolicy::allow_all()),
             drain_timeout: Some(DEFAULT_DRAIN_TIMEOUT),
+            drain_idle_period: DEFAULT_DRAIN_IDLE_PERIOD,
             service_account_token_path: None,
             lease_count: None,
         }

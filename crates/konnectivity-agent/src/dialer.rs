@@ -4,6 +4,7 @@
 
 use crate::config::{AgentConfig, ServerAddress};
 use crate::error::AgentError;
+use crate::session::Outbound;
 use hyper_util::rt::TokioIo;
 use konnectivity_proto::agent::AgentServiceClient;
 use konnectivity_proto::names::{AGENT_ID, AGENT_IDENTIFIERS, SERVER_COUNT, SERVER_ID};
@@ -14,11 +15,13 @@ use rand::seq::SliceRandom;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-/// How long the agent waits for a server's response headers (the reference waits forever).
-pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the agent waits for a server's response headers (the reference waits forever). A server answers at
+/// once, except that with token authentication it first reviews the agent's token, for at most its
+/// `TOKEN_REVIEW_TIMEOUT` (10 s: up to 5 s waiting for its TokenReview rate limit, then the review itself;
+/// past the 5 s it refuses at once with a retry hint). 5 s more cover the server's scheduling under a storm
+/// and the round trip. Shorter, an agent would give up on reviews still under way, and retry, asking again.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long TCP connect plus the TLS and HTTP/2 handshakes may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Packets queued towards one server stream.
@@ -53,7 +56,8 @@ pub(crate) struct Opened {
     pub(crate) server_id: String,
     pub(crate) flow_control: bool,
     pub(crate) server_count: u32,
-    pub(crate) to_server: mpsc::Sender<Packet>,
+    /// The sending half, for the session that will own the stream (dropped with the stream if none does).
+    pub(crate) outbound: Outbound,
     pub(crate) inbound: tonic::Streaming<Packet>,
 }
 
@@ -73,8 +77,8 @@ async fn connect_tcp(address: &ServerAddress) -> std::io::Result<tokio::net::Tcp
 }
 
 impl Dialer {
-    /// Opens a stream to `target`. Its outbound half ends cleanly once `finish` fires.
-    pub(crate) async fn open(&self, target: &Target, finish: &CancellationToken) -> Result<Opened, AgentError> {
+    /// Opens a stream to `target`. Its outbound half ends cleanly once [`Outbound::end`] fires.
+    pub(crate) async fn open(&self, target: &Target) -> Result<Opened, AgentError> {
         let addr = target.address.to_string();
         let tls = tokio_rustls::TlsConnector::from(self.tls.current());
         let server_name = target.server_name.clone();
@@ -109,8 +113,8 @@ impl Dialer {
             .map_err(|e| AgentError::Connect { addr: addr.clone(), cause: error_chain(&e) })?;
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(4 << 20);
 
-        let (to_server, rx) = mpsc::channel(SERVER_QUEUE_PACKETS);
-        let mut request = tonic::Request::new(outbound_until_finished(rx, finish.clone()));
+        let (outbound, packets) = Outbound::channel(SERVER_QUEUE_PACKETS);
+        let mut request = tonic::Request::new(packets);
         let bad = |what: String| AgentError::BadHeaders { addr: addr.clone(), what };
         let md = request.metadata_mut();
         md.insert(
@@ -164,27 +168,6 @@ impl Dialer {
             header(SERVER_COUNT)?.parse().map_err(|_| bad(format!("{SERVER_COUNT} is not a number")))?;
         let flow_control =
             response.metadata().get(flow::METADATA_KEY).and_then(|v| v.to_str().ok()) == Some(flow::VERSION);
-        Ok(Opened { server_id, flow_control, server_count, to_server, inbound: response.into_inner() })
+        Ok(Opened { server_id, flow_control, server_count, outbound, inbound: response.into_inner() })
     }
-}
-
-/// The packets for one server as a request stream that, once `finish` fires, still yields what is queued and
-/// then ends (a clean half-close), instead of being dropped mid-queue.
-fn outbound_until_finished(
-    rx: mpsc::Receiver<Packet>,
-    finish: CancellationToken,
-) -> impl futures_util::Stream<Item = Packet> + Send + 'static {
-    futures_util::stream::unfold((rx, finish, false), |(mut rx, finish, mut closing)| async move {
-        if !closing {
-            tokio::select! {
-                biased;
-                m = rx.recv() => return m.map(|m| (m, (rx, finish, closing))),
-                _ = finish.cancelled() => {
-                    rx.close();
-                    closing = true;
-                }
-            }
-        }
-        rx.recv().await.map(|m| (m, (rx, finish, closing)))
-    })
 }

@@ -4,6 +4,7 @@
 use crate::config::{AgentConfig, LeaseCountConfig, ServerAddress, validate_identifiers};
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
+use konnectivity_process::effective_flags::EffectiveFlags;
 pub use konnectivity_process::flags::FlagError;
 use konnectivity_process::flags::{KlogFlags, go_duration};
 use std::path::{Path, PathBuf};
@@ -109,8 +110,9 @@ pub struct AgentFlags {
     /// How to combine server counts: default or max.
     #[arg(long, default_value = "default")]
     pub server_count_source: String,
-    /// How often the server Leases are listed when counting them (ours; the reference watches them, resyncing
-    /// every 10s).
+    /// How often the valid server Leases are counted again from the agent's watched cache, since a lease expires
+    /// without any event (ours). No request is sent for it: the agent LISTs the Leases once and then WATCHes them,
+    /// as the reference's informer does.
     #[arg(long, value_parser = go_duration, default_value = "5s")]
     pub lease_poll_interval: Duration,
     /// kubeconfig for the Lease client (empty: in-cluster).
@@ -123,11 +125,20 @@ pub struct AgentFlags {
     #[arg(long, default_value = "")]
     pub egress_policy_file: String,
     /// After the first SIGTERM/SIGINT (which sends DRAIN to every server), how long open connections may run
-    /// before the agent closes them, with an error their clients see, and exits; it exits earlier once none is
-    /// left. 0: no limit (a second signal still exits at once). Keep it below the pod's
+    /// before the agent closes them, with an error their clients see, and exits; it exits earlier once none has
+    /// been left for --drain-idle-period. 0: no limit (a second signal still exits at once). Keep it below the pod's
     /// terminationGracePeriodSeconds. konnectivity-rs only; the reference waits for a second signal.
     #[arg(long, value_parser = go_duration, default_value = "25s")]
     pub drain_timeout: Duration,
+    /// While draining, how long the agent must have carried no dial and no connection before it exits by
+    /// itself. Servers still send dials to a draining agent when it is the only one they have (a single-agent
+    /// cluster, or the only --agent-identifiers match for a node whose new agent is not up yet), so leaving at
+    /// the first idle moment would fail them with "No agent available"; the period starts again after each
+    /// one. The 5s default outlasts a dial sent while the DRAIN was on its way and the gaps between a caller's
+    /// requests, and still lets an idle agent go well before the default --drain-timeout (25s), which bounds
+    /// the whole drain. 0: exit as soon as nothing is open. konnectivity-rs only.
+    #[arg(long, value_parser = go_duration, default_value = "5s")]
+    pub drain_idle_period: Duration,
     /// klog flags.
     #[command(flatten)]
     pub klog: KlogFlags,
@@ -141,11 +152,17 @@ impl AgentFlags {
     /// Parses a command line (after [`konnectivity_process::flags::normalize_args`]), noting which flags were
     /// given rather than defaulted where that matters.
     pub fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Self, clap::Error> {
-        let matches = Self::command().try_get_matches_from(args)?;
+        Self::parse_with_effective(args).map(|(flags, _)| flags)
+    }
+
+    /// [`AgentFlags::parse_args`], with every flag's effective value for the start-up log.
+    pub fn parse_with_effective(args: impl IntoIterator<Item = String>) -> Result<(Self, EffectiveFlags), clap::Error> {
+        let command = Self::command();
+        let matches = command.clone().try_get_matches_from(args)?;
         let mut flags = Self::from_arg_matches(&matches)?;
         let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
         flags.host_port_given = given("proxy_server_host") || given("proxy_server_port");
-        Ok(flags)
+        Ok((flags, EffectiveFlags::new(&command, &matches)))
     }
 
     /// The addresses to dial: --proxy-server-addresses (plus --proxy-server-host:port if given explicitly),
@@ -241,6 +258,15 @@ impl AgentFlags {
         let mut config = AgentConfig::new(self.proxy_server_host, self.proxy_server_port, PathBuf::from(self.ca_cert));
         config.servers = servers;
         config.drain_timeout = (!self.drain_timeout.is_zero()).then_some(self.drain_timeout);
+        if config.drain_timeout.is_some_and(|t| self.drain_idle_period >= t) {
+            tracing::warn!(
+                "--drain-idle-period ({:?}) is not shorter than --drain-timeout ({:?}): a draining agent stays until \
+                 --drain-timeout even when idle",
+                self.drain_idle_period,
+                self.drain_timeout
+            );
+        }
+        config.drain_idle_period = self.drain_idle_period;
         config.service_account_token_path =
             (!self.service_account_token_path.is_empty()).then(|| PathBuf::from(&self.service_account_token_path));
         if self.count_server_leases {
@@ -278,7 +304,7 @@ impl AgentFlags {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::DEFAULT_DRAIN_TIMEOUT;
+    use crate::config::{DEFAULT_DRAIN_IDLE_PERIOD, DEFAULT_DRAIN_TIMEOUT};
 
     fn parse(args: &[&str]) -> Result<AgentConfig, String> {
         let mut all = vec!["proxy-agent".to_string()];
@@ -292,7 +318,7 @@ mod tests {
     }
 
     #[test]
-    fn server_addresses_and_drain_timeout() {
+    fn server_addresses_and_drain_timings() {
         let c = parse(&["--ca-cert=/ca"]).expect("defaults");
         assert_eq!(addresses(&c), ["127.0.0.1:8091"]);
         assert_eq!(c.drain_timeout, Some(DEFAULT_DRAIN_TIMEOUT));
@@ -313,6 +339,10 @@ mod tests {
         let c = parse(&["--ca-cert=/ca", "--drain-timeout=1m30s"]).expect("drain");
         assert_eq!(c.drain_timeout, Some(Duration::from_secs(90)));
         assert_eq!(parse(&["--ca-cert=/ca", "--drain-timeout=0"]).expect("no limit").drain_timeout, None);
+        assert_eq!(c.drain_idle_period, DEFAULT_DRAIN_IDLE_PERIOD);
+        let c = parse(&["--ca-cert=/ca", "--drain-idle-period=250ms"]).expect("idle period");
+        assert_eq!(c.drain_idle_period, Duration::from_millis(250));
+        assert_eq!(parse(&["--ca-cert=/ca", "--drain-idle-period=0"]).expect("none").drain_idle_period, Duration::ZERO);
     }
 
     #[test]

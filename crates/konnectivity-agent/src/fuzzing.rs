@@ -259,16 +259,21 @@ impl Harness {
         let session = Session::new(
             "fuzz-server".into(),
             "127.0.0.1:1".into(),
-            to_server,
+            crate::session::Outbound { to_server, end: CancellationToken::new() },
             CancellationToken::new(),
             metrics.clone(),
             &config,
             flow_control,
+            Default::default(),
             tracker.clone(),
         );
         let (tx, rx) = mpsc::unbounded_channel();
         let drain = CancellationToken::new();
-        let serve = tokio::spawn(session.clone().serve(UnboundedReceiverStream::new(rx), drain.clone()));
+        let serve = tokio::spawn(session.clone().serve(
+            UnboundedReceiverStream::new(rx),
+            drain.clone(),
+            CancellationToken::new(),
+        ));
         Self {
             session,
             endpoints,

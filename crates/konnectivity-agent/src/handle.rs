@@ -6,6 +6,7 @@ use crate::session::Session;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,9 @@ pub struct AgentHandle {
     pub(crate) agent_id: Arc<str>,
     /// Valid proxy-server leases last counted (0: not counting, or no good list yet).
     pub(crate) lease_count: Arc<std::sync::atomic::AtomicU32>,
+    /// DIAL_REQs received over every server stream since the start: a drain tells from it that a dial came
+    /// and went between two of its looks at [`AgentHandle::connections_in_progress`].
+    pub(crate) dials_received: Arc<AtomicU64>,
     pub(crate) metrics: AgentMetrics,
 }
 
@@ -53,6 +57,10 @@ impl AgentHandle {
     pub fn connections_in_progress(&self) -> usize {
         self.sessions.lock().values().map(|s| s.in_progress()).sum()
     }
+    /// DIAL_REQs received from any server since the agent started.
+    pub fn dials_received(&self) -> u64 {
+        self.dials_received.load(Ordering::SeqCst)
+    }
     /// Each configured server address: the servers it reached whose stream is open, and its last error.
     pub fn addresses(&self) -> Vec<AddressStatus> {
         self.addresses.lock().clone()
@@ -68,9 +76,10 @@ impl AgentHandle {
     pub fn ready(&self) -> bool {
         !self.sessions.lock().is_empty()
     }
-    /// Ends every server stream cleanly: what is already queued for a server is still delivered, then the
-    /// stream is half-closed, and the session ends when the server closes its side. No new stream is opened.
-    /// Used at the end of a drain, so that the last bytes of the last connections are not lost on exit.
+    /// Ends every server stream cleanly: each session queues its DRAIN (if it has not yet), then what is queued
+    /// for its server is still delivered, then the stream is half-closed, and the session ends when the server
+    /// closes its side. No new stream is opened. Used at the end of a drain, so that the last bytes of the last
+    /// connections are not lost on exit and every server has read the DRAIN before the stream ends.
     pub fn finish(&self) {
         self.finish.cancel();
     }

@@ -26,5 +26,6 @@ mod session;
 
 pub use agent::{RunningAgent, run, start};
 pub use config::{AgentConfig, LeaseCountConfig, ServerAddress};
+pub use dialer::HEADER_TIMEOUT;
 pub use error::AgentError;
 pub use handle::{AddressStatus, AgentHandle};

@@ -26,6 +26,7 @@ pub struct AgentMetrics {
     pub(crate) egress_denials: IntCounter,
     pub(crate) server_dials: IntCounterVec,
     pub(crate) lease_lists: IntCounterVec,
+    pub(crate) lease_watches: IntCounterVec,
     pub(crate) lease_list_latency: HistogramVec,
 }
 
@@ -36,9 +37,9 @@ impl AgentMetrics {
         let m = MetricSet::new(METRICS_NAMESPACE, "agent");
         let by_code_and_reason = &["http_response_code", "reason"];
         m.collector(Box::new(konnectivity_process::process_metrics::ProcessMetrics::new()?))?;
-        // As the reference registers it, and never increments it either: list results are counted in
-        // lease_lists_total.
-        m.counter_vec(
+        // The reference registers it and never increments it (its informer's calls are not counted); here every
+        // WATCH request is counted by status, "error" when it could not be opened (ours).
+        let lease_watches = m.counter_vec(
             "lease_watches_total",
             "Count of server lease watch calls made by the agent to the k8s apiserver, labeled by HTTP response code and reason",
             by_code_and_reason,
@@ -50,6 +51,7 @@ impl AgentMetrics {
             &["direction"],
         )?;
         Ok(Self {
+            lease_watches,
             dial_duration: m.histogram(
                 "dial_duration_seconds",
                 "Latency of dial to the remote endpoint in seconds",

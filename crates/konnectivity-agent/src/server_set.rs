@@ -34,17 +34,43 @@ use tracing::Instrument;
 
 impl Slot {
     /// A dial to this address failed: the error is kept for `/debug/connections`, and the next dial backs off
-    /// (by half again each time, up to `cap`), unless the agent is draining.
+    /// (by half again each time, up to `cap`), unless the agent is draining. A server too busy to authenticate
+    /// us now says when to come back (the gRPC retry pushback of an `Unavailable` status): then that delay is
+    /// used instead (within `cap`), spread by up to half again, so that the agents it refused together do not
+    /// all come back at the same instant; the backoff does not grow, as the server is up and answering.
+    /// Otherwise `Unavailable` is spread that widely too: it is what a server under a reconnect storm answers.
     fn failed(&mut self, e: &AgentError, draining: bool, cap: Duration) {
+        let (delay, grow) = match (retry_pushback(e), e) {
+            (Some(after), _) => (jitter(after.clamp(MIN_PUSHBACK, cap.max(MIN_PUSHBACK)), 0.5), false),
+            (None, AgentError::Stream { status, .. }) if status.code() == tonic::Code::Unavailable => {
+                (jitter(self.backoff, 0.5), true)
+            }
+            (None, _) => (jitter(self.backoff, 0.1), true),
+        };
         if draining {
             tracing::info!(address = %self.target.address, "{e} (draining: not retried)");
         } else {
-            tracing::warn!(address = %self.target.address, "{e}; retrying in about {:?}", self.backoff);
+            tracing::warn!(address = %self.target.address, "{e}; retrying in about {delay:?}");
         }
         self.last_error = Some(e.to_string());
-        self.next_dial = Instant::now() + jitter(self.backoff, 0.1);
-        self.backoff = self.backoff.mul_f64(1.5).min(cap);
+        self.next_dial = Instant::now() + delay;
+        if grow {
+            self.backoff = self.backoff.mul_f64(1.5).min(cap);
+        }
     }
+}
+
+/// The shortest retry delay a server's pushback can ask for (a server saying "now" is not retried in a loop).
+const MIN_PUSHBACK: Duration = Duration::from_millis(100);
+
+/// The delay a server asked for with an `Unavailable` refusal, if it did.
+fn retry_pushback(e: &AgentError) -> Option<Duration> {
+    let AgentError::Stream { status, .. } = e else { return None };
+    if status.code() != tonic::Code::Unavailable {
+        return None;
+    }
+    let value = status.metadata().get(konnectivity_proto::names::RETRY_PUSHBACK_MS)?;
+    value.to_str().ok()?.trim().parse::<u64>().ok().map(Duration::from_millis)
 }
 
 /// What the loop knows about one address.
@@ -128,8 +154,7 @@ pub(crate) async fn sync_loop(
                 slot.dialing = true;
                 let dialer = dialer.clone();
                 let target = slot.target.clone();
-                let finish = handle.finish.clone();
-                in_flight.push(async move { (index, dialer.open(&target, &finish).await) });
+                in_flight.push(async move { (index, dialer.open(&target).await) });
             }
         }
         metrics.known_server_count.set(f64::from(crate::lease_counter::effective_count(
@@ -210,11 +235,12 @@ fn adopt(
     let session = Session::new(
         server_id.clone(),
         address.clone(),
-        opened.to_server,
+        opened.outbound,
         shutdown.child_token(),
         metrics.clone(),
         config,
         opened.flow_control,
+        handle.dials_received.clone(),
         tracker.clone(),
     );
     sessions.insert(server_id.clone(), session.clone());
@@ -228,10 +254,11 @@ fn adopt(
     let ended = handle.session_ended.clone();
     let metrics = metrics.clone();
     let drain = drain.clone();
+    let finish = handle.finish.clone();
     let span = tracing::info_span!("server", server_id = %server_id, address = %address);
     tracker.spawn(
         async move {
-            session.serve(opened.inbound, drain).await;
+            session.serve(opened.inbound, drain, finish).await;
             let mut sessions = sessions.lock();
             sessions.remove(&server_id);
             metrics.open_server_connections.set(sessions.len() as f64);
@@ -255,4 +282,26 @@ fn publish(handle: &AgentHandle, slots: &[Slot]) {
         })
         .collect();
     *handle.addresses.lock() = statuses;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: tonic::Code, pushback: Option<&str>) -> AgentError {
+        let mut md = tonic::metadata::MetadataMap::new();
+        if let Some(ms) = pushback {
+            md.insert(konnectivity_proto::names::RETRY_PUSHBACK_MS, ms.parse().expect("ascii"));
+        }
+        AgentError::Stream { addr: "server:8091".into(), status: tonic::Status::with_metadata(code, "busy", md) }
+    }
+
+    #[test]
+    fn a_server_s_retry_pushback_is_honoured_only_on_unavailable() {
+        use tonic::Code::{Unauthenticated, Unavailable};
+        assert_eq!(retry_pushback(&refused(Unavailable, Some("1500"))), Some(Duration::from_millis(1500)));
+        assert_eq!(retry_pushback(&refused(Unavailable, Some("soon"))), None);
+        assert_eq!(retry_pushback(&refused(Unavailable, None)), None);
+        assert_eq!(retry_pushback(&refused(Unauthenticated, Some("1500"))), None);
+    }
 }

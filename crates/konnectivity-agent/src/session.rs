@@ -65,12 +65,48 @@ impl ConnShared {
     }
 }
 
+/// The sending half of a server stream, as the session gets it.
+pub(crate) struct Outbound {
+    /// Packets for the server.
+    pub(crate) to_server: mpsc::Sender<Packet>,
+    /// Half-closes the stream once what is queued in `to_server` is sent; only [`Session::serve`] fires it.
+    /// (Dropping every sender ends the stream too, as when an opened stream is not kept.)
+    pub(crate) end: CancellationToken,
+}
+
+impl Outbound {
+    /// A sending half with room for `queue` packets, and the request stream gRPC sends from it: once `end`
+    /// fires, that stream still yields everything queued before, then ends (a clean half-close) instead of
+    /// being dropped mid-queue.
+    pub(crate) fn channel(queue: usize) -> (Self, impl futures_util::Stream<Item = Packet> + Send + 'static) {
+        let (to_server, rx) = mpsc::channel(queue);
+        let end = CancellationToken::new();
+        let packets = futures_util::stream::unfold((rx, end.clone(), false), |(mut rx, end, mut closing)| async move {
+            if !closing {
+                tokio::select! {
+                    biased;
+                    m = rx.recv() => return m.map(|m| (m, (rx, end, closing))),
+                    _ = end.cancelled() => {
+                        // Closed first, then emptied: what was queued before `end` fired is all sent.
+                        rx.close();
+                        closing = true;
+                    }
+                }
+            }
+            rx.recv().await.map(|m| (m, (rx, end, closing)))
+        });
+        (Self { to_server, end }, packets)
+    }
+}
+
 /// One server stream's state.
 pub(crate) struct Session {
     pub(crate) server_id: String,
     /// The configured address this stream was opened through.
     pub(crate) address: String,
     to_server: mpsc::Sender<Packet>,
+    /// Half-closes the stream (see [`Outbound::end`]): fired by the receive loop, after its DRAIN is queued.
+    end_outbound: CancellationToken,
     conns: Mutex<HashMap<i64, EndpointConn>>,
     /// Dials in flight by dial ID, so a DIAL_CLS can stop them.
     dials: Mutex<HashMap<i64, CancellationToken>>,
@@ -78,6 +114,8 @@ pub(crate) struct Session {
     /// Dials and connections whose task is still running: from the DIAL_REQ until its DIAL_RSP error or the
     /// connection's CLOSE_RSP is queued. The agent's drain waits for this to reach zero.
     in_progress: AtomicUsize,
+    /// DIAL_REQs received, over every stream of the agent (the drain's sign of activity).
+    dials_received: Arc<AtomicU64>,
     /// Set by [`Session::close_all`]: the error every connection still open (or opening) is closed with.
     closing_reason: OnceLock<String>,
     /// Cancelled when the stream ends: every connection on it stops.
@@ -98,21 +136,24 @@ impl Session {
     pub(crate) fn new(
         server_id: String,
         address: String,
-        to_server: mpsc::Sender<Packet>,
+        outbound: Outbound,
         closed: CancellationToken,
         metrics: AgentMetrics,
         config: &crate::AgentConfig,
         flow_control: bool,
+        dials_received: Arc<AtomicU64>,
         tracker: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
             server_id,
             address,
-            to_server,
+            to_server: outbound.to_server,
+            end_outbound: outbound.end,
             conns: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
             next_connect_id: AtomicI64::new(1),
             in_progress: AtomicUsize::new(0),
+            dials_received,
             closing_reason: OnceLock::new(),
             closed,
             metrics,
@@ -203,20 +244,62 @@ impl Session {
         }
     }
 
+    /// Queues DRAIN for the server without waiting in the receive loop; `queued` fires once it is in the
+    /// stream's queue (or the stream is gone), so that the stream is half-closed only after it.
+    fn queue_drain(self: &Arc<Self>, queued: &CancellationToken) {
+        tracing::info!("sending DRAIN to server");
+        let packet = Packet::drain();
+        let packet_type = packet.r#type;
+        match self.to_server.try_send(packet) {
+            Ok(()) => {
+                self.metrics.sent(packet_type);
+                queued.cancel();
+            }
+            Err(TrySendError::Closed(_)) => queued.cancel(),
+            Err(TrySendError::Full(packet)) => {
+                let me = self.clone();
+                let queued = queued.clone();
+                self.tracker.spawn(async move {
+                    me.send(packet).await;
+                    queued.cancel();
+                });
+            }
+        }
+    }
+
     /// Reads the server's packets until the stream ends, then stops every connection on it.
+    ///
+    /// This loop owns the stream's end: on `drain` it queues DRAIN; on `finish` (the end of a drain) it queues
+    /// DRAIN if it has not yet, and half-closes the stream only once the DRAIN is queued, so every server reads
+    /// DRAIN before the agent's stream ends. It then reads on until the server closes its side.
     pub(crate) async fn serve(
         self: Arc<Self>,
         mut inbound: impl futures_util::Stream<Item = Result<Packet, tonic::Status>> + Unpin,
         drain: CancellationToken,
+        finish: CancellationToken,
     ) {
-        let mut drain_sent = false;
+        let drain_queued = CancellationToken::new();
+        let mut drain_started = false;
+        let mut finishing = false;
         loop {
             let msg = tokio::select! {
                 _ = self.closed.cancelled() => break,
-                _ = drain.cancelled(), if !drain_sent => {
-                    drain_sent = true;
-                    tracing::info!("sending DRAIN to server");
-                    self.send_control(Packet::drain());
+                _ = drain.cancelled(), if !drain_started => {
+                    drain_started = true;
+                    self.queue_drain(&drain_queued);
+                    continue;
+                }
+                _ = finish.cancelled(), if !finishing => {
+                    finishing = true;
+                    if !drain_started {
+                        drain_started = true;
+                        self.queue_drain(&drain_queued);
+                    }
+                    continue;
+                }
+                _ = drain_queued.cancelled(), if finishing && !self.end_outbound.is_cancelled() => {
+                    tracing::debug!("DRAIN queued; half-closing the stream once the queue is sent");
+                    self.end_outbound.cancel();
                     continue;
                 }
                 m = futures_util::StreamExt::next(&mut inbound) => m.transpose(),
@@ -264,6 +347,7 @@ impl Session {
         };
         match kind {
             PacketKind::DialRequest(req) => {
+                self.dials_received.fetch_add(1, Ordering::SeqCst);
                 let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed);
                 let cancel = self.closed.child_token();
                 if self.closing_reason.get().is_some() {
@@ -497,6 +581,67 @@ impl Session {
                 _ => "",
             };
             self.send(Packet::close_response(connect_id, error)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    /// A session whose outbound half is the request stream the dialer would give gRPC, over a queue of `queue`
+    /// packets; the stream is returned with it.
+    fn session(queue: usize) -> (Arc<Session>, impl futures_util::Stream<Item = Packet>, TaskTracker) {
+        let (outbound, packets) = Outbound::channel(queue);
+        let config = crate::AgentConfig::new("127.0.0.1", 1, "unused-ca.crt".into());
+        let tracker = TaskTracker::new();
+        let session = Session::new(
+            "server".into(),
+            "127.0.0.1:1".into(),
+            outbound,
+            CancellationToken::new(),
+            AgentMetrics::new().expect("metrics"),
+            &config,
+            false,
+            Default::default(),
+            tracker.clone(),
+        );
+        (session, packets, tracker)
+    }
+
+    /// The end of a drain right after its start (an idle agent with no idle period), with the stream's queue
+    /// empty or full: the stream still carries DRAIN, after what was queued before it, and only then ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drain_reaches_the_server_before_the_stream_ends() {
+        for round in 0..200 {
+            let full = round % 2 == 1;
+            let (session, outbound, tracker) = session(1);
+            if full {
+                // DRAIN then waits for room, off the receive loop.
+                session.to_server.try_send(Packet::data(1, Bytes::from_static(b"queued"))).expect("room for one");
+            }
+            let (server, inbound) = mpsc::unbounded_channel::<Result<Packet, tonic::Status>>();
+            let (drain, finish) = (CancellationToken::new(), CancellationToken::new());
+            tracker.spawn(session.clone().serve(UnboundedReceiverStream::new(inbound), drain.clone(), finish.clone()));
+            // Half the rounds: `finish` alone (a drain this session's loop never saw) must send DRAIN too.
+            if round % 4 < 2 {
+                drain.cancel();
+            }
+            finish.cancel();
+            let sent: Vec<Packet> = tokio::time::timeout(Duration::from_secs(5), outbound.collect())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the outbound stream did not end"));
+            let kinds: Vec<&str> = sent.iter().map(Packet::type_name).collect();
+            let expected: &[&str] = if full { &["DATA", "DRAIN"] } else { &["DRAIN"] };
+            assert_eq!(kinds, expected, "round {round}");
+            // The server closes its side: the session ends, and nothing of it is left.
+            drop(server);
+            tracker.close();
+            tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: {} session tasks left", tracker.len()));
         }
     }
 }

@@ -5,6 +5,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod procs;
+pub mod scale;
 pub mod scenarios;
 pub mod side_by_side;
 pub mod soak;

@@ -48,7 +48,8 @@ pub struct Bins {
 }
 
 impl Bins {
-    fn path(&self, which: Impl, name: &str) -> PathBuf {
+    /// The binary `name` of `which`.
+    pub fn path(&self, which: Impl, name: &str) -> PathBuf {
         match which {
             Impl::Rust => self.rust.join(name),
             Impl::Go => self.go.join(name),
@@ -74,7 +75,8 @@ impl Running {
     }
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<ChildProcess> {
+/// Starts `bin` with `args`, logging to `log`, quietly (`RUST_LOG=warn`).
+pub fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<ChildProcess> {
     let mut cmd = Command::new(bin);
     cmd.args(args).env("RUST_LOG", "warn");
     Ok(ChildProcess::spawn_logged(bin.display().to_string(), &mut cmd, log.to_path_buf())?)
@@ -180,7 +182,8 @@ fn cpu_seconds(process: &ChildProcess) -> f64 {
     ticks as f64 / 100.0
 }
 
-fn rss_kib(process: &ChildProcess) -> u64 {
+/// Resident memory of `process`, in KiB.
+pub fn rss_kib(process: &ChildProcess) -> u64 {
     let Some(pid) = process.pid() else { return 0 };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()

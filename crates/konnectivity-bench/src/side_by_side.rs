@@ -47,6 +47,14 @@ pub struct Args {
     /// own, so 10,000 idle tunnels do not need 20,000 descriptors in one process).
     #[arg(long, hide = true)]
     pub serve_target: bool,
+    /// Instead of the side-by-side table: the scale scenarios, one server (ours and the reference's) with
+    /// this many simulated agents (comma-separated counts, e.g. `1000,5000`): memory per agent, dial latency,
+    /// recovery after a server restart. `--runs` rounds; `--quick` takes fewer dial samples.
+    #[arg(long, value_delimiter = ',', value_name = "agents")]
+    pub scale: Vec<usize>,
+    /// Dial samples per scale measurement (default 500; 50 with `--quick`).
+    #[arg(long, value_name = "n")]
+    pub scale_dials: Option<usize>,
 }
 
 struct Sizes {
@@ -139,6 +147,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let dir = konnectivity_testkit::TempDir::new("konnectivity-bench")?;
     let pki = konnectivity_testkit::pki::Pki::generate(dir.path())?;
     let (_target_proc, target) = spawn_target()?;
+    if !args.scale.is_empty() {
+        // Thousands of agents need thousands of descriptors here, and as many in the server.
+        konnectivity_process::entry::raise_open_file_limit();
+        let scale = crate::scale::ScaleArgs {
+            agents: args.scale.clone(),
+            runs,
+            dials: args.scale_dials.unwrap_or(if args.quick { 50 } else { 500 }),
+            markdown: args.markdown.clone(),
+        };
+        return crate::scale::run(scale, &bins, dir.path(), &pki, target).await;
+    }
     let mut results = Results::new();
 
     for round in 0..runs {

@@ -9,6 +9,10 @@
 //!   which the tunnel refuses others (reason `tunnelstarted`) and closes when the connection closes.
 //!
 //! * [`http_connect::dial`] dials through a server in HTTP CONNECT mode instead.
+//! * [`EgressSelectorConfiguration`] reads kube-apiserver's `--egress-selector-config-file` into an
+//!   [`EgressDialer`] that dials as kube-apiserver does (GRPC or HTTPConnect, over UDS or mTLS TCP).
+//! * With the `connector` feature, `TunnelConnector` is a `tower::Service<http::Uri>` for hyper-util's legacy
+//!   `Client`: every connection of the client's pool goes through the proxy-server.
 //!
 //! Failures carry a [`DialFailureReason`] with the reference's reason names.
 #![forbid(unsafe_code)]
@@ -16,6 +20,10 @@
 
 mod address;
 mod conn;
+#[cfg(feature = "connector")]
+pub mod connector;
+pub mod egress_config;
+mod egress_dialer;
 mod error;
 pub mod http_connect;
 pub mod metrics;
@@ -24,5 +32,9 @@ mod tunnel;
 
 pub use address::ProxyAddress;
 pub use conn::{CLOSE_TIMEOUT, TunnelConn};
+#[cfg(feature = "connector")]
+pub use connector::TunnelConnector;
+pub use egress_config::{EgressConfigError, EgressSelectorConfiguration};
+pub use egress_dialer::{EgressConn, EgressDialer};
 pub use error::{DialError, DialFailureReason};
 pub use tunnel::{DIAL_TIMEOUT, Tunnel};

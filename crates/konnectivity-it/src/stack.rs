@@ -72,6 +72,12 @@ pub struct AgentRun {
 }
 
 impl AgentRun {
+    /// Whether the agent has stopped (by itself, at the end of a drain, since nothing else stops it before
+    /// [`AgentRun::stop`]).
+    pub fn has_stopped(&self) -> bool {
+        self.task.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Stops the agent, waits until it has, and checks that every one of its tasks ended.
     pub async fn stop(mut self) {
         self.stop.cancel();
@@ -157,6 +163,8 @@ impl Stack {
         c.agent_cert = Some((self.pki.agent_cert.clone(), self.pki.agent_key.clone()));
         c.sync_interval = Duration::from_millis(100);
         c.sync_interval_cap = Duration::from_millis(500);
+        // A drained agent leaves soon after its last connection (tests of the idle period set their own).
+        c.drain_idle_period = Duration::from_millis(200);
         c.health = Some(("127.0.0.1".into(), 0));
         c.admin = Some(("127.0.0.1".into(), 0));
         c

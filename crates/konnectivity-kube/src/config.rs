@@ -12,6 +12,8 @@ pub enum Token {
     Static(String),
     /// A file holding the token.
     File(PathBuf),
+    /// An exec credential plugin that gives one.
+    Exec(std::sync::Arc<crate::exec::ExecPlugin>),
 }
 
 impl std::fmt::Debug for Token {
@@ -19,6 +21,7 @@ impl std::fmt::Debug for Token {
         match self {
             Token::Static(_) => f.write_str("Token::Static(<redacted>)"),
             Token::File(p) => write!(f, "Token::File({})", p.display()),
+            Token::Exec(plugin) => write!(f, "Token::Exec({plugin:?})"),
         }
     }
 }
@@ -31,6 +34,7 @@ impl Token {
             Token::File(p) => std::fs::read_to_string(p)
                 .map(|t| t.trim().to_string())
                 .map_err(|e| KubeError::Config(format!("reading token file {}: {e}", p.display()))),
+            Token::Exec(plugin) => plugin.token(),
         }
     }
 }
@@ -137,8 +141,8 @@ impl Config {
         };
         if let Some(user) = user {
             let u = &user.user;
-            if u.exec.is_some() || u.auth_provider.is_some() {
-                return Err(bad(format!("user {:?}: exec and auth-provider credentials are not supported", user.name)));
+            if u.auth_provider.is_some() {
+                return Err(bad(format!("user {:?}: auth-provider credentials are not supported", user.name)));
             }
             let cert = data_or_file(base, u.client_certificate_data.as_deref(), u.client_certificate.as_deref())
                 .map_err(bad)?;
@@ -149,6 +153,10 @@ impl Config {
                 _ => return Err(bad(format!("user {:?}: a client certificate needs its key", user.name))),
             };
             config.token = match (&u.token, &u.token_file) {
+                _ if u.exec.is_some() => {
+                    let exec = u.exec.as_ref().map(|e| crate::exec::ExecPlugin::from_yaml(e, base));
+                    exec.transpose().map_err(bad)?.map(|p| Token::Exec(std::sync::Arc::new(p)))
+                }
                 (Some(t), _) if !t.is_empty() => Some(Token::Static(t.clone())),
                 (_, Some(f)) if !f.is_empty() => Some(Token::File(base.join(f))),
                 _ => None,
@@ -308,14 +316,14 @@ mod tests {
         assert_eq!(c.token.as_ref().expect("token").read().expect("read"), "abc");
         assert_eq!(c.host_port().expect("hp"), ("::1".to_string(), 6443));
 
-        let exec = write(
+        let provider = write(
             &d,
-            "exec",
+            "provider",
             "clusters:\n- name: c\n  cluster:\n    server: https://h:1\n\
-             users:\n- name: u\n  user:\n    exec:\n      command: x\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
+             users:\n- name: u\n  user:\n    auth-provider:\n      name: gcp\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
         );
-        let e = Config::from_kubeconfig(&exec).expect_err("exec refused").to_string();
-        assert!(e.contains("exec and auth-provider credentials are not supported"), "{e}");
+        let e = Config::from_kubeconfig(&provider).expect_err("auth-provider refused").to_string();
+        assert!(e.contains("auth-provider credentials are not supported"), "{e}");
 
         let http = write(
             &d,
@@ -326,6 +334,61 @@ mod tests {
         assert!(e.contains("is not an https:// URL"), "{e}");
         let e = Config::from_kubeconfig(&d.join("missing")).expect_err("missing").to_string();
         assert!(e.contains("missing"), "{e}");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn exec_plugins_give_tokens_cached_until_they_expire() {
+        use std::os::unix::fs::PermissionsExt;
+        use std::time::SystemTime;
+        let d = tmp();
+        // The plugin counts its runs in a file and checks it was told what it is.
+        let script = "#!/bin/sh\necho run >> \"$(dirname \"$0\")/runs\"\n\
+            case \"$KUBERNETES_EXEC_INFO\" in *ExecCredential*) ;; *) exit 3;; esac\n\
+            printf '{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\
+            \"status\":{\"token\":\"%s\",\"expirationTimestamp\":\"%s\"}}' \"$1\" \"$2\"\n";
+        let plugin = write(&d, "plugin.sh", script);
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let kubeconfig = |name: &str, expiry: &str| {
+            write(
+                &d,
+                name,
+                &format!(
+                    "clusters:\n- name: c\n  cluster:\n    server: https://h:1\n\
+                     users:\n- name: u\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n\
+                     \x20     command: ./plugin.sh\n      args: [tok-{name}, \"{expiry}\"]\n\
+                     contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n"
+                ),
+            )
+        };
+        let runs = || std::fs::read_to_string(d.join("runs")).map(|s| s.lines().count()).unwrap_or(0);
+        let later = crate::lease::micro_time(SystemTime::now() + std::time::Duration::from_secs(3600));
+        let c = Config::from_kubeconfig(&kubeconfig("a", &later)).expect("load");
+        let token = c.token.as_ref().expect("token");
+        assert_eq!(token.read().expect("read"), "tok-a");
+        assert_eq!(token.read().expect("read"), "tok-a");
+        assert_eq!(runs(), 1, "a valid token is reused");
+
+        let soon = crate::lease::micro_time(SystemTime::now() + std::time::Duration::from_secs(5));
+        let c = Config::from_kubeconfig(&kubeconfig("b", &soon)).expect("load");
+        let token = c.token.as_ref().expect("token");
+        assert_eq!(token.read().expect("read"), "tok-b");
+        assert_eq!(token.read().expect("read"), "tok-b");
+        assert_eq!(runs(), 3, "a token within the renewal margin is fetched again");
+
+        let c = Config::from_kubeconfig(&kubeconfig("c", "not a time")).expect("load");
+        let e = c.token.as_ref().expect("token").read().expect_err("bad expiry").to_string();
+        assert!(e.contains("unreadable expirationTimestamp"), "{e}");
+        let missing = write(
+            &d,
+            "missing",
+            "clusters:\n- name: c\n  cluster:\n    server: https://h:1\n\
+             users:\n- name: u\n  user:\n    exec:\n      command: ./nope\n\
+             contexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n",
+        );
+        let c = Config::from_kubeconfig(&missing).expect("load");
+        let e = c.token.as_ref().expect("token").read().expect_err("missing plugin").to_string();
+        assert!(e.contains("could not start"), "{e}");
         let _ = std::fs::remove_dir_all(d);
     }
 }

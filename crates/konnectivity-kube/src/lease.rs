@@ -112,7 +112,7 @@ pub(crate) fn escape(s: &str) -> String {
 }
 
 impl Client {
-    fn leases_path(namespace: &str) -> String {
+    pub(crate) fn leases_path(namespace: &str) -> String {
         format!("/apis/coordination.k8s.io/v1/namespaces/{}/leases", escape(namespace))
     }
 

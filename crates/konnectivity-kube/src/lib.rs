@@ -3,18 +3,22 @@
 //! over HTTPS/1.1 with JSON.
 //!
 //! Credentials come from a kubeconfig file or the in-cluster service account ([`Config`]); requests are rate
-//! limited like client-go (`--kubeconfig-qps`, `--kubeconfig-burst`) and reuse a few keep-alive connections.
+//! limited like client-go (`--kubeconfig-qps`, `--kubeconfig-burst`), except that the wait for a slot is bounded
+//! and counts towards the request's timeout ([`RequestLimits`]), and reuse a few keep-alive connections.
+//! [`Client::with_limits`] gives one kind of request a budget of its own over the same connections.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms, missing_docs)]
 
 mod config;
+mod exec;
 pub mod lease;
 mod limiter;
 pub mod node;
 pub mod token_review;
+pub mod watch;
 
 pub use config::{Config, IN_CLUSTER_DIR, Token};
-pub use limiter::RateLimiter;
+pub use limiter::{RateLimiter, Reservation, Throttled};
 
 use bytes::Bytes;
 use http::Method;
@@ -47,6 +51,15 @@ pub enum KubeError {
         /// The Status message, or the body.
         message: String,
     },
+    /// The client's own rate limit has no slot for the request within its `max_wait` ([`RequestLimits`]):
+    /// nothing was sent.
+    #[error("client-side rate limit: no request slot within {max_wait:?}; one may be free in {retry_after:?}")]
+    Throttled {
+        /// The longest wait allowed.
+        max_wait: Duration,
+        /// How much later a slot would be within reach.
+        retry_after: Duration,
+    },
     /// A response body was not what the API promises.
     #[error("decoding {what}: {cause}")]
     Decode {
@@ -76,15 +89,46 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// Timeout of one request, connection included.
+/// Timeout of one request, the wait for a rate-limit slot and the connection included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a client's requests are limited.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RequestLimits {
+    /// Requests per second on average (0: client-go's default, 5).
+    pub qps: f32,
+    /// Requests at once after a quiet spell (0: client-go's default, 10).
+    pub burst: u32,
+    /// The longest a request waits for a rate-limit slot; past it, it fails at once with
+    /// [`KubeError::Throttled`] rather than queue behind callers that may have given up.
+    pub max_wait: Duration,
+    /// The deadline of a request from the moment it is made: the wait for a slot, connecting and the exchange.
+    pub timeout: Duration,
+}
+
+impl RequestLimits {
+    /// `qps` and `burst` (0: client-go's defaults), waiting for a slot for as long as the 30 s timeout allows.
+    pub fn new(qps: f32, burst: u32) -> Self {
+        Self { qps, burst, max_wait: REQUEST_TIMEOUT, timeout: REQUEST_TIMEOUT }
+    }
+
+    fn limiter(&self) -> Arc<RateLimiter> {
+        Arc::new(RateLimiter::new(
+            if self.qps > 0.0 { self.qps } else { 5.0 },
+            if self.burst > 0 { self.burst } else { 10 },
+        ))
+    }
+}
+
 /// Idle keep-alive connections kept for reuse.
 const MAX_IDLE: usize = 4;
 
-/// The client. Cheap to clone.
+/// The client. Cheap to clone; clones share the connections and the rate limit.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    limiter: Arc<RateLimiter>,
+    limits: RequestLimits,
 }
 
 struct Inner {
@@ -95,7 +139,6 @@ struct Inner {
     server_name: ServerName<'static>,
     authority: String,
     idle: Mutex<Vec<SendRequest<Full<Bytes>>>>,
-    limiter: RateLimiter,
 }
 
 impl std::fmt::Debug for Client {
@@ -108,6 +151,16 @@ impl Client {
     /// A client for `config`, limited to `qps` requests per second with bursts of `burst` (0 for either
     /// means client-go's default: 5 and 10).
     pub fn new(config: Config, qps: f32, burst: i32) -> Result<Self, KubeError> {
+        Self::with_config_and_limits(config, RequestLimits::new(qps, u32::try_from(burst).unwrap_or(0)))
+    }
+
+    /// A client sharing this one's configuration and connections, but with a rate limit of its own: one kind
+    /// of request (TokenReviews) then never waits behind another (Leases), nor makes it wait.
+    pub fn with_limits(&self, limits: RequestLimits) -> Self {
+        Self { inner: self.inner.clone(), limiter: limits.limiter(), limits }
+    }
+
+    fn with_config_and_limits(config: Config, limits: RequestLimits) -> Result<Self, KubeError> {
         let (host, port) = config.host_port()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
@@ -146,8 +199,9 @@ impl Client {
             .map_err(|e| KubeError::Config(format!("{}: server name {name:?}: {e}", config.source)))?;
         let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         Ok(Self {
+            limiter: limits.limiter(),
+            limits,
             inner: Arc::new(Inner {
-                limiter: RateLimiter::new(if qps > 0.0 { qps } else { 5.0 }, if burst > 0 { burst as u32 } else { 10 }),
                 config,
                 tls: Arc::new(tls),
                 host,
@@ -172,10 +226,20 @@ impl Client {
         path: &str,
         body: Option<&serde_json::Value>,
     ) -> Result<Response, KubeError> {
-        self.inner.limiter.acquire().await;
-        match tokio::time::timeout(REQUEST_TIMEOUT, self.send(method.clone(), path, body)).await {
+        let RequestLimits { max_wait, timeout, .. } = self.limits;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Dropping this future (the caller gave up) while it waits gives the slot back.
+        let slot = self
+            .limiter
+            .reserve(max_wait.min(timeout))
+            .map_err(|t| KubeError::Throttled { max_wait: max_wait.min(timeout), retry_after: t.retry_after })?;
+        let exchange = async {
+            slot.wait().await;
+            self.send(method.clone(), path, body).await
+        };
+        match tokio::time::timeout_at(deadline, exchange).await {
             Ok(r) => r,
-            Err(_) => Err(KubeError::Transport(format!("{method} {path}: no answer within {REQUEST_TIMEOUT:?}"))),
+            Err(_) => Err(KubeError::Transport(format!("{method} {path}: no answer within {timeout:?}"))),
         }
     }
 
@@ -197,7 +261,13 @@ impl Client {
         Ok(resp.body)
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> Result<Response, KubeError> {
+    /// A request with the client's headers and credentials.
+    fn build_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<http::Request<Full<Bytes>>, KubeError> {
         let inner = &self.inner;
         let mut req = http::Request::builder()
             .method(method.clone())
@@ -211,10 +281,13 @@ impl Client {
         if let Some(token) = &inner.config.token {
             req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", token.read()?));
         }
-        let req = req
-            .body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
-            .map_err(|e| KubeError::Config(format!("{method} {path}: {e}")))?;
+        req.body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
+            .map_err(|e| KubeError::Config(format!("{method} {path}: {e}")))
+    }
 
+    async fn send(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> Result<Response, KubeError> {
+        let inner = &self.inner;
+        let req = self.build_request(method.clone(), path, body)?;
         let mut sender = match self.take_idle() {
             Some(s) => s,
             None => self.connect().await?,

@@ -259,7 +259,8 @@ pub struct KlogFlags {
     /// klog; accepted, no effect.
     #[arg(long, hide = true)]
     pub log_backtrace_at: Option<String>,
-    /// Log line format: text, or json (one object per line, with agent_id/dial_id/connect_id fields).
+    /// Log line format: text; json (one object per line, with agent_id/dial_id/connect_id fields); or klog (the
+    /// reference's klog lines, `I1202 08:00:00.000000   12345 file.rs:42] "message" key="value"`, time in UTC).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: logging::LogFormat,
 }

@@ -4,9 +4,11 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod effective_flags;
 pub mod entry;
 pub mod flags;
 pub mod http_endpoints;
+pub mod klog_format;
 pub mod logging;
 pub mod metric_set;
 pub mod process_metrics;

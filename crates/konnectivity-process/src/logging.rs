@@ -17,20 +17,30 @@ pub fn init(v: u32) {
     init_with(filter_for_verbosity(v));
 }
 
-/// Installs the global subscriber for `--v` and `--log-format` (`text` or `json`: one JSON object per line,
-/// with the span fields such as agent_id and connect_id, for log pipelines).
+/// Installs the global subscriber for `--v` and `--log-format` (`text`; `json`: one JSON object per line, with
+/// the span fields such as agent_id and connect_id, for log pipelines; `klog`: the reference's klog text lines, see
+/// [`crate::klog_format`]).
 pub fn init_format(v: u32, format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(v)));
     // Colours only on a terminal: `kubectl logs` and log pipelines get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(ansi);
+    install(v, format, std::io::stderr, ansi);
+}
+
+/// Installs the global subscriber (a second call does nothing) writing `format` lines through `writer`.
+fn install<W>(v: u32, format: LogFormat, writer: W, ansi: bool)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(v)));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_target(false);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Text => builder.with_ansi(ansi).try_init(),
+        LogFormat::Json => builder.with_ansi(false).json().with_current_span(true).with_span_list(false).try_init(),
+        LogFormat::Klog => builder
+            .with_ansi(false)
+            .fmt_fields(crate::klog_format::KlogFields)
+            .event_format(crate::klog_format::KlogFormat::new())
+            .try_init(),
     };
 }
 
@@ -41,6 +51,9 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+    /// klog's text lines (`I1202 08:00:00.000000   12345 file.rs:42] "message" key="value"`), as the reference
+    /// writes them.
+    Klog,
 }
 
 /// Like [`init`] with an explicit default filter (such as `warn`), still overridden by `RUST_LOG`.
@@ -184,17 +197,7 @@ pub fn init_klog(settings: LogSettings) -> std::io::Result<()> {
                 sink: std::sync::Arc::new(std::sync::Mutex::new(FileSink { path, file, size, max_bytes })),
                 stderr_from,
             };
-            let filter =
-                EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter_for_verbosity(verbosity)));
-            let builder = tracing_subscriber::fmt()
-                .with_env_filter(filter)
-                .with_writer(writer)
-                .with_target(false)
-                .with_ansi(false);
-            let _ = match format {
-                LogFormat::Text => builder.try_init(),
-                LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).try_init(),
-            };
+            install(verbosity, format, writer, false);
         }
     }
     Ok(())

@@ -14,6 +14,10 @@ pub const SERVER_COUNT: &str = "servercount";
 /// Request metadata (konnectivity-rs agents only; Go servers ignore it): the fingerprint of the egress policy the
 /// agent enforces after resolving names. A server with a policy gives names only to agents that enforce it.
 pub const EGRESS_POLICY: &str = "konnectivity-rs-egress-policy";
+/// Response metadata of an `Unavailable` status: how many milliseconds to wait before trying again (gRPC's own
+/// retry pushback key). Our server sends it when it is too busy to review an agent's token now; our agents
+/// honour it. Go agents ignore it and retry with their own backoff.
+pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
 
 /// gRPC path of the frontend service.
 pub const PROXY_PATH: &str = "/ProxyService/Proxy";

@@ -149,7 +149,7 @@ pub struct KubeClientConfig {
 }
 
 /// Agent authentication by ServiceAccount token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentAuthConfig {
     /// The agents' namespace.
     pub namespace: String,
@@ -160,16 +160,29 @@ pub struct AgentAuthConfig {
     /// How long a successful review is reused for the same token (never past the token's expiry); zero
     /// reviews every connection, as the reference does.
     pub cache_ttl: Duration,
+    /// TokenReviews per second on average: a rate limit of their own, apart from the Leases'
+    /// ([`KubeClientConfig`]'s), so that neither waits behind the other.
+    pub review_qps: f32,
+    /// TokenReviews at once after a quiet spell.
+    pub review_burst: u32,
 }
 
+/// Default of `--token-review-qps`.
+pub const DEFAULT_TOKEN_REVIEW_QPS: f32 = 50.0;
+/// Default of `--token-review-burst`.
+pub const DEFAULT_TOKEN_REVIEW_BURST: u32 = 100;
+
 impl AgentAuthConfig {
-    /// Token auth for `namespace`/`service_account` and `audience`, caching reviews for 60 s.
+    /// Token auth for `namespace`/`service_account` and `audience`, caching reviews for 60 s, with the default
+    /// review rate limit (50/s, bursts of 100).
     pub fn new(namespace: &str, service_account: &str, audience: &str) -> Self {
         Self {
             namespace: namespace.into(),
             service_account: service_account.into(),
             audience: audience.into(),
             cache_ttl: Duration::from_secs(60),
+            review_qps: DEFAULT_TOKEN_REVIEW_QPS,
+            review_burst: DEFAULT_TOKEN_REVIEW_BURST,
         }
     }
 }

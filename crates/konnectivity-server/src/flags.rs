@@ -12,6 +12,9 @@ pub use konnectivity_process::flags::FlagError;
 use konnectivity_process::flags::{KlogFlags, go_duration};
 use std::path::PathBuf;
 use std::time::Duration;
+pub use token_auth::TokenReviewFlags;
+
+mod token_auth;
 
 mod identity;
 pub use identity::IdentityFlags;
@@ -112,6 +115,9 @@ pub struct ServerFlags {
     /// JSON for its few, small requests).
     #[arg(long, default_value = "application/vnd.kubernetes.protobuf")]
     pub kube_api_content_type: String,
+    /// The TokenReviews' own rate limit (ours).
+    #[command(flatten)]
+    pub token_review: TokenReviewFlags,
     /// TLS 1.2 cipher suites allowed on the agent port and the TCP frontend: Go names, as in tls.CipherSuites()
     /// (comma-separated or repeated). Empty allows every suite below. Supported: TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
     /// TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
@@ -325,6 +331,8 @@ impl ServerFlags {
             let mut auth =
                 AgentAuthConfig::new(&self.agent_namespace, &self.agent_service_account, &self.authentication_audience);
             auth.cache_ttl = self.authentication_cache_ttl;
+            (auth.review_qps, auth.review_burst) =
+                (self.token_review.token_review_qps, self.token_review.token_review_burst);
             config.agent_auth = Some(auth);
         }
         if self.enable_lease_controller {
@@ -384,32 +392,6 @@ impl ServerFlags {
             return Err(FlagError::invalid("--proxy-strategies must not be empty"));
         }
         Ok(strategies)
-    }
-
-    /// Whether agents authenticate with ServiceAccount tokens (the flags that say so must all be set).
-    fn token_auth(&self) -> Result<bool, FlagError> {
-        let token_auth = !self.agent_namespace.is_empty()
-            || !self.agent_service_account.is_empty()
-            || !self.authentication_audience.is_empty();
-        if token_auth {
-            if !self.cluster_ca_cert.is_empty() {
-                return Err(FlagError::invalid(
-                    "--cluster-ca-cert can not be used when agent authentication is enabled",
-                ));
-            }
-            for (flag, value) in [
-                ("agent-namespace", &self.agent_namespace),
-                ("agent-service-account", &self.agent_service_account),
-                ("authentication-audience", &self.authentication_audience),
-            ] {
-                if value.is_empty() {
-                    return Err(FlagError::invalid(format!(
-                        "--{flag} cannot be empty when agent authentication is enabled"
-                    )));
-                }
-            }
-        }
-        Ok(token_auth)
     }
 
     fn lease_labels(&self) -> Result<std::collections::BTreeMap<String, String>, FlagError> {

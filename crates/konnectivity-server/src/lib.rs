@@ -23,10 +23,12 @@ mod handle;
 mod identity;
 pub mod lease;
 pub mod metrics;
+mod review_cache;
 pub mod routing;
 mod server;
 mod tunnels;
 
+pub use auth::TOKEN_REVIEW_TIMEOUT;
 pub use backend::identifiers::AgentIdentifiers;
 pub use config::{
     AgentIdentityConfig, AuditConfig, AuditOutput, FrontendListen, FrontendMode, IdentityMode, ServerConfig,

@@ -202,7 +202,7 @@ impl ServerMetrics {
             // Exported once token auth has seen an agent.
             agent_auth: m.counter_vec(
                 "agent_authentications_total",
-                "Agent token authentications, by result: ok (TokenReview accepted), cached (a recent review of the same token reused), denied, error (kube-apiserver unreachable or failing).",
+                "Agent token authentications, by result: ok (TokenReview accepted), cached (a recent or concurrent review of the same token reused), denied, throttled (too many reviews at once: told to retry), error (kube-apiserver unreachable or failing).",
                 &["result"],
             )?,
             // Exported once an agent has been refused.

@@ -5,10 +5,11 @@ use bytes::Bytes;
 use clap::{ArgAction, Parser};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use konnectivity_client::{ProxyAddress, Tunnel};
+use konnectivity_client::{EgressDialer, EgressSelectorConfiguration, ProxyAddress};
+use konnectivity_process::effective_flags::EffectiveFlags;
 use konnectivity_process::flags::KlogFlags;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Sends HTTP requests through a Konnectivity proxy-server and prints the responses (konnectivity-rs).
@@ -66,14 +67,27 @@ struct Flags {
     /// HTTP/2 health checks of the reference's HTTP client; accepted, no effect (requests use HTTP/1.1).
     #[arg(long, action = ArgAction::Set, num_args = 0..=1, require_equals = true, default_missing_value = "true", default_value = "true")]
     enable_http2_healthchecks: bool,
+    /// kube-apiserver's EgressSelectorConfiguration file: dial as its `cluster` selection says (GRPC over uds,
+    /// HTTPConnect over uds, or HTTPConnect over tcp with mTLS), instead of --mode, --proxy-uds, --proxy-host,
+    /// --proxy-port, --ca-cert, --client-cert and --client-key (ours).
+    #[arg(long, default_value = "")]
+    egress_selector_config_file: String,
     /// klog flags.
     #[command(flatten)]
     klog: KlogFlags,
 }
 
 fn main() -> std::process::ExitCode {
-    let flags = Flags::parse_from(konnectivity_process::flags::normalize_args(std::env::args()));
-    konnectivity_process::logging::init(flags.klog.v.min(3));
+    let (flags, effective) =
+        EffectiveFlags::parse::<Flags>(konnectivity_process::flags::normalize_args(std::env::args()));
+    let mut logging = flags.klog.log_settings("proxy-test-client");
+    // The client's own lines stay at info (its output is the response body; -v above 4 only adds noise).
+    logging.verbosity = logging.verbosity.min(3);
+    if let Err(e) = konnectivity_process::logging::init_klog(logging) {
+        eprintln!("proxy-test-client: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    effective.log();
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -92,13 +106,36 @@ fn main() -> std::process::ExitCode {
 
 async fn run(flags: Flags) -> anyhow::Result<()> {
     flags.klog.check()?;
-    let http_connect = match flags.mode.as_str() {
-        "grpc" => false,
-        "http-connect" => true,
-        other => bail!("--mode must be 'grpc' or 'http-connect', got {other:?}"),
-    };
     if flags.request_proto != "http" {
         bail!("not supported yet: --request-proto={} (only http)", flags.request_proto);
+    }
+    let dialer = dialer(&flags)?;
+    let target = konnectivity_transport::listen::join_host_port(&flags.request_host, flags.request_port);
+    let path = format!("/{}", flags.request_path.trim_start_matches('/'));
+    for i in 0..flags.test_requests {
+        if i > 0 && flags.test_delay > 0 {
+            tokio::time::sleep(Duration::from_secs(flags.test_delay)).await;
+        }
+        let conn =
+            dialer.dial(&target).await.with_context(|| format!("dialing {target} through {:?}", dialer.proxy()))?;
+        let body =
+            get(conn, &target, &path, &flags.user_agent).await.with_context(|| format!("GET http://{target}{path}"))?;
+        std::io::stdout().write_all(&body)?;
+        std::io::stdout().flush()?;
+    }
+    if flags.after_delay > 0 {
+        tokio::time::sleep(Duration::from_secs(flags.after_delay)).await;
+    }
+    Ok(())
+}
+
+/// How to reach the proxy-server: the egress selector file's `cluster` selection, or the proxy flags. Each
+/// request opens its own tunnel (gRPC: a single-use one) or CONNECT request, as kube-apiserver does.
+fn dialer(flags: &Flags) -> anyhow::Result<EgressDialer> {
+    if !flags.egress_selector_config_file.is_empty() {
+        let path = Path::new(&flags.egress_selector_config_file);
+        let config = EgressSelectorConfiguration::load(path)?;
+        return config.cluster_dialer(&flags.user_agent).with_context(|| format!("{}", path.display()));
     }
     let proxy = if !flags.proxy_uds.is_empty() {
         ProxyAddress::Uds(PathBuf::from(&flags.proxy_uds))
@@ -114,38 +151,11 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             flags.client_key.as_ref(),
         )?
     };
-    let target = konnectivity_transport::listen::join_host_port(&flags.request_host, flags.request_port);
-    let path = format!("/{}", flags.request_path.trim_start_matches('/'));
-    for i in 0..flags.test_requests {
-        if i > 0 && flags.test_delay > 0 {
-            tokio::time::sleep(Duration::from_secs(flags.test_delay)).await;
-        }
-        let body = request(&proxy, http_connect, &target, &path, &flags.user_agent)
-            .await
-            .with_context(|| format!("GET http://{target}{path}"))?;
-        std::io::stdout().write_all(&body)?;
-        std::io::stdout().flush()?;
-    }
-    if flags.after_delay > 0 {
-        tokio::time::sleep(Duration::from_secs(flags.after_delay)).await;
-    }
-    Ok(())
-}
-
-async fn request(
-    proxy: &ProxyAddress,
-    http_connect: bool,
-    target: &str,
-    path: &str,
-    user_agent: &str,
-) -> anyhow::Result<Bytes> {
-    if http_connect {
-        let conn = konnectivity_client::http_connect::dial(proxy, target, user_agent).await?;
-        return get(conn, target, path, user_agent).await;
-    }
-    let tunnel = Tunnel::connect_single_use(proxy).await?;
-    let conn = tunnel.dial(target).await?;
-    get(conn, target, path, user_agent).await
+    Ok(match flags.mode.as_str() {
+        "grpc" => EgressDialer::Grpc(proxy),
+        "http-connect" => EgressDialer::HttpConnect { proxy, user_agent: flags.user_agent.clone() },
+        other => bail!("--mode must be 'grpc' or 'http-connect', got {other:?}"),
+    })
 }
 
 async fn get<IO>(conn: IO, target: &str, path: &str, user_agent: &str) -> anyhow::Result<Bytes>

@@ -360,6 +360,8 @@ async fn servers_hold_leases_and_agents_count_them() {
         "--count-server-leases".into(),
         "--lease-namespace=kube-system".into(),
         "--lease-poll-interval=300ms".into(),
+        // At the end it stops while kube-apiserver still holds kept-alive tunnels through it (see below).
+        "--drain-timeout=2s".into(),
     ])
     .await
     .expect("agent");
@@ -424,9 +426,35 @@ async fn servers_hold_leases_and_agents_count_them() {
         grown_at.elapsed()
     );
     node_proxy(&cp).await;
+
+    // All along the agent watched: one LIST at start (a relist only on 410 Gone), where polling every 300 ms
+    // would have listed dozens of times by now; and kube-apiserver holds its WATCH.
+    let lists_now =
+        agent_metric(&cp, "konnectivity_network_proxy_agent_lease_lists_total{http_response_code=\"200\"}").await;
+    assert!(lists_now <= lists + 1.0, "the agent kept listing: {lists} LISTs at first, {lists_now} now");
+    let watches =
+        agent_metric(&cp, "konnectivity_network_proxy_agent_lease_watches_total{http_response_code=\"200\"}").await;
+    assert!(watches >= 1.0, "lease watches counted: {watches}");
+    let (status, body) = cp.kas_request("GET", "/metrics", None).await.expect("kube-apiserver metrics");
+    assert_eq!(status, 200);
+    let held: f64 = String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_longrunning_requests{")
+                && l.contains("resource=\"leases\"")
+                && l.contains("verb=\"WATCH\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(held >= 1.0, "kube-apiserver holds no lease WATCH ({held})");
+    eprintln!("leases: the agent sent {lists_now} LIST(s) and opened {watches} WATCH(es) in the whole test");
     cp.assert_no_decoy_hits();
-    assert!(cp.stop_kube_apiserver(), "kube-apiserver needed SIGKILL");
+    // The agent first: kube-apiserver's graceful stop waits for open WATCHes (it would for the reference's
+    // informer too), longer than this test's 10 s. With the agent gone, nothing may be left on the server.
+    let mut agent = cp.agent.take().expect("agent");
+    assert!(agent.stop(Duration::from_secs(10)), "agent stops on SIGTERM");
     cp.assert_settled(Duration::from_secs(10)).await.expect("settled");
+    assert!(cp.stop_kube_apiserver(), "kube-apiserver needed SIGKILL");
     let slow = cp.shutdown();
     assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
 }

@@ -196,7 +196,7 @@ async fn an_address_that_hangs_delays_no_other() {
 }
 
 /// A `proxy-agent` process (ours), killed if the test ends first; its log in the stack's directory.
-fn spawn_agent_process(stack: &Stack, agent_port: u16, id: &str, drain_timeout: &str) -> ChildProcess {
+fn spawn_agent_process(stack: &Stack, agent_port: u16, id: &str, drain_timeout: &str, idle: &str) -> ChildProcess {
     let mut cmd = Command::new(crate::faults::binary("proxy-agent"));
     cmd.args([
         format!("--ca-cert={}", stack.pki.ca.display()),
@@ -209,6 +209,7 @@ fn spawn_agent_process(stack: &Stack, agent_port: u16, id: &str, drain_timeout: 
         "--sync-interval=100ms".into(),
         "--sync-interval-cap=500ms".into(),
         format!("--drain-timeout={drain_timeout}"),
+        format!("--drain-idle-period={idle}"),
         "--v=2".into(),
     ])
     .env("NO_COLOR", "1");
@@ -273,7 +274,7 @@ async fn draining_agent_finishes_its_transfer_new_dials_go_elsewhere_and_it_exit
     let target = http_target("127.0.0.1:0").await.expect("target");
     let host = target.addr.to_string();
     let server = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
-    let mut a = spawn_agent_process(&stack, server.agent_addr.port(), "agent-a", "1m");
+    let mut a = spawn_agent_process(&stack, server.agent_addr.port(), "agent-a", "1m", "1s");
     konnectivity_it::eventually!(15, server.handle.ready(), "agent A did not connect: {}", a.log());
 
     // The transfer necessarily goes through A (the only agent yet); its reader stops at 8 MiB until told.
@@ -314,7 +315,7 @@ async fn draining_agent_finishes_its_transfer_new_dials_go_elsewhere_and_it_exit
     assert_eq!(len, LEN, "in-flight transfer cut by the drain");
     assert_eq!(sha, expected.await.expect("hash task"), "in-flight transfer damaged by the drain");
 
-    // With nothing left to carry, A exits by itself, cleanly.
+    // With nothing left to carry, A exits by itself, cleanly, once it has been idle for its 1s quiet period.
     let (status, exited_at) = a
         .exit_within(Duration::from_secs(10))
         .await
@@ -328,7 +329,8 @@ async fn draining_agent_finishes_its_transfer_new_dials_go_elsewhere_and_it_exit
         exited_at.saturating_duration_since(done_at),
         exited_at - sigterm_at
     );
-    assert!(exited_at.saturating_duration_since(done_at) < Duration::from_secs(3));
+    let quiet = exited_at.saturating_duration_since(done_at);
+    assert!(quiet >= Duration::from_millis(900) && quiet < Duration::from_secs(4), "A exited {quiet:?} after");
     konnectivity_it::eventually!(5, server.handle.agent_count() == 1, "the server still lists A");
     get_success(&stack, &server, &host).await;
     assert_settled(&server, Some(&b)).await;
@@ -342,7 +344,7 @@ async fn drain_timeout_closes_the_transfer_left_with_an_error_and_exits() {
     let target = http_target("127.0.0.1:0").await.expect("target");
     let host = target.addr.to_string();
     let server = stack.start_server(stack.server_config(Frontend::Uds)).await.expect("server");
-    let mut a = spawn_agent_process(&stack, server.agent_addr.port(), "agent-a", "1s");
+    let mut a = spawn_agent_process(&stack, server.agent_addr.port(), "agent-a", "1s", "5s");
     konnectivity_it::eventually!(15, server.handle.ready(), "agent did not connect: {}", a.log());
 
     // A transfer that would run for a long time, read continuously.

@@ -242,8 +242,29 @@ const NODES: &[(&str, &[(&str, &str)])] = &[
 ];
 const AGENT_SA: &str = "system:serviceaccount:kube-system:konnectivity-agent";
 
-/// A stand-in kube-apiserver over TLS: TokenReviews (`token-<node>` is the agent ServiceAccount bound to node
-/// `<node>`, `token-shared` the same account unbound) and Node GETs, counted.
+/// A JWT-shaped token (the server reviews nothing else) carrying `label` for the stand-in to read.
+fn jwt(label: &str) -> String {
+    use base64::Engine;
+    let enc = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!(
+        "{}.{}.sig",
+        enc(serde_json::json!({"alg": "RS256"})),
+        enc(serde_json::json!({"label": label, "exp": exp + 600}))
+    )
+}
+
+/// The label of a token made by [`jwt`].
+fn label_of(token: &str) -> String {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap_or_default();
+    let claims: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    claims["label"].as_str().unwrap_or_default().to_string()
+}
+
+/// A stand-in kube-apiserver over TLS: TokenReviews (a token labelled `token-<node>` is the agent ServiceAccount
+/// bound to node `<node>`, `token-shared` the same account unbound) and Node GETs, counted.
 fn kube_stand_in(stack: &Stack, node_gets: Arc<AtomicUsize>) -> konnectivity_it::targets::Target {
     use http_body_util::{BodyExt, Full};
     let tls = konnectivity_transport::tls::server_config(
@@ -267,7 +288,8 @@ fn kube_stand_in(stack: &Stack, node_gets: Arc<AtomicUsize>) -> konnectivity_it:
                     let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                     let (status, json) = if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
                         let review: Value = serde_json::from_slice(&body).unwrap_or_default();
-                        let token = review["spec"]["token"].as_str().unwrap_or_default();
+                        let token = label_of(review["spec"]["token"].as_str().unwrap_or_default());
+                        let token = token.as_str();
                         let mut user = serde_json::json!({"username": AGENT_SA});
                         match token.strip_prefix("token-") {
                             Some("shared") => {}
@@ -336,7 +358,10 @@ async fn bound_tokens_bind_agents_to_their_node() {
     config.audit = Some(AuditConfig::new(AuditOutput::File(audit.clone())));
     config.agent_identity = identity_config(IdentityMode::Strict, r#"{"grants": []}"#);
     let server = stack.start_server(config).await.expect("server");
-    let with = |token, id, q| connect(&stack, &server, Credential::Token(token), id, q);
+    let with = |label: &'static str, id: &'static str, q: &'static str| {
+        let (stack, server) = (&stack, &server);
+        async move { connect(stack, server, Credential::Token(&jwt(label)), id, q).await }
+    };
 
     let a = with("token-node-a", "agent-a", "host=node-a&host=node-a.internal&ipv4=10.9.0.1").await.expect("own");
     let a2 = with("token-node-a", "agent-a2", "ipv4=10.9.0.1").await.expect("own again, from the cache");

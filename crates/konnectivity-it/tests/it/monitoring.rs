@@ -784,7 +784,8 @@ async fn a_token_review_that_fails(stack: &Stack) -> (ServerRun, AgentRun) {
     config.agent_auth = Some(AgentAuthConfig::new("kube-system", "konnectivity-agent", "konnectivity"));
     let server = stack.start_server(config).await.expect("server b");
     let token = stack.dir().join("token");
-    std::fs::write(&token, "header.payload.signature").expect("token");
+    // Shaped like a JWT, so that it is reviewed (anything else is refused without a review).
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.e30.signature").expect("token");
     let mut agent_config = stack.agent_config(server.agent_addr);
     agent_config.agent_cert = None;
     agent_config.service_account_token_path = Some(token);

@@ -105,7 +105,7 @@ impl AgentService for AgentEndpoint {
         let info = request.extensions().get::<konnectivity_transport::listen::TlsConnectInfo>();
         let peer = info.map(|i| i.remote_addr.to_string()).unwrap_or_else(|| "unknown".into());
         let identity = if let Some(auth) = &self.auth {
-            match auth.authenticate(md).await {
+            match auth.authenticate(md, info.map(|i| i.remote_addr.ip())).await {
                 Ok(identity) => {
                     tracing::debug!(%agent_id, %peer, %identity, "agent authenticated by token");
                     identity

@@ -74,8 +74,14 @@ fn token_auth_flags_follow_the_reference_rules() {
     args.extend(TOKEN);
     let auth = parse(&args).expect("token auth").agent_auth.expect("enabled");
     assert_eq!(auth, AgentAuthConfig::new("kube-system", "konnectivity-agent", "system:konnectivity-server"));
-    args.push("--authentication-cache-ttl=0s");
-    assert_eq!(parse(&args).expect("no cache").agent_auth.expect("on").cache_ttl, Duration::ZERO);
+    args.extend(["--authentication-cache-ttl=0s", "--token-review-qps=2.5", "--token-review-burst=3"]);
+    let auth = parse(&args).expect("no cache").agent_auth.expect("on");
+    assert_eq!((auth.cache_ttl, auth.review_qps, auth.review_burst), (Duration::ZERO, 2.5, 3));
+    for bad in ["--token-review-qps=0", "--token-review-qps=-1", "--token-review-burst=0"] {
+        let mut args = BASE.to_vec();
+        args.extend(TOKEN.iter().copied().chain([bad]));
+        assert!(parse(&args).expect_err(bad).contains("must be greater than 0"), "{bad}");
+    }
     for (missing, given) in TOKEN.iter().enumerate() {
         let mut args = BASE.to_vec();
         args.extend(TOKEN.iter().enumerate().filter(|(i, _)| *i != missing).map(|(_, a)| *a));
