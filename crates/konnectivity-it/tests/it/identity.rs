@@ -303,6 +303,9 @@ fn kube_stand_in(stack: &Stack, node_gets: Arc<AtomicUsize>) -> konnectivity_it:
                     } else if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
                         node_gets.fetch_add(1, Ordering::SeqCst);
                         match NODES.iter().find(|(n, _)| *n == name) {
+                            _ if name == "node-broken" => {
+                                (500, serde_json::json!({"kind": "Status", "message": "etcd is on fire"}))
+                            }
                             Some((_, addresses)) => {
                                 let addresses: Vec<Value> = addresses
                                     .iter()
@@ -371,6 +374,10 @@ async fn bound_tokens_bind_agents_to_their_node() {
     refused(with("token-node-b", "agent-a", "").await, "held by a connected agent of another identity");
     refused(with("token-node-z", "agent-z", "ipv4=10.9.0.9").await, "there is no node \"node-z\"");
     refused(with("token-shared", "agent-s", "").await, "names no node");
+    // kube-apiserver cannot say: the agent is told to come back (Unavailable), not refused for good.
+    let unsure = with("token-node-broken", "agent-x", "ipv4=10.9.0.7").await.err().expect("not admitted");
+    assert_eq!(unsure.code(), tonic::Code::Unavailable, "{unsure:?}");
+    assert!(unsure.message().contains("etcd is on fire"), "{unsure:?}");
     let b = with("token-node-b", "agent-b", "host=node-b&ipv4=10.9.0.2").await.expect("node-b's own");
     refused(with("token-node-a", "agent-a3", "").await, "already holds 2 agent IDs");
     for (reason, n) in [
@@ -380,6 +387,7 @@ async fn bound_tokens_bind_agents_to_their_node() {
         ("unknown_node", 1),
         ("no_node_identity", 1),
         ("agent_id_limit", 1),
+        ("node_lookup_error", 1),
     ] {
         assert_eq!(refusals(&server, reason), n, "{reason}");
     }
@@ -392,7 +400,7 @@ async fn bound_tokens_bind_agents_to_their_node() {
     let taken = lines.iter().find(|l| l["reason"] == "agent_id_taken").expect("audited");
     assert_eq!((taken["agent_credential"].as_str(), taken["agent_identity"].as_str()), (Some("token"), Some(AGENT_SA)));
     assert_eq!(taken["agent_node"], "node-b");
-    assert_eq!(lines.iter().filter(|l| l["event"] == "agent_refused").count(), 6);
+    assert_eq!(lines.iter().filter(|l| l["event"] == "agent_refused").count(), 7);
 }
 
 /// A ServiceAccount token bound to a pod on `node` (as a projected token is): kube-apiserver's TokenReview then
