@@ -1,5 +1,6 @@
 //! A small Kubernetes API client: just what proxy-server and proxy-agent need from kube-apiserver
-//! (TokenReview for agent authentication, Leases for server counting), over HTTPS/1.1 with JSON.
+//! (TokenReview for agent authentication, Leases for server counting, a Node's addresses for agent identity),
+//! over HTTPS/1.1 with JSON.
 //!
 //! Credentials come from a kubeconfig file or the in-cluster service account ([`Config`]); requests are rate
 //! limited like client-go (`--kubeconfig-qps`, `--kubeconfig-burst`), except that the wait for a slot is bounded
@@ -12,6 +13,7 @@ mod config;
 mod exec;
 pub mod lease;
 mod limiter;
+pub mod node;
 pub mod token_review;
 pub mod watch;
 

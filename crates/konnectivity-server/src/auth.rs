@@ -6,6 +6,7 @@
 //! even shaped like a JWT are refused without a review.
 
 use crate::config::AgentAuthConfig;
+use crate::identity::AgentIdentity;
 use crate::review_cache::{Outcome, ReviewCache, unavailable_retry_after};
 use base64::Engine;
 use konnectivity_kube::{Client, KubeError, RequestLimits};
@@ -47,7 +48,7 @@ pub(crate) struct TokenAuthenticator {
     config: AgentAuthConfig,
     expected_username: String,
     /// sha256(token) → results kept, and reviews in flight.
-    reviews: ReviewCache<String>,
+    reviews: ReviewCache<AgentIdentity>,
     results: IntCounterVec,
 }
 
@@ -70,9 +71,9 @@ impl TokenAuthenticator {
         self.results.with_label_values(&[result]).inc();
     }
 
-    /// Authenticates the agent stream whose metadata is `md`, from `source`. Returns the service account's
-    /// username.
-    pub(crate) async fn authenticate(&self, md: &MetadataMap, source: Option<IpAddr>) -> Result<String, Status> {
+    /// Authenticates the agent stream whose metadata is `md`, from `source`. Returns who the token says it is:
+    /// the service account's user name, and the node a bound token names.
+    pub(crate) async fn authenticate(&self, md: &MetadataMap, source: Option<IpAddr>) -> Result<AgentIdentity, Status> {
         let values: Vec<_> = md.get_all(AUTHORIZATION).iter().collect();
         let value = match values.as_slice() {
             [] => {
@@ -96,7 +97,7 @@ impl TokenAuthenticator {
             ));
         }
         let key = Sha256::digest(token.as_bytes()).into();
-        let keep = |_: &String| cache_ttl(token, self.config.cache_ttl);
+        let keep = |_: &AgentIdentity| cache_ttl(token, self.config.cache_ttl);
         // The review's own deadline bounds a stream that leads it; this bounds one that waited for another's
         // review and then, that stream having left, led a new one.
         let reviewed = self.reviews.get(key, source, || self.review(token), keep);
@@ -118,7 +119,7 @@ impl TokenAuthenticator {
     }
 
     /// One TokenReview, with the reference's checks and wording.
-    async fn review(&self, token: &str) -> Result<String, Status> {
+    async fn review(&self, token: &str) -> Result<AgentIdentity, Status> {
         let fail = |m: String| Status::unauthenticated(format!("Failed to validate authentication token, err:{m}"));
         let status =
             self.client.token_review(token, std::slice::from_ref(&self.config.audience)).await.map_err(|e| {
@@ -137,7 +138,7 @@ impl TokenAuthenticator {
         if !status.authenticated {
             return Err(fail("lookup failed: service account jwt not valid".into()));
         }
-        let username = status.user.username;
+        let username = &status.user.username;
         let parts: Vec<&str> = username.split(':').collect();
         if parts.len() != 4 {
             return Err(fail("lookup failed: unexpected username format".into()));
@@ -157,8 +158,8 @@ impl TokenAuthenticator {
                 parts[3], self.config.service_account
             )));
         }
-        debug_assert_eq!(username, self.expected_username);
-        Ok(username)
+        debug_assert_eq!(*username, self.expected_username);
+        Ok(AgentIdentity::of_token(username, status.user.node_name()))
     }
 }
 

@@ -187,6 +187,65 @@ impl AgentAuthConfig {
     }
 }
 
+/// How agents' claims are tied to their credentials (`--agent-identity-mode`; docs/security.md, "Agent
+/// identity").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityMode {
+    /// Bind agents whose credential names a node; take the others on trust, with a warning (the default).
+    Auto,
+    /// Every agent's credential must name a node, and the agent is held to it.
+    Strict,
+    /// Take every agent's claims on trust, as the reference does.
+    Trust,
+}
+
+impl IdentityMode {
+    /// Parses a `--agent-identity-mode` value.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "strict" => Some(Self::Strict),
+            "trust" => Some(Self::Trust),
+            _ => None,
+        }
+    }
+}
+
+/// Default bound on the agent IDs one node identity may hold at once on a server: its agent, and the same
+/// agent restarted under a new ID while the old stream is not yet known dead.
+pub const DEFAULT_MAX_AGENT_IDS_PER_NODE: usize = 2;
+
+/// Default time a node's addresses are reused for checking what its agents claim.
+pub const DEFAULT_NODE_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// Agent identity: what agents may claim, by the identity their credential proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentIdentityConfig {
+    /// How claims are tied to credentials.
+    pub mode: IdentityMode,
+    /// Distinct agent IDs a node identity's streams may hold at once; 0: no limit.
+    pub max_agent_ids_per_node: usize,
+    /// Distinct agent IDs a shared identity's streams (a credential naming no node) may hold at once; 0: no limit.
+    pub max_agent_ids_per_shared_identity: usize,
+    /// What node identities may claim beyond their own names and addresses (CIDRs, default route, host names).
+    pub grants: crate::identity::grants::Grants,
+    /// How long a node's addresses are reused; zero reads them for every stream that needs them.
+    pub node_cache_ttl: Duration,
+}
+
+impl AgentIdentityConfig {
+    /// `mode`, with the defaults of the flags.
+    pub fn new(mode: IdentityMode) -> Self {
+        Self {
+            mode,
+            max_agent_ids_per_node: DEFAULT_MAX_AGENT_IDS_PER_NODE,
+            max_agent_ids_per_shared_identity: 0,
+            grants: Default::default(),
+            node_cache_ttl: DEFAULT_NODE_CACHE_TTL,
+        }
+    }
+}
+
 /// The lease controller: this server holds a Lease that agents count, and collects expired ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseConfig {
@@ -292,6 +351,8 @@ pub struct ServerConfig {
     pub agent_auth: Option<AgentAuthConfig>,
     /// The lease controller, if enabled.
     pub lease: Option<LeaseConfig>,
+    /// What agents may claim, by their credentials.
+    pub agent_identity: AgentIdentityConfig,
 }
 
 impl ServerConfig {
@@ -332,6 +393,7 @@ impl ServerConfig {
             kube: KubeClientConfig::default(),
             agent_auth: None,
             lease: None,
+            agent_identity: AgentIdentityConfig::new(IdentityMode::Auto),
         }
     }
 }

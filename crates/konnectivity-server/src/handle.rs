@@ -36,6 +36,7 @@ impl ServerHandle {
                 agent_id: b.agent_id.clone(),
                 identifiers: b.identifiers.clone(),
                 peer: b.peer.clone(),
+                identity: b.identity.identity.to_string(),
                 connected_for: b.connected_at.elapsed(),
                 draining: b.is_draining(),
                 connections: b.connection_count(),
@@ -54,6 +55,12 @@ impl ServerHandle {
                 json!({
                     "agent_id": b.agent_id,
                     "peer": b.peer,
+                    "credential": {
+                        "kind": b.audited.credential,
+                        "name": b.audited.identity,
+                        "node": b.audited.node,
+                        "bound": b.identity.owns_agent_ids && b.audited.node.is_some(),
+                    },
                     "identifiers": {
                         "host": b.identifiers.hosts,
                         "ipv4": b.identifiers.ipv4,
@@ -94,6 +101,8 @@ pub struct AgentInfo {
     pub identifiers: AgentIdentifiers,
     /// Its address.
     pub peer: String,
+    /// Who its credential says it is (e.g. `certificate "system:node:node-a" (node node-a)`).
+    pub identity: String,
     /// How long the stream has been up.
     pub connected_for: Duration,
     /// Whether it sent DRAIN.

@@ -20,6 +20,7 @@ mod frontend;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handle;
+mod identity;
 pub mod lease;
 pub mod metrics;
 mod review_cache;
@@ -29,7 +30,10 @@ mod tunnels;
 
 pub use auth::TOKEN_REVIEW_TIMEOUT;
 pub use backend::identifiers::AgentIdentifiers;
-pub use config::{AuditConfig, AuditOutput, FrontendListen, FrontendMode, ServerConfig};
+pub use config::{
+    AgentIdentityConfig, AuditConfig, AuditOutput, FrontendListen, FrontendMode, IdentityMode, ServerConfig,
+};
 pub use frontend::http_connect::{CONNECTION_ESTABLISHED, dial_error_status};
 pub use handle::{AgentInfo, ServerHandle};
+pub use identity::grants::Grants;
 pub use server::{FrontendAddr, RunningServer, ServerError, run, start};

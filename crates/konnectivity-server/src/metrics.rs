@@ -99,6 +99,7 @@ pub struct ServerMetrics {
     pub(crate) lease_list_latency: HistogramVec,
     pub(crate) lease_list_total: IntCounterVec,
     pub(crate) agent_auth: IntCounterVec,
+    agent_identity_refusals: IntCounterVec,
 }
 
 impl ServerMetrics {
@@ -204,6 +205,12 @@ impl ServerMetrics {
                 "Agent token authentications, by result: ok (TokenReview accepted), cached (a recent or concurrent review of the same token reused), denied, throttled (too many reviews at once: told to retry), error (kube-apiserver unreachable or failing).",
                 &["result"],
             )?,
+            // Exported once an agent has been refused.
+            agent_identity_refusals: m.counter_vec(
+                "agent_identity_refusals_total",
+                "Agent streams refused because their credential does not allow what they claim, by reason (no_node_identity, ambiguous_identity, unknown_node, host, address, cidr, default_route, agent_id_taken, agent_id_limit, node_lookup_error).",
+                &["reason"],
+            )?,
             tunnel_bytes_to_frontend: tunnel_bytes.with_label_values(&["to_frontend"]),
             tunnel_bytes_to_agent: tunnel_bytes.with_label_values(&["to_agent"]),
             frontend_stall_closes: m.counter(
@@ -231,7 +238,7 @@ impl ServerMetrics {
             // Families without samples are not exported: these appear only when the audit log is enabled.
             audit_events: m.counter_vec(
                 "audit_events_total",
-                "Audit log events, by event (open, dial_failed, close), including those that could not be written.",
+                "Audit log events, by event (open, dial_failed, close, agent_refused), including those that could not be written.",
                 &["event"],
             )?,
             audit_dropped: m.counter_vec(
@@ -268,10 +275,19 @@ impl ServerMetrics {
             open: event("open"),
             dial_failed: event("dial_failed"),
             close: event("close"),
+            agent_refused: event("agent_refused"),
             dropped_queue_full: dropped("queue_full"),
             dropped_write_error: dropped("write_error"),
             dropped_closed: dropped("closed"),
         }
+    }
+    /// Counts an agent stream refused for what it claimed.
+    pub(crate) fn identity_refusal(&self, reason: &str) {
+        self.agent_identity_refusals.with_label_values(&[reason]).inc();
+    }
+    /// Agent streams refused for `reason` so far.
+    pub fn identity_refusals(&self, reason: &str) -> u64 {
+        self.agent_identity_refusals.with_label_values(&[reason]).get()
     }
     pub(crate) fn frontend_stall_close(&self) {
         self.frontend_stall_closes.inc();

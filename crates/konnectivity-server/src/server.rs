@@ -5,10 +5,11 @@ use crate::audit::AuditLog;
 use crate::auth::TokenAuthenticator;
 use crate::backend::manager::BackendManager;
 use crate::backend::service::AgentEndpoint;
-use crate::config::{FrontendListen, FrontendMode, ServerConfig, SharedClientCa};
+use crate::config::{FrontendListen, FrontendMode, IdentityMode, ServerConfig, SharedClientCa};
 use crate::credentials::ClientAllowList;
 use crate::frontend::listen::FrontendServing;
 use crate::handle::ServerHandle;
+use crate::identity::admission::Admission;
 use crate::lease::LeaseController;
 use crate::metrics::ServerMetrics;
 use crate::tunnels::table::Tunnels;
@@ -133,8 +134,9 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     let tunnels =
         Arc::new(Tunnels::new(backends, metrics.clone(), config.egress_policy.clone(), audit, shutdown.clone()));
     let tracker = TaskTracker::new();
-    let auth = start_kube_clients(&config, &metrics, &shutdown, &tracker)?;
-    let agent_addr = start_agent_listener(&config, &tunnels, auth, &shutdown, &tracker).await?;
+    let (auth, kube) = start_kube_clients(&config, &metrics, &shutdown, &tracker)?;
+    let admission = Arc::new(Admission::new(config.agent_identity.clone(), kube));
+    let agent_addr = start_agent_listener(&config, &tunnels, (auth, admission), &shutdown, &tracker).await?;
     let frontend_addr = start_frontend(&config, &tunnels, &shutdown, &tracker).await?;
 
     let handle = ServerHandle { tunnels: tunnels.clone(), server_id: config.server_id.as_str().into() };
@@ -169,16 +171,20 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
     })
 }
 
-/// The kube-apiserver client, when token auth or leases need it: starts the lease controller, and returns the
-/// token authenticator.
+/// The token authenticator and the client agent identity reads nodes with.
+type KubeClients = (Option<Arc<TokenAuthenticator>>, Option<konnectivity_kube::Client>);
+
+/// The kube-apiserver client, when token auth or leases need it, or `--kubeconfig` is given for agent identity's
+/// node reads: starts the lease controller, and returns the token authenticator and the client.
 fn start_kube_clients(
     config: &ServerConfig,
     metrics: &ServerMetrics,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
-) -> Result<Option<Arc<TokenAuthenticator>>, ServerError> {
-    if config.agent_auth.is_none() && config.lease.is_none() {
-        return Ok(None);
+) -> Result<KubeClients, ServerError> {
+    let for_identity = config.agent_identity.mode != IdentityMode::Trust && config.kube.kubeconfig.is_some();
+    if config.agent_auth.is_none() && config.lease.is_none() && !for_identity {
+        return Ok((None, None));
     }
     let kube_config = konnectivity_kube::Config::load(config.kube.kubeconfig.as_deref())?;
     tracing::info!(server = %kube_config.server, source = %kube_config.source, "kube-apiserver client");
@@ -187,11 +193,12 @@ fn start_kube_clients(
         let controller = LeaseController::new(client.clone(), lease.clone(), &config.server_id, metrics.clone());
         tracker.spawn(controller.run(shutdown.clone()));
     }
-    Ok(config.agent_auth.as_ref().map(|a| {
+    let auth = config.agent_auth.as_ref().map(|a| {
         tracing::info!(namespace = %a.namespace, service_account = %a.service_account, audience = %a.audience,
             "agents authenticate with ServiceAccount tokens");
-        Arc::new(TokenAuthenticator::new(client, a.clone(), metrics.agent_auth.clone()))
-    }))
+        Arc::new(TokenAuthenticator::new(client.clone(), a.clone(), metrics.agent_auth.clone()))
+    });
+    Ok((auth, Some(client)))
 }
 
 /// Binds the agent port (always TLS; mTLS when a cluster CA is configured) and serves `/AgentService/Connect`
@@ -199,7 +206,7 @@ fn start_kube_clients(
 async fn start_agent_listener(
     config: &ServerConfig,
     tunnels: &Arc<Tunnels>,
-    auth: Option<Arc<TokenAuthenticator>>,
+    (auth, admission): (Option<Arc<TokenAuthenticator>>, Arc<Admission>),
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<SocketAddr, ServerError> {
@@ -231,6 +238,7 @@ async fn start_agent_listener(
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         auth,
+        admission,
     });
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_time))

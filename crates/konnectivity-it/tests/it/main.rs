@@ -14,6 +14,7 @@ mod faults_netns;
 mod flow;
 mod ha;
 mod house;
+mod identity;
 mod interop;
 mod limits;
 mod logs;

@@ -10,7 +10,7 @@ mod records;
 mod writer;
 
 pub(crate) use identity::ClientIdentity;
-pub(crate) use records::{Closed, Tunneled};
+pub(crate) use records::{AuditedAgent, Closed, Tunneled};
 
 use crate::config::{AuditConfig, AuditOutput};
 use parking_lot::Mutex;
@@ -28,6 +28,8 @@ pub(crate) enum Event {
     DialFailed,
     /// An opened connection closed.
     Close,
+    /// An agent stream was refused for what it claimed (its agent ID or identifiers are not its credential's).
+    AgentRefused,
 }
 
 impl Event {
@@ -36,6 +38,7 @@ impl Event {
             Self::Open => "open",
             Self::DialFailed => "dial_failed",
             Self::Close => "close",
+            Self::AgentRefused => "agent_refused",
         }
     }
 }
@@ -124,7 +127,8 @@ pub(crate) struct Record {
     pub(crate) client: ClientIdentity,
     /// The destination as the client asked for it.
     pub(crate) destination: String,
-    pub(crate) agent_id: Option<String>,
+    /// The agent the dial was sent to.
+    pub(crate) agent: Option<std::sync::Arc<AuditedAgent>>,
     pub(crate) dial_id: i64,
     pub(crate) connect_id: Option<i64>,
     /// A [`DialFailure`] or [`CloseReason`] phrase.
@@ -138,12 +142,40 @@ pub(crate) struct Record {
     pub(crate) duration: Duration,
 }
 
+/// An agent stream refused (formatting happens in the writer).
+pub(crate) struct AgentRecord {
+    pub(crate) time: SystemTime,
+    pub(crate) agent: AuditedAgent,
+    /// The refusal's label.
+    pub(crate) reason: &'static str,
+    /// What the agent was told.
+    pub(crate) error: String,
+}
+
+/// What goes on the writer's queue.
+pub(crate) enum Line {
+    /// A tunneled connection's event.
+    Tunnel(Record),
+    /// An agent stream's event.
+    Agent(AgentRecord),
+}
+
+impl Line {
+    fn event(&self) -> Event {
+        match self {
+            Self::Tunnel(r) => r.event,
+            Self::Agent(_) => Event::AgentRefused,
+        }
+    }
+}
+
 /// The counters the audit log moves (`audit_events_total`, `audit_events_dropped_total`).
 #[derive(Clone)]
 pub(crate) struct AuditCounters {
     pub(crate) open: IntCounter,
     pub(crate) dial_failed: IntCounter,
     pub(crate) close: IntCounter,
+    pub(crate) agent_refused: IntCounter,
     pub(crate) dropped_queue_full: IntCounter,
     pub(crate) dropped_write_error: IntCounter,
     pub(crate) dropped_closed: IntCounter,
@@ -157,7 +189,7 @@ struct WriterThread {
 /// The audit log of one server (disabled unless configured).
 pub(crate) struct AuditLog {
     /// The queue to the writer; `None` when disabled or closed.
-    queue: Mutex<Option<SyncSender<Record>>>,
+    queue: Mutex<Option<SyncSender<Line>>>,
     enabled: bool,
     counters: Option<AuditCounters>,
     writer: Mutex<Option<WriterThread>>,
@@ -216,13 +248,23 @@ impl AuditLog {
         self.enabled
     }
 
-    /// Queues a record for the writer, or drops and counts it if the queue is full. Never waits.
+    /// Queues a tunnel record for the writer, or drops and counts it if the queue is full. Never waits.
     pub(crate) fn record(&self, record: Record) {
+        self.queue_line(Line::Tunnel(record));
+    }
+
+    /// Queues an agent record, as [`AuditLog::record`].
+    pub(crate) fn record_agent(&self, record: AgentRecord) {
+        self.queue_line(Line::Agent(record));
+    }
+
+    fn queue_line(&self, record: Line) {
         let Some(counters) = &self.counters else { return };
-        match record.event {
+        match record.event() {
             Event::Open => counters.open.inc(),
             Event::DialFailed => counters.dial_failed.inc(),
             Event::Close => counters.close.inc(),
+            Event::AgentRefused => counters.agent_refused.inc(),
         }
         let queue = self.queue.lock();
         let Some(tx) = queue.as_ref() else {
@@ -275,6 +317,7 @@ mod tests {
             open: c("open"),
             dial_failed: c("dial_failed"),
             close: c("close"),
+            agent_refused: c("agent_refused"),
             dropped_queue_full: c("full"),
             dropped_write_error: c("write_error"),
             dropped_closed: c("closed"),
@@ -288,7 +331,13 @@ mod tests {
             mode: "grpc",
             client: ClientIdentity::Uds(None),
             destination: "10.0.0.5:10250".into(),
-            agent_id: Some("agent-a".into()),
+            agent: Some(std::sync::Arc::new(AuditedAgent {
+                id: "agent-a".into(),
+                peer: "10.0.0.9:41000".into(),
+                credential: "certificate",
+                identity: "system:node:node-a".into(),
+                node: Some("node-a".into()),
+            })),
             dial_id: n,
             connect_id: Some(n),
             reason: Some(CloseReason::ClientClosed.as_str()),
@@ -479,6 +528,10 @@ mod tests {
             "\"frontend\"",
             "\"destination\"",
             "\"agent_id\"",
+            "\"agent_peer\"",
+            "\"agent_credential\"",
+            "\"agent_identity\"",
+            "\"agent_node\"",
             "\"dial_id\"",
             "\"connect_id\"",
             "\"reason\"",

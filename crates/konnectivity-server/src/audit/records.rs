@@ -2,7 +2,24 @@
 //! nothing of the server's state). Nothing is built when the audit log is disabled.
 
 use super::{AuditLog, ClientIdentity, CloseReason, DialFailure, Event, Record};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// An agent stream as the audit log names it: the ID it claimed, where it connected from, and who its
+/// credential says it is. Built once per stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct AuditedAgent {
+    /// The claimed agent ID.
+    pub(crate) id: String,
+    /// The agent's address.
+    pub(crate) peer: String,
+    /// `certificate`, `token` or `none`.
+    pub(crate) credential: &'static str,
+    /// The credential's name (certificate common name, token user name); empty if none.
+    pub(crate) identity: String,
+    /// The node the credential names, if any.
+    pub(crate) node: Option<String>,
+}
 
 /// Who asked for a tunneled connection or dial, where to, and through which agent.
 pub(crate) struct Tunneled<'a> {
@@ -12,7 +29,7 @@ pub(crate) struct Tunneled<'a> {
     /// The destination as requested.
     pub(crate) destination: &'a str,
     /// The agent the dial was sent to, if it got that far.
-    pub(crate) agent_id: Option<&'a str>,
+    pub(crate) agent: Option<&'a Arc<AuditedAgent>>,
     /// The dial ID.
     pub(crate) dial_id: i64,
 }
@@ -36,7 +53,7 @@ impl AuditLog {
             mode: t.mode,
             client: t.client.clone(),
             destination: t.destination.to_string(),
-            agent_id: t.agent_id.map(str::to_string),
+            agent: t.agent.cloned(),
             dial_id: t.dial_id,
             connect_id,
             reason: None,
@@ -65,6 +82,13 @@ impl AuditLog {
                 duration: closed.open_for,
                 ..self.line(t, Event::Close, Some(connect_id))
             });
+        }
+    }
+
+    /// An agent stream refused for what it claimed (`reason`: a refusal label; `error`: what the agent was told).
+    pub(crate) fn agent_refused(&self, agent: AuditedAgent, reason: &'static str, error: &str) {
+        if self.enabled() {
+            self.record_agent(super::AgentRecord { time: SystemTime::now(), agent, reason, error: error.to_string() });
         }
     }
 

@@ -2,7 +2,7 @@
 //! them in batches to stdout or to a file that rotates by size. It is the only place that touches the disk, so
 //! a slow or failing disk costs the writer, never the traffic; lines that cannot be written are counted.
 
-use super::{Event, Record};
+use super::{AgentRecord, AuditedAgent, Event, Line, Record};
 use prometheus::IntCounter;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -139,7 +139,7 @@ impl Writer {
     }
 
     /// Writes every record until the queue is closed (all senders gone) and empty.
-    pub(crate) fn run(mut self, queue: Receiver<Record>) {
+    pub(crate) fn run(mut self, queue: Receiver<Line>) {
         while let Ok(first) = queue.recv() {
             self.add(&first);
             while self.batch.len() < BATCH_BYTES {
@@ -153,8 +153,11 @@ impl Writer {
         self.flush();
     }
 
-    fn add(&mut self, record: &Record) {
-        let line = record.json_line(&self.server_id);
+    fn add(&mut self, record: &Line) {
+        let line = match record {
+            Line::Tunnel(r) => r.json_line(&self.server_id),
+            Line::Agent(r) => r.json_line(&self.server_id),
+        };
         if let Output::File(file) = &self.output
             && file.must_rotate_before(self.batch.len(), line.len())
         {
@@ -234,9 +237,8 @@ impl Record {
         }
         out.push_str("},\"destination\":");
         push_str(&mut out, &self.destination);
-        if let Some(agent_id) = &self.agent_id {
-            out.push_str(",\"agent_id\":");
-            push_str(&mut out, agent_id);
+        if let Some(agent) = &self.agent {
+            push_agent(&mut out, agent);
         }
         out.push_str(&format!(",\"dial_id\":{}", self.dial_id));
         if let Some(connect_id) = self.connect_id {
@@ -257,6 +259,45 @@ impl Record {
             ));
         }
         out.push_str(&format!(",\"duration_ms\":{:.3}}}\n", self.duration.as_secs_f64() * 1000.0));
+        out
+    }
+}
+
+/// The agent's fields: `agent_id`, `agent_peer`, `agent_credential`, then `agent_identity` and `agent_node` when
+/// the credential has them.
+fn push_agent(out: &mut String, agent: &AuditedAgent) {
+    out.push_str(",\"agent_id\":");
+    push_str(out, &agent.id);
+    out.push_str(",\"agent_peer\":");
+    push_str(out, &agent.peer);
+    out.push_str(",\"agent_credential\":");
+    push_str(out, agent.credential);
+    if !agent.identity.is_empty() {
+        out.push_str(",\"agent_identity\":");
+        push_str(out, &agent.identity);
+    }
+    if let Some(node) = &agent.node {
+        out.push_str(",\"agent_node\":");
+        push_str(out, node);
+    }
+}
+
+impl AgentRecord {
+    /// The record as one JSON line (with its newline).
+    pub(crate) fn json_line(&self, server_id: &str) -> String {
+        let mut out = String::with_capacity(256);
+        out.push_str("{\"time\":");
+        push_str(&mut out, &rfc3339_millis(self.time));
+        out.push_str(",\"event\":");
+        push_str(&mut out, Event::AgentRefused.as_str());
+        out.push_str(",\"server_id\":");
+        push_str(&mut out, server_id);
+        push_agent(&mut out, &self.agent);
+        out.push_str(",\"reason\":");
+        push_str(&mut out, self.reason);
+        out.push_str(",\"error\":");
+        push_str(&mut out, &self.error);
+        out.push_str("}\n");
         out
     }
 }

@@ -2,6 +2,7 @@
 //! ([`crate::routing`]), and the probe that finds an agent's dead older stream.
 
 use crate::backend::stream::Backend;
+use crate::identity::{Refusal, RefusalReason};
 use crate::metrics::ServerMetrics;
 use crate::routing::{self, Strategy};
 use konnectivity_proto::Packet;
@@ -43,6 +44,8 @@ struct ManagerInner {
     by_agent: HashMap<String, Vec<Arc<Backend>>>,
     /// Agent IDs, for random choice.
     ids: Vec<String>,
+    /// By identity key: the agent IDs its live streams hold, with their stream counts.
+    by_identity: HashMap<String, HashMap<String, usize>>,
 }
 
 impl ManagerInner {
@@ -87,20 +90,66 @@ impl BackendManager {
         }
     }
 
-    pub(crate) fn add(&self, backend: Arc<Backend>) {
+    /// Registers a stream, unless its identity may not hold its agent ID: one held by a live stream of another
+    /// identity (when identities own their agent IDs), or a new one past the identity's cap. Checked and taken
+    /// under one lock, so that racing streams cannot both pass.
+    pub(crate) fn add(&self, backend: Arc<Backend>) -> Result<(), Refusal> {
         let mut inner = self.inner.lock();
+        let identity = &backend.identity;
+        let held = inner.by_identity.get(&identity.key);
+        let holds_id = held.is_some_and(|ids| ids.contains_key(&backend.agent_id));
+        if let Some(other) = inner.by_agent.get(&backend.agent_id).and_then(|streams| {
+            streams
+                .iter()
+                .find(|b| b.identity.key != identity.key && (identity.owns_agent_ids || b.identity.owns_agent_ids))
+        }) {
+            return Err(Refusal::new(
+                RefusalReason::AgentIdTaken,
+                format!(
+                    "agent ID {:?} is held by a connected agent of another identity ({}); agent {} may not claim it",
+                    backend.agent_id, other.identity.identity, identity.identity
+                ),
+            ));
+        }
+        let cap = identity.max_agent_ids;
+        if !holds_id && cap > 0 && held.map_or(0, HashMap::len) >= cap {
+            return Err(Refusal::new(
+                RefusalReason::AgentIdLimit,
+                format!(
+                    "agent {} already holds {cap} agent IDs on this server, as many as it may; agent ID {:?} refused",
+                    identity.identity, backend.agent_id
+                ),
+            ));
+        }
+        *inner.by_identity.entry(identity.key.clone()).or_default().entry(backend.agent_id.clone()).or_default() += 1;
         let streams = inner.by_agent.entry(backend.agent_id.clone()).or_default();
         streams.push(backend.clone());
         if streams.len() == 1 {
             inner.ids.push(backend.agent_id.clone());
         }
         self.publish(&inner);
+        Ok(())
     }
 
     pub(crate) fn remove(&self, backend: &Backend) {
         let mut inner = self.inner.lock();
         let Some(streams) = inner.by_agent.get_mut(&backend.agent_id) else { return };
+        let before = streams.len();
         streams.retain(|b| b.serial != backend.serial);
+        if streams.len() < before
+            && let Some(ids) = inner.by_identity.get_mut(&backend.identity.key)
+        {
+            if let Some(n) = ids.get_mut(&backend.agent_id) {
+                *n -= 1;
+                if *n == 0 {
+                    ids.remove(&backend.agent_id);
+                }
+            }
+            if ids.is_empty() {
+                inner.by_identity.remove(&backend.identity.key);
+            }
+        }
+        let Some(streams) = inner.by_agent.get_mut(&backend.agent_id) else { return };
         if streams.is_empty() {
             inner.by_agent.remove(&backend.agent_id);
             inner.ids.retain(|id| id != &backend.agent_id);

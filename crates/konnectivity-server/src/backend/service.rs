@@ -1,5 +1,6 @@
-//! The `/AgentService/Connect` service: accepting an agent stream (identity, authentication, negotiated flow
-//! control, the response headers Go agents wait for), and the loop that reads the agent's packets.
+//! The `/AgentService/Connect` service: accepting an agent stream (identity, authentication, what its credential
+//! lets it claim, negotiated flow control, the response headers Go agents wait for), and the loop that reads the
+//! agent's packets.
 //!
 //! The loop never writes to a frontend socket itself: it queues packets on the frontend's own queue, so one slow
 //! frontend costs the others on this agent at most [`crate::tunnels::queue::FRONTEND_STALL_LIMIT`], once.
@@ -9,6 +10,9 @@ use crate::auth::TokenAuthenticator;
 use crate::backend::identifiers::AgentIdentifiers;
 use crate::backend::manager::BackendManager;
 use crate::backend::stream::{AgentStreamInfo, AgentTransport, Backend};
+use crate::credentials::CertNames;
+use crate::identity::admission::Admission;
+use crate::identity::{AgentIdentity, Credential, Refusal, RefusalReason};
 use crate::metrics::Segment;
 use crate::tunnels::queue::{Delivery, FRONTEND_STALL_LIMIT};
 use crate::tunnels::table::{AgentGuard, Route, Tunnels};
@@ -34,6 +38,38 @@ pub(crate) struct AgentEndpoint {
     pub(crate) tracker: TaskTracker,
     /// ServiceAccount token authentication, when enabled.
     pub(crate) auth: Option<Arc<TokenAuthenticator>>,
+    /// What agents may claim, by their credentials.
+    pub(crate) admission: Arc<Admission>,
+}
+
+impl AgentEndpoint {
+    /// Refuses an agent stream for what it claimed: counted, audited, logged; the status the agent gets.
+    fn refuse(&self, refusal: Refusal, agent_id: &str, peer: &str, identity: &AgentIdentity) -> Status {
+        self.tunnels.metrics.identity_refusal(refusal.reason.as_str());
+        self.tunnels.audit.agent_refused(identity.audited(agent_id, peer), refusal.reason.as_str(), &refusal.message);
+        tracing::warn!(%agent_id, %peer, %identity, reason = refusal.reason.as_str(), "agent refused: {}",
+            refusal.message);
+        refusal.status()
+    }
+}
+
+/// The identity a client certificate chain (leaf first) proves; if it names several nodes, the refusal and
+/// the identity without a node (which trust mode, checking nothing, takes).
+fn certificate_identity(
+    certs: &[rustls::pki_types::CertificateDer<'static>],
+) -> Result<AgentIdentity, (Refusal, AgentIdentity)> {
+    let Some(names) = certs.first().and_then(CertNames::of) else {
+        // The TLS layer verified it, so this is not expected: a certificate without names we can read.
+        return Ok(AgentIdentity { credential: Credential::Certificate, name: String::new(), node: None });
+    };
+    AgentIdentity::of_certificate(&names).map_err(|ambiguous| {
+        let refusal = Refusal::new(
+            RefusalReason::AmbiguousIdentity,
+            format!("the agent's client certificate names several nodes {:?}", ambiguous.0),
+        );
+        let name = names.all().next().unwrap_or_default().to_string();
+        (refusal, AgentIdentity { credential: Credential::Certificate, name, node: None })
+    })
 }
 
 type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
@@ -68,15 +104,29 @@ impl AgentService for AgentEndpoint {
         };
         let info = request.extensions().get::<konnectivity_transport::listen::TlsConnectInfo>();
         let peer = info.map(|i| i.remote_addr.to_string()).unwrap_or_else(|| "unknown".into());
-        if let Some(auth) = &self.auth {
+        let identity = if let Some(auth) = &self.auth {
             match auth.authenticate(md, info.map(|i| i.remote_addr.ip())).await {
-                Ok(username) => tracing::debug!(%agent_id, %peer, %username, "agent authenticated by token"),
+                Ok(identity) => {
+                    tracing::debug!(%agent_id, %peer, %identity, "agent authenticated by token");
+                    identity
+                }
                 Err(status) => {
                     tracing::warn!(%agent_id, %peer, error = %status.message(), "agent authentication failed");
                     return Err(status);
                 }
             }
-        }
+        } else {
+            match info.and_then(|i| i.peer_certs.as_deref()).map(|certs| certificate_identity(certs)) {
+                Some(Ok(identity)) => identity,
+                Some(Err((_, identity))) if self.admission.trusts_every_claim() => identity,
+                Some(Err((refusal, identity))) => return Err(self.refuse(refusal, &agent_id, &peer, &identity)),
+                None => AgentIdentity::anonymous(),
+            }
+        };
+        let identity = match self.admission.admit(identity.clone(), &identifiers).await {
+            Ok(bound) => bound,
+            Err(refusal) => return Err(self.refuse(refusal, &agent_id, &peer, &identity)),
+        };
         let transport = info
             .map(|i| AgentTransport { closed: i.transport_closed.clone(), abort: i.abort.clone() })
             .unwrap_or_default();
@@ -90,14 +140,22 @@ impl AgentService for AgentEndpoint {
             peer: peer.clone(),
             flow_control,
             egress_policy: md.get(EGRESS_POLICY).and_then(|v| v.to_str().ok()).map(str::to_string),
+            identity,
         };
         let (backend, rx) =
             Backend::new(info, closed.clone(), transport, self.tunnels.metrics.clone(), self.tracker.clone());
-        let guard = self.tunnels.attach_agent(backend.clone());
+        let guard = match self.tunnels.attach_agent(backend.clone()) {
+            Ok(guard) => guard,
+            Err(refusal) => {
+                let identity = backend.identity.identity.clone();
+                closed.cancel();
+                return Err(self.refuse(refusal, &agent_id, &peer, &identity));
+            }
+        };
         for old in self.tunnels.backends.older_streams(&backend) {
             self.tracker.spawn(BackendManager::probe(old));
         }
-        tracing::info!(%agent_id, %peer, flow_control, "agent connected");
+        tracing::info!(%agent_id, %peer, flow_control, identity = %backend.identity.identity, "agent connected");
 
         let span = tracing::info_span!("agent", agent_id = %agent_id, peer = %peer);
         self.tracker.spawn(serve_agent(guard, request.into_inner(), self.tunnels.clone()).instrument(span));

@@ -1,7 +1,9 @@
 //! One agent stream (`/AgentService/Connect`) as the rest of the server sees it: who the agent is, and the queue
 //! of packets towards it. What is tunneled over the stream is the tunnel table's (`crate::tunnels`).
 
+use crate::audit::AuditedAgent;
 use crate::backend::identifiers::AgentIdentifiers;
+use crate::identity::StreamIdentity;
 use crate::metrics::{Segment, ServerMetrics};
 use konnectivity_proto::Packet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -35,6 +37,8 @@ pub(crate) struct AgentStreamInfo {
     pub(crate) flow_control: bool,
     /// The fingerprint of the egress policy the agent says it enforces after resolving names, if any.
     pub(crate) egress_policy: Option<String>,
+    /// Who its credential says it is, and what that lets it hold.
+    pub(crate) identity: std::sync::Arc<StreamIdentity>,
 }
 
 /// One agent stream.
@@ -48,6 +52,10 @@ pub struct Backend {
     pub(crate) flow_control: bool,
     /// The fingerprint of the egress policy the agent enforces, if it advertised one.
     pub(crate) egress_policy: Option<String>,
+    /// Who its credential says it is, and what that lets it hold.
+    pub(crate) identity: std::sync::Arc<StreamIdentity>,
+    /// How the audit log names it.
+    pub(crate) audited: std::sync::Arc<AuditedAgent>,
     to_agent: mpsc::Sender<Packet>,
     draining: AtomicBool,
     /// Connections open on the stream: the tunnel table's count, mirrored here (written by it alone) so that
@@ -76,6 +84,7 @@ impl Backend {
         tracker: TaskTracker,
     ) -> (std::sync::Arc<Self>, mpsc::Receiver<Packet>) {
         let (to_agent, rx) = mpsc::channel(AGENT_QUEUE_PACKETS);
+        let audited = std::sync::Arc::new(info.identity.audited(&info.agent_id, &info.peer));
         let backend = std::sync::Arc::new(Backend {
             serial: info.serial,
             agent_id: info.agent_id,
@@ -84,6 +93,8 @@ impl Backend {
             connected_at: Instant::now(),
             flow_control: info.flow_control,
             egress_policy: info.egress_policy,
+            identity: info.identity,
+            audited,
             to_agent,
             draining: AtomicBool::new(false),
             open_connections: AtomicUsize::new(0),

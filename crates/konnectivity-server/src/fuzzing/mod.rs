@@ -303,6 +303,7 @@ impl Harness {
             peer: "fuzz".into(),
             flow_control,
             egress_policy: None,
+            identity: crate::identity::StreamIdentity::trusted(crate::identity::AgentIdentity::anonymous()),
         };
         let (backend, outbound) = Backend::new(
             info,
@@ -312,7 +313,8 @@ impl Harness {
             self.tracker.clone(),
         );
         // As `AgentEndpoint::connect` does.
-        let guard = self.tunnels.attach_agent(backend.clone());
+        // Trusted streams own no agent IDs and have no cap: attaching cannot be refused.
+        let Ok(guard) = self.tunnels.attach_agent(backend.clone()) else { return };
         let task = self.tracker.spawn(serve_agent(guard, UnboundedReceiverStream::new(rx), self.tunnels.clone()));
         self.agents.push(AgentSide {
             backend,

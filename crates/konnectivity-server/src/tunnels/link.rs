@@ -83,7 +83,7 @@ impl Link {
             mode: self.mode,
             client: &self.client,
             destination: &self.address,
-            agent_id: Some(&self.backend.agent_id),
+            agent: Some(&self.backend.audited),
             dial_id: self.dial_id,
         }
     }

@@ -10,6 +10,7 @@
 use crate::audit::{AuditLog, ClientIdentity, CloseReason, DialFailure, Tunneled};
 use crate::backend::manager::BackendManager;
 use crate::backend::stream::Backend;
+use crate::identity::Refusal;
 use crate::metrics::{DialFailureReason, GaugeGuard, ServerMetrics};
 use crate::tunnels::link::Link;
 use crate::tunnels::queue::{FrontendQueue, Queued};
@@ -95,7 +96,7 @@ impl PendingDial {
             mode: self.frontend.kind,
             client: &self.frontend.client,
             destination: &self.address,
-            agent_id: Some(&self.backend.agent_id),
+            agent: Some(&self.backend.audited),
             dial_id: random,
         }
     }
@@ -343,12 +344,16 @@ impl Tunnels {
 
     // ---- agent streams ----
 
-    /// Starts an agent stream: routable from now on, and the guard its reader holds until it ends.
-    pub(crate) fn attach_agent(self: &Arc<Self>, backend: Arc<Backend>) -> AgentGuard {
+    /// Starts an agent stream: routable from now on, and the guard its reader holds until it ends; or not, if
+    /// its identity may not hold its agent ID (see `BackendManager::add`).
+    pub(crate) fn attach_agent(self: &Arc<Self>, backend: Arc<Backend>) -> Result<AgentGuard, Refusal> {
         self.table.lock().agents.insert(backend.serial, AgentIndex::default());
-        self.backends.add(backend.clone());
+        if let Err(refusal) = self.backends.add(backend.clone()) {
+            self.table.lock().agents.remove(&backend.serial);
+            return Err(refusal);
+        }
         let gauge = self.metrics.grpc_connection("Connect");
-        AgentGuard { tunnels: self.clone(), backend, _gauge: gauge }
+        Ok(AgentGuard { tunnels: self.clone(), backend, _gauge: gauge })
     }
 
     /// An agent stream is gone: every connection on it is closed towards its frontend, and every dial pending

@@ -32,7 +32,7 @@ impl Tunnels {
                 mode: frontend.kind,
                 client: &frontend.client,
                 destination: address,
-                agent_id: backend.as_ref().map(|b| b.agent_id.as_str()),
+                agent: backend.as_ref().map(|b| &b.audited),
                 dial_id: random,
             };
             self.audit.dial_failed(&attempt, self.dial_failure(e.audited_as()), &e.message(), started.elapsed());
