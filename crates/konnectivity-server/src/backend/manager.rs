@@ -216,3 +216,77 @@ impl BackendManager {
         old.abort();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::identifiers::AgentIdentifiers;
+    use crate::backend::stream::{AgentStreamInfo, AgentTransport};
+    use crate::identity::{AgentIdentity, StreamIdentity};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+
+    fn manager_with(n: usize) -> (BackendManager, Vec<Arc<Backend>>) {
+        let metrics = ServerMetrics::new().expect("metrics");
+        let manager = BackendManager::new(metrics.clone(), vec![Strategy::Default]);
+        let agents: Vec<_> = (0..n)
+            .map(|i| {
+                let info = AgentStreamInfo {
+                    serial: i as u64,
+                    agent_id: format!("agent-{i}"),
+                    identifiers: AgentIdentifiers::default(),
+                    peer: "test".into(),
+                    flow_control: false,
+                    egress_policy: None,
+                    identity: StreamIdentity::trusted(AgentIdentity::anonymous()),
+                };
+                let (backend, _rx) = Backend::new(
+                    info,
+                    CancellationToken::new(),
+                    AgentTransport::default(),
+                    metrics.clone(),
+                    TaskTracker::new(),
+                );
+                manager.add(backend.clone()).expect("added");
+                backend
+            })
+            .collect();
+        (manager, agents)
+    }
+
+    #[test]
+    fn many_agents_two_choices_prefer_the_less_loaded_and_skip_draining_ones() {
+        let (manager, agents) = manager_with(100);
+        // Half the agents carry 10 connections: two random draws land on an idle one 3 times in 4.
+        for a in agents.iter().step_by(2) {
+            a.set_connection_count(10);
+        }
+        let picks = 2000;
+        let idle =
+            (0..picks).filter(|_| manager.pick("10.0.0.1:443").is_some_and(|a| a.connection_count() == 0)).count();
+        assert!(idle > picks * 65 / 100 && idle < picks * 85 / 100, "{idle} of {picks} picks went to idle agents");
+
+        // Draining agents are skipped while others remain...
+        for a in agents.iter().skip(1) {
+            a.set_draining();
+        }
+        for _ in 0..50 {
+            let a = manager.pick("10.0.0.1:443").expect("an agent");
+            assert_eq!(a.agent_id, "agent-0", "the one agent not draining");
+        }
+        // ...and used when every agent drains (the fallback of the full scan).
+        agents[0].set_draining();
+        assert!(manager.pick("10.0.0.1:443").is_some_and(|a| a.is_draining()));
+    }
+
+    #[test]
+    fn few_agents_the_least_loaded_of_all() {
+        let (manager, agents) = manager_with(SCAN_UP_TO);
+        for (i, a) in agents.iter().enumerate() {
+            a.set_connection_count(if i == 7 { 0 } else { 5 });
+        }
+        for _ in 0..50 {
+            assert_eq!(manager.pick("10.0.0.1:443").expect("an agent").agent_id, "agent-7");
+        }
+    }
+}
