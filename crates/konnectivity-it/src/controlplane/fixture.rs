@@ -302,6 +302,12 @@ impl ControlPlane {
     /// Starts the fixture's proxy-agent (when `Options::agent` was false, or after stopping it), with the
     /// fixture's flags, then `Options::agent_args`, then `extra`.
     pub async fn start_agent(&mut self, extra: &[String]) -> anyhow::Result<()> {
+        self.start_agent_from(workspace_bin("proxy-agent")?, extra).await
+    }
+
+    /// Like [`ControlPlane::start_agent`], with another agent binary (the reference's, [`super::interop_bin`]);
+    /// `extra` must then hold only flags that binary knows.
+    pub async fn start_agent_from(&mut self, bin: PathBuf, extra: &[String]) -> anyhow::Result<()> {
         let kubeconfig = self.dir.path().join("agent.kubeconfig");
         let token = match self.options.token_auth.clone() {
             Some(t) => {
@@ -312,10 +318,16 @@ impl ControlPlane {
             }
             None => None,
         };
-        self.spawn_agent(&kubeconfig, token.as_deref(), extra)
+        self.spawn_agent(bin, &kubeconfig, token.as_deref(), extra)
     }
 
-    fn spawn_agent(&mut self, kubeconfig: &Path, token: Option<&Path>, extra: &[String]) -> anyhow::Result<()> {
+    fn spawn_agent(
+        &mut self,
+        bin: PathBuf,
+        kubeconfig: &Path,
+        token: Option<&Path>,
+        extra: &[String],
+    ) -> anyhow::Result<()> {
         let pki = &self.pki;
         let mut args = vec![format!("--ca-cert={}", pki.ca.display())];
         match token {
@@ -346,7 +358,6 @@ impl ControlPlane {
         args.retain(|a| !overridden.contains(&name(a)));
         args.extend(self.options.agent_args.iter().cloned());
         args.extend(extra.iter().cloned());
-        let bin = workspace_bin("proxy-agent")?;
         self.agent = Some(self.cluster.spawn_process(
             "proxy-agent",
             Command::new(bin).args(args),

@@ -458,3 +458,76 @@ async fn servers_hold_leases_and_agents_count_them() {
     let slow = cp.shutdown();
     assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
 }
+
+/// The sum of a metric's series in a Prometheus text exposition whose labels contain every `label="value"` given.
+fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What an agent counting server Leases costs kube-apiserver at steady state, ours and then the reference's
+/// agent against the same real kube-apiserver: LISTs of Leases in a 20 s window (beyond the server's own, which
+/// the server counts), and the WATCHes held open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_counting_costs_kube_apiserver_one_watch_and_no_periodic_list_ours_and_the_reference() {
+    let mut options = Options::new(EgressMode::GrpcUds);
+    options.agent = false;
+    options.server_args = ["--enable-lease-controller", "--lease-namespace=kube-system"].map(String::from).to_vec();
+    let mut cp = ControlPlane::start(options).await.expect("control plane");
+    wait_for("the server's lease", Duration::from_secs(20), async || server_leases(&cp).await.len() == 1).await;
+    let kas_metrics = async |cp: &ControlPlane| {
+        let (status, body) = cp.kas_request("GET", "/metrics", None).await.expect("kube-apiserver metrics");
+        assert_eq!(status, 200);
+        String::from_utf8_lossy(&body).to_string()
+    };
+    let lease_lists = async |cp: &ControlPlane| {
+        let kas =
+            metric_sum(&kas_metrics(cp).await, "apiserver_request_total", &["resource=\"leases\"", "verb=\"LIST\""]);
+        let server = cp.server_metric("konnectivity_network_proxy_server_lease_list_total").await.unwrap_or(0.0);
+        (kas, server)
+    };
+    let window = Duration::from_secs(20);
+    let ours = konnectivity_it::controlplane::workspace_bin("proxy-agent").expect("our agent");
+    let reference = konnectivity_it::controlplane::interop_bin("proxy-agent").expect("the reference agent");
+    let mut figures = Vec::new();
+    for (who, bin) in [("ours", ours), ("reference", reference)] {
+        cp.start_agent_from(bin, &["--count-server-leases".into(), "--lease-namespace=kube-system".into()])
+            .await
+            .expect("agent");
+        wait_for("the agent connected", Duration::from_secs(20), async || {
+            cp.agent_metric("konnectivity_network_proxy_agent_open_server_connections").await.unwrap_or(0.0) == 1.0
+        })
+        .await;
+        // Past the first LIST and the WATCH it opens.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (kas_before, server_before) = lease_lists(&cp).await;
+        tokio::time::sleep(window).await;
+        let (kas_after, server_after) = lease_lists(&cp).await;
+        let agent_lists = (kas_after - kas_before) - (server_after - server_before);
+        let watches = metric_sum(
+            &kas_metrics(&cp).await,
+            "apiserver_longrunning_requests",
+            &["resource=\"leases\"", "verb=\"WATCH\""],
+        );
+        eprintln!(
+            "lease load, {who} agent: {agent_lists} LIST(s) in {window:?} at steady state, {watches} WATCH(es) held"
+        );
+        figures.push((who, agent_lists, watches));
+        let mut agent = cp.agent.take().expect("agent");
+        if who == "ours" {
+            assert!(agent.stop(Duration::from_secs(30)), "our agent stops on SIGTERM");
+        } else {
+            // The reference's agent drains on SIGTERM and then waits for a second signal.
+            agent.kill();
+        }
+    }
+    for (who, lists, watches) in figures {
+        assert_eq!(lists, 0.0, "the {who} agent listed Leases at steady state");
+        assert!(watches >= 1.0, "the {who} agent holds no Lease WATCH");
+    }
+    cp.assert_settled(Duration::from_secs(10)).await.expect("settled");
+    let slow = cp.shutdown();
+    assert!(slow.is_empty(), "needed SIGKILL: {slow:?}");
+}
