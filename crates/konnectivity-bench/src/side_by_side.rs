@@ -52,6 +52,10 @@ pub struct Args {
     /// recovery after a server restart. `--runs` rounds; `--quick` takes fewer dial samples.
     #[arg(long, value_delimiter = ',', value_name = "agents")]
     pub scale: Vec<usize>,
+    /// With `--scale`: also the HA scenario, three servers and this many simulated agents (comma-separated
+    /// counts, e.g. `2000`): the time until every agent holds all three.
+    #[arg(long, value_delimiter = ',', value_name = "agents")]
+    pub scale_ha: Vec<usize>,
     /// Dial samples per scale measurement (default 500; 50 with `--quick`).
     #[arg(long, value_name = "n")]
     pub scale_dials: Option<usize>,
@@ -152,6 +156,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         konnectivity_process::entry::raise_open_file_limit();
         let scale = crate::scale::ScaleArgs {
             agents: args.scale.clone(),
+            ha: args.scale_ha.clone(),
             runs,
             dials: args.scale_dials.unwrap_or(if args.quick { 50 } else { 500 }),
             markdown: args.markdown.clone(),

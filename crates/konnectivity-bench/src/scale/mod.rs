@@ -4,7 +4,9 @@
 //! - dial latency (a fresh tunnel and a 1 KiB request/response, p50 and p99) through the server to a target, with
 //!   N agents to choose from;
 //! - a restart: the server is killed (SIGKILL) and started again on the same ports; the time until every agent
-//!   is back and the server is ready.
+//!   is back and the server is ready;
+//! - HA (`--scale-ha`): three servers announcing `--server-count=3` and N agents dialing them at random, as
+//!   through a load balancer: the time until every agent holds a stream to every server.
 //!
 //! Every figure is printed with the ratio ours ÷ reference measured in the same round.
 
@@ -26,9 +28,15 @@ pub struct ScaleArgs {
     pub runs: usize,
     /// Dial samples per measurement.
     pub dials: usize,
+    /// Agent counts for the HA scenario (three servers).
+    pub ha: Vec<usize>,
     /// Where to write the markdown table.
     pub markdown: Option<std::path::PathBuf>,
 }
+
+/// Servers in the HA scenario.
+const HA_SERVERS: usize = 3;
+const HA_FIGURE: &str = "HA: every agent holds all 3 servers (s)";
 
 type Figures = BTreeMap<(usize, &'static str, &'static str), Vec<f64>>;
 
@@ -43,10 +51,11 @@ pub async fn run(
     let tls = Arc::new(agent_tls(pki)?);
     let mut figures = Figures::new();
     let started = Instant::now();
-    let total = args.agents.len() * args.runs * 2;
+    let total = (args.agents.len() + args.ha.len()) * args.runs * 2;
     let mut done = 0;
     for round in 0..args.runs {
-        for &n in &args.agents {
+        let scenarios = args.agents.iter().map(|&n| (n, false)).chain(args.ha.iter().map(|&n| (n, true)));
+        for (n, ha) in scenarios {
             for which in [Impl::Rust, Impl::Go] {
                 done += 1;
                 let eta = if done > 1 {
@@ -56,13 +65,19 @@ pub async fn run(
                     String::new()
                 };
                 eprintln!(
-                    "scale {done}/{total}: round {}/{}, {n} agents, {} server ({:.0} s elapsed{eta})",
+                    "scale {done}/{total}: round {}/{}, {n} agents, {} {} ({:.0} s elapsed{eta})",
                     round + 1,
                     args.runs,
                     which.name(),
+                    if ha { "servers, HA" } else { "server" },
                     started.elapsed().as_secs_f64()
                 );
-                match one(which, n, bins, dir, pki, target, tls.clone(), args.dials).await {
+                let result = if ha {
+                    high_availability(which, n, bins, dir, pki, tls.clone()).await
+                } else {
+                    one(which, n, bins, dir, pki, target, tls.clone(), args.dials).await
+                };
+                match result {
                     Ok(f) => {
                         for (metric, value) in f {
                             figures.entry((n, which.name(), metric)).or_default().push(value);
@@ -73,7 +88,7 @@ pub async fn run(
             }
         }
     }
-    let table = table(&args.agents, &figures);
+    let table = table(&args.agents, &args.ha, &figures);
     println!("{table}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &table)?;
@@ -137,7 +152,7 @@ async fn one(
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = procs::rss_kib(&server);
-    let dial = sim::Dial { server: ([127, 0, 0, 1], ports.agent).into(), tls };
+    let dial = sim::Dial { servers: vec![([127, 0, 0, 1], ports.agent).into()], tls, want: 1 };
     let connect_started = Instant::now();
     let fleet = sim::Fleet::start(n, dial, 256);
     let all = until(Duration::from_secs(180), || fleet.connected.load(Ordering::Relaxed) >= n).await;
@@ -183,7 +198,46 @@ async fn one(
     result.map(|()| out)
 }
 
-fn table(agents: &[usize], figures: &Figures) -> String {
+/// Three servers with `--server-count=3`, `n` agents dialing them at random: seconds until every agent holds
+/// all three.
+async fn high_availability(
+    which: Impl,
+    n: usize,
+    bins: &Bins,
+    dir: &FsPath,
+    pki: &konnectivity_testkit::pki::Pki,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let mut servers = Vec::new();
+    let mut agent_ports = Vec::new();
+    for i in 0..HA_SERVERS {
+        let uds = dir.join(format!("scale-ha-{}-{i}.sock", std::process::id()));
+        let ports = ServerPorts::free();
+        let mut flags = procs::server_flags(pki, &uds, Mode::Grpc.flag(), &ports);
+        flags.push(format!("--server-count={HA_SERVERS}"));
+        let log = dir.join(format!("scale-ha-server-{}-{i}.log", which.name()));
+        servers.push((procs::spawn(&bins.path(which, "proxy-server"), &flags, &log)?, uds));
+        anyhow::ensure!(
+            until(Duration::from_secs(30), || procs::http_get(ports.health, "/healthz").is_some()).await,
+            "server {i} did not start"
+        );
+        agent_ports.push(std::net::SocketAddr::from(([127, 0, 0, 1], ports.agent)));
+    }
+    let started = Instant::now();
+    let fleet = sim::Fleet::start(n, sim::Dial { servers: agent_ports, tls, want: HA_SERVERS }, 256);
+    let all = until(Duration::from_secs(300), || fleet.complete.load(Ordering::Relaxed) >= n).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let (complete, streams) = (fleet.complete.load(Ordering::Relaxed), fleet.connected.load(Ordering::Relaxed));
+    fleet.stop().await;
+    for (mut server, uds) in servers {
+        server.kill();
+        let _ = std::fs::remove_file(uds);
+    }
+    anyhow::ensure!(all, "{complete} of {n} agents held all {HA_SERVERS} servers after 300 s ({streams} streams)");
+    Ok(vec![(HA_FIGURE, elapsed)])
+}
+
+fn table(agents: &[usize], ha: &[usize], figures: &Figures) -> String {
     let metrics = [
         "connect all (s)",
         "server RSS (MiB)",
@@ -201,17 +255,16 @@ fn table(agents: &[usize], figures: &Figures) -> String {
     };
     let mut out =
         String::from("| agents | figure | ours | reference | ours ÷ reference |\n|---:|---|---:|---:|---:|\n");
-    for &n in agents {
-        for metric in metrics {
-            let ours = median(figures.get(&(n, Impl::Rust.name(), metric)));
-            let go = median(figures.get(&(n, Impl::Go.name(), metric)));
-            let fmt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}"));
-            let ratio = match (ours, go) {
-                (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
-                _ => "—".into(),
-            };
-            out.push_str(&format!("| {n} | {metric} | {} | {} | {ratio} |\n", fmt(ours), fmt(go)));
-        }
+    let rows = agents.iter().flat_map(|&n| metrics.iter().map(move |m| (n, *m)));
+    for (n, metric) in rows.chain(ha.iter().map(|&n| (n, HA_FIGURE))) {
+        let ours = median(figures.get(&(n, Impl::Rust.name(), metric)));
+        let go = median(figures.get(&(n, Impl::Go.name(), metric)));
+        let fmt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}"));
+        let ratio = match (ours, go) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+            _ => "—".into(),
+        };
+        out.push_str(&format!("| {n} | {metric} | {} | {} | {ratio} |\n", fmt(ours), fmt(go)));
     }
     out
 }

@@ -3,14 +3,17 @@
 //! agent's process, metrics or health ports, so that thousands fit in the bench process.
 //!
 //! Every agent connects from its own loopback source address (127.x.y.z), as agents on different nodes would,
-//! so per-source limits on the server see what they would see in a cluster. A lost stream is redialed with
-//! exponential backoff and full jitter (first wait up to 1 s, cap 10 s), like an agent's sync loop.
+//! so per-source limits on the server see what they would see in a cluster. With several servers, each dial goes
+//! to one at random (as through a load balancer) and an agent keeps dialing until it holds as many distinct
+//! servers as it wants, closing a second stream to a server it already holds, as an agent does with
+//! `servercount`. A lost stream is redialed with exponential backoff and full jitter (first wait up to 1 s, cap
+//! 10 s), like an agent's sync loop.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use hyper_util::rt::TokioIo;
 use konnectivity_proto::agent::AgentServiceClient;
-use konnectivity_proto::names::AGENT_ID;
+use konnectivity_proto::names::{AGENT_ID, SERVER_ID};
 use konnectivity_proto::{Packet, PacketKind};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -29,6 +32,8 @@ const BACKOFF_CAP: Duration = Duration::from_secs(10);
 pub struct Fleet {
     /// Streams whose response headers arrived and that have not ended.
     pub connected: Arc<AtomicUsize>,
+    /// Agents that hold a stream to as many distinct servers as they want.
+    pub complete: Arc<AtomicUsize>,
     /// Stream attempts that failed (connect, TLS, headers).
     pub failures: Arc<AtomicUsize>,
     stop: CancellationToken,
@@ -38,16 +43,19 @@ pub struct Fleet {
 /// Where the agents connect and how.
 #[derive(Clone)]
 pub struct Dial {
-    /// The server's agent port.
-    pub server: SocketAddr,
+    /// The servers' agent ports; each attempt picks one at random, as a load balancer in front of them would.
+    pub servers: Vec<SocketAddr>,
     /// mTLS with an agent certificate.
     pub tls: Arc<rustls::ClientConfig>,
+    /// Distinct servers each agent holds a stream to (the servers' count; 1 for a single server).
+    pub want: usize,
 }
 
 impl Fleet {
-    /// Starts `n` agents, at most `concurrency` connecting at once at first.
+    /// Starts `n` agents, at most `concurrency` connecting at once.
     pub fn start(n: usize, dial: Dial, concurrency: usize) -> Self {
         let connected = Arc::new(AtomicUsize::new(0));
+        let complete = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -58,14 +66,15 @@ impl Fleet {
                 source: source_address(i),
                 dial: dial.clone(),
                 connected: connected.clone(),
+                complete: complete.clone(),
                 failures: failures.clone(),
             };
             tracker.spawn(agent.run(stop.clone(), gate.clone()));
         }
-        Self { connected, failures, stop, tracker }
+        Self { connected, complete, failures, stop, tracker }
     }
 
-    /// Ends every agent's stream and waits for their tasks.
+    /// Ends every agent's streams and waits for their tasks.
     pub async fn stop(self) {
         self.stop.cancel();
         self.tracker.close();
@@ -73,7 +82,7 @@ impl Fleet {
     }
 }
 
-/// 127.0.x.y from 127.0.0.2 upwards (x: 0–255, y: 2–251): distinct for the first 64,000 agents.
+/// 127.x.y.z from 127.1.0.2 upwards: distinct for the first 64,000 agents.
 fn source_address(i: usize) -> IpAddr {
     let (hi, lo) = ((i / 250) % 256, i % 250 + 2);
     IpAddr::V4(Ipv4Addr::new(127, 1 + (i / 64_000) as u8, hi as u8, lo as u8))
@@ -84,50 +93,103 @@ struct SimAgent {
     source: IpAddr,
     dial: Dial,
     connected: Arc<AtomicUsize>,
+    complete: Arc<AtomicUsize>,
     failures: Arc<AtomicUsize>,
 }
 
-/// Counts a connected stream while alive.
-struct Live(Arc<AtomicUsize>);
+/// Counts one while alive.
+struct Counted(Arc<AtomicUsize>);
 
-impl Drop for Live {
+impl Counted {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
+/// A stream whose response headers arrived.
+struct Opened {
+    server_id: String,
+    tx: mpsc::Sender<Packet>,
+    inbound: tonic::Streaming<Packet>,
+}
+
+/// The server IDs an agent holds a stream to; a stream's task removes its own when it ends.
+type Held = Arc<parking_lot::Mutex<std::collections::HashSet<String>>>;
+
 impl SimAgent {
+    /// Keeps a stream to `want` distinct servers: dials (a random server each time) until it has them, and again
+    /// when one ends, with an agent's backoff.
     async fn run(self, stop: CancellationToken, gate: Arc<tokio::sync::Semaphore>) {
+        let held: Held = Default::default();
+        let ended = Arc::new(tokio::sync::Notify::new());
+        let sessions = TaskTracker::new();
         let mut bound = BACKOFF_FIRST;
+        let mut complete: Option<Counted> = None;
         loop {
+            if held.lock().len() >= self.dial.want {
+                complete.get_or_insert_with(|| Counted::new(&self.complete));
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ended.notified() => {}
+                }
+                complete = None;
+                // A stream ended: redial after a first backoff step, as an agent does.
+                if !pause(BACKOFF_FIRST.mul_f64(rand::random::<f64>()), &stop).await {
+                    break;
+                }
+                continue;
+            }
             let permit = gate.clone().acquire_owned().await;
-            let ended = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = self.session(permit.ok(), &stop) => r,
+            let opened = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = self.open() => r,
             };
-            match ended {
-                Ok(()) => bound = BACKOFF_FIRST,
+            drop(permit);
+            match opened {
+                Ok(opened) => {
+                    bound = BACKOFF_FIRST;
+                    if held.lock().insert(opened.server_id.clone()) {
+                        let (held, ended, connected) = (held.clone(), ended.clone(), self.connected.clone());
+                        let stop = stop.clone();
+                        sessions.spawn(async move {
+                            let _live = Counted::new(&connected);
+                            let server_id = opened.server_id.clone();
+                            serve(opened, &stop).await;
+                            held.lock().remove(&server_id);
+                            ended.notify_one();
+                        });
+                    } else if !pause(Duration::from_millis(200).mul_f64(rand::random::<f64>()), &stop).await {
+                        // A server already held: this stream is dropped (closed) and another dial made soon.
+                        break;
+                    }
+                }
                 Err(_) => {
                     self.failures.fetch_add(1, Ordering::Relaxed);
+                    let wait = bound.mul_f64(rand::random::<f64>());
+                    bound = (bound * 2).min(BACKOFF_CAP);
+                    if !pause(wait, &stop).await {
+                        break;
+                    }
                 }
             }
-            let wait = bound.mul_f64(rand::random::<f64>());
-            bound = (bound * 2).min(BACKOFF_CAP);
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
         }
+        drop(complete);
+        sessions.close();
+        sessions.wait().await;
     }
 
-    /// One stream: `Err` if it never got going, `Ok` when an established stream ended.
-    async fn session(
-        &self,
-        permit: Option<tokio::sync::OwnedSemaphorePermit>,
-        stop: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    /// Opens one stream to a random server and waits for its response headers.
+    async fn open(&self) -> anyhow::Result<Opened> {
         let tls = tokio_rustls::TlsConnector::from(self.dial.tls.clone());
-        let (server, source) = (self.dial.server, self.source);
+        let server = self.dial.servers[rand::random_range(0..self.dial.servers.len())];
+        let source = self.source;
         let connector = tower::service_fn(move |_: http::Uri| {
             let tls = tls.clone();
             async move {
@@ -149,47 +211,58 @@ impl SimAgent {
         let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         request.metadata_mut().insert(AGENT_ID, self.id.parse()?);
         let response = tokio::time::timeout(Duration::from_secs(30), client.connect(request)).await??;
-        drop(permit);
-        self.connected.fetch_add(1, Ordering::Relaxed);
-        let _live = Live(self.connected.clone());
-        let mut inbound = response.into_inner();
-        let conns: Arc<parking_lot::Mutex<HashMap<i64, mpsc::Sender<Bytes>>>> = Default::default();
-        let next_id = Arc::new(AtomicI64::new(1));
-        let tasks = TaskTracker::new();
-        let ended = stop.child_token();
-        let _end = ended.clone().drop_guard();
-        while let Some(Ok(packet)) = tokio::select! {
-            p = inbound.next() => p,
-            _ = stop.cancelled() => None,
-        } {
-            match packet.kind() {
-                Ok(PacketKind::DialRequest(req)) => {
-                    let (tx, conns, next_id) = (tx.clone(), conns.clone(), next_id.clone());
-                    tasks.spawn(serve_dial(req.address, req.random, tx, conns, next_id, ended.clone()));
-                }
-                Ok(PacketKind::Data(data)) => {
-                    let to = conns.lock().get(&data.connect_id).cloned();
-                    match to {
-                        Some(to) => {
-                            let _ = to.send(data.data).await;
-                        }
-                        None => {
-                            let _ = tx.send(Packet::close_response(data.connect_id, "unknown connection")).await;
-                        }
+        let server_id =
+            response.metadata().get(SERVER_ID).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        Ok(Opened { server_id, tx, inbound: response.into_inner() })
+    }
+}
+
+/// Sleeps `wait`; false if `stop` came first.
+async fn pause(wait: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
+/// Serves one stream's dials until it ends or `stop`.
+async fn serve(opened: Opened, stop: &CancellationToken) {
+    let Opened { tx, mut inbound, .. } = opened;
+    let conns: Arc<parking_lot::Mutex<HashMap<i64, mpsc::Sender<Bytes>>>> = Default::default();
+    let next_id = Arc::new(AtomicI64::new(1));
+    let tasks = TaskTracker::new();
+    let ended = stop.child_token();
+    let _end = ended.clone().drop_guard();
+    while let Some(Ok(packet)) = tokio::select! {
+        p = inbound.next() => p,
+        _ = stop.cancelled() => None,
+    } {
+        match packet.kind() {
+            Ok(PacketKind::DialRequest(req)) => {
+                let (tx, conns, next_id) = (tx.clone(), conns.clone(), next_id.clone());
+                tasks.spawn(serve_dial(req.address, req.random, tx, conns, next_id, ended.clone()));
+            }
+            Ok(PacketKind::Data(data)) => {
+                let to = conns.lock().get(&data.connect_id).cloned();
+                match to {
+                    Some(to) => {
+                        let _ = to.send(data.data).await;
+                    }
+                    None => {
+                        let _ = tx.send(Packet::close_response(data.connect_id, "unknown connection")).await;
                     }
                 }
-                Ok(PacketKind::CloseRequest(req)) => {
-                    conns.lock().remove(&req.connect_id);
-                    let _ = tx.send(Packet::close_response(req.connect_id, "")).await;
-                }
-                _ => {}
             }
+            Ok(PacketKind::CloseRequest(req)) => {
+                conns.lock().remove(&req.connect_id);
+                let _ = tx.send(Packet::close_response(req.connect_id, "")).await;
+            }
+            _ => {}
         }
-        ended.cancel();
-        tasks.close();
-        tasks.wait().await;
-        Ok(())
     }
+    ended.cancel();
+    tasks.close();
+    tasks.wait().await;
 }
 
 /// Dials `address` for one DIAL_REQ and relays until either side ends.
