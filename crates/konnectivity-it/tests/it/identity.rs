@@ -306,6 +306,10 @@ fn kube_stand_in(stack: &Stack, node_gets: Arc<AtomicUsize>) -> konnectivity_it:
                             _ if name == "node-broken" => {
                                 (500, serde_json::json!({"kind": "Status", "message": "etcd is on fire"}))
                             }
+                            // As kube-apiserver answers a server whose RBAC has no `get nodes`.
+                            _ if name == "node-forbidden" => {
+                                (403, serde_json::json!({"kind": "Status", "message": "nodes is forbidden"}))
+                            }
                             Some((_, addresses)) => {
                                 let addresses: Vec<Value> = addresses
                                     .iter()
@@ -330,14 +334,14 @@ fn kube_stand_in(stack: &Stack, node_gets: Arc<AtomicUsize>) -> konnectivity_it:
     .expect("stand-in")
 }
 
-/// Tokens: a ServiceAccount token bound to node-b cannot claim node-a's addresses or names, nor its agent ID, nor
-/// a flood of IDs; node-a's bound token may claim node-a's addresses (read once, then cached); an unbound token
-/// is refused in strict mode.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bound_tokens_bind_agents_to_their_node() {
-    let stack = Stack::new().expect("pki");
-    let node_gets = Arc::new(AtomicUsize::new(0));
-    let kube = kube_stand_in(&stack, node_gets.clone());
+/// A server authenticating agents by token against [`kube_stand_in`], in `mode`.
+async fn token_server(
+    stack: &Stack,
+    node_gets: Arc<AtomicUsize>,
+    mode: IdentityMode,
+    audit: Option<&std::path::Path>,
+) -> (konnectivity_it::targets::Target, ServerRun) {
+    let kube = kube_stand_in(stack, node_gets);
     let kubeconfig = stack.dir().join("kubeconfig");
     std::fs::write(
         &kubeconfig,
@@ -349,7 +353,6 @@ async fn bound_tokens_bind_agents_to_their_node() {
         ),
     )
     .expect("kubeconfig");
-    let audit = stack.dir().join("audit.log");
     let mut config = stack.server_config(Frontend::Uds);
     config.cluster_ca = None;
     config.kube.kubeconfig = Some(kubeconfig);
@@ -358,9 +361,42 @@ async fn bound_tokens_bind_agents_to_their_node() {
         "konnectivity-agent",
         "system:konnectivity-server",
     ));
-    config.audit = Some(AuditConfig::new(AuditOutput::File(audit.clone())));
-    config.agent_identity = identity_config(IdentityMode::Strict, r#"{"grants": []}"#);
-    let server = stack.start_server(config).await.expect("server");
+    if let Some(audit) = audit {
+        config.audit = Some(AuditConfig::new(AuditOutput::File(audit.to_path_buf())));
+    }
+    config.agent_identity = identity_config(mode, r#"{"grants": []}"#);
+    (kube, stack.start_server(config).await.expect("server"))
+}
+
+/// A server without `get` on `nodes` (the reference's RBAC), in auto mode: a node-bound agent's address claims
+/// are taken on trust (with a warning) rather than every such agent locked out; its agent-ID and name rules
+/// still hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_mode_without_node_access_takes_address_claims_on_trust() {
+    let stack = Stack::new().expect("pki");
+    let (_kube, server) = token_server(&stack, Arc::new(AtomicUsize::new(0)), IdentityMode::Auto, None).await;
+    let with = |label: &'static str, id: &'static str, q: &'static str| {
+        let (stack, server) = (&stack, &server);
+        async move { connect(stack, server, Credential::Token(&jwt(label)), id, q).await }
+    };
+    let f = with("token-node-forbidden", "agent-f", "host=node-forbidden&ipv4=10.9.0.8").await.expect("on trust");
+    refused(with("token-node-b", "agent-f", "").await, "held by a connected agent of another identity");
+    assert_eq!(refusals(&server, "node_lookup_error"), 0);
+    drop(f);
+    eventually!(10, server.handle.agent_count() == 0, "streams left behind: {:?}", server.handle.agents());
+    assert_settled(&server, None).await;
+    server.stop().await;
+}
+
+/// Tokens: a ServiceAccount token bound to node-b cannot claim node-a's addresses or names, nor its agent ID, nor
+/// a flood of IDs; node-a's bound token may claim node-a's addresses (read once, then cached); an unbound token
+/// is refused in strict mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_tokens_bind_agents_to_their_node() {
+    let stack = Stack::new().expect("pki");
+    let node_gets = Arc::new(AtomicUsize::new(0));
+    let audit = stack.dir().join("audit.log");
+    let (_kube, server) = token_server(&stack, node_gets.clone(), IdentityMode::Strict, Some(&audit)).await;
     let with = |label: &'static str, id: &'static str, q: &'static str| {
         let (stack, server) = (&stack, &server);
         async move { connect(stack, server, Credential::Token(&jwt(label)), id, q).await }
@@ -378,6 +414,9 @@ async fn bound_tokens_bind_agents_to_their_node() {
     let unsure = with("token-node-broken", "agent-x", "ipv4=10.9.0.7").await.err().expect("not admitted");
     assert_eq!(unsure.code(), tonic::Code::Unavailable, "{unsure:?}");
     assert!(unsure.message().contains("etcd is on fire"), "{unsure:?}");
+    // No RBAC to read Nodes: strict mode cannot check, so it does not admit.
+    let forbidden = with("token-node-forbidden", "agent-f", "ipv4=10.9.0.8").await.err().expect("not admitted");
+    assert_eq!(forbidden.code(), tonic::Code::Unavailable, "{forbidden:?}");
     let b = with("token-node-b", "agent-b", "host=node-b&ipv4=10.9.0.2").await.expect("node-b's own");
     refused(with("token-node-a", "agent-a3", "").await, "already holds 2 agent IDs");
     for (reason, n) in [
@@ -387,7 +426,7 @@ async fn bound_tokens_bind_agents_to_their_node() {
         ("unknown_node", 1),
         ("no_node_identity", 1),
         ("agent_id_limit", 1),
-        ("node_lookup_error", 1),
+        ("node_lookup_error", 2),
     ] {
         assert_eq!(refusals(&server, reason), n, "{reason}");
     }
@@ -400,7 +439,7 @@ async fn bound_tokens_bind_agents_to_their_node() {
     let taken = lines.iter().find(|l| l["reason"] == "agent_id_taken").expect("audited");
     assert_eq!((taken["agent_credential"].as_str(), taken["agent_identity"].as_str()), (Some("token"), Some(AGENT_SA)));
     assert_eq!(taken["agent_node"], "node-b");
-    assert_eq!(lines.iter().filter(|l| l["event"] == "agent_refused").count(), 7);
+    assert_eq!(lines.iter().filter(|l| l["event"] == "agent_refused").count(), 8);
 }
 
 /// A ServiceAccount token bound to a pod on `node` (as a projected token is): kube-apiserver's TokenReview then

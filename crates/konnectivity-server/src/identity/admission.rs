@@ -37,6 +37,8 @@ pub(crate) struct Admission {
     kube: Option<konnectivity_kube::Client>,
     nodes: Mutex<HashMap<String, CachedNode>>,
     warned: Mutex<HashSet<String>>,
+    /// A Node read was refused (no RBAC) and said so.
+    node_read_forbidden: std::sync::atomic::AtomicBool,
 }
 
 impl Admission {
@@ -60,7 +62,13 @@ impl Admission {
                  host=<their node name> and granted identifiers, but no addresses"
             );
         }
-        Self { config, kube, nodes: Mutex::new(HashMap::new()), warned: Mutex::new(HashSet::new()) }
+        Self {
+            config,
+            kube,
+            nodes: Mutex::new(HashMap::new()),
+            warned: Mutex::new(HashSet::new()),
+            node_read_forbidden: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// Whether every claim is taken on trust (`--agent-identity-mode=trust`).
@@ -131,7 +139,28 @@ impl Admission {
         if !needs_addresses {
             return Ok(());
         }
-        let Some(addresses) = self.node_addresses(identity, node).await? else {
+        let looked_up = match self.node_addresses(node).await {
+            Ok(addresses) => addresses,
+            Err(NodeLookupError::Forbidden(cause)) if self.config.mode == IdentityMode::Auto => {
+                // The reference's RBAC has no `get nodes`: in auto mode (the drop-in) the address claims of a
+                // bound agent are then taken on trust, as the reference takes them, rather than locking out every
+                // agent that claims its address; said loudly, once. Strict mode refuses (below).
+                if !self.node_read_forbidden.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %cause,
+                        "--agent-identity-mode=auto: this server may not read Nodes (grant it get on nodes), so                          the addresses node-bound agents claim are taken on trust"
+                    );
+                }
+                return Ok(());
+            }
+            Err(NodeLookupError::Forbidden(cause)) | Err(NodeLookupError::Failed(cause)) => {
+                return Err(Refusal::new(
+                    RefusalReason::NodeLookup,
+                    format!("cannot check the claims of agent {identity}: reading node {node:?}: {cause}"),
+                ));
+            }
+        };
+        let Some(addresses) = looked_up else {
             return refuse(
                 RefusalReason::UnknownNode,
                 "addresses".into(),
@@ -167,11 +196,7 @@ impl Admission {
 
     /// The node's addresses (empty without a Kubernetes client), `None` if it does not exist; cached for
     /// `--agent-identity-node-cache-ttl`.
-    async fn node_addresses(
-        &self,
-        identity: &AgentIdentity,
-        node: &str,
-    ) -> Result<Option<Arc<Vec<NodeAddress>>>, Refusal> {
+    async fn node_addresses(&self, node: &str) -> Result<Option<Arc<Vec<NodeAddress>>>, NodeLookupError> {
         let Some(kube) = &self.kube else { return Ok(Some(Arc::new(Vec::new()))) };
         let now = Instant::now();
         if let Some((until, addresses)) = self.nodes.lock().get(node)
@@ -179,11 +204,9 @@ impl Admission {
         {
             return Ok(addresses.clone());
         }
-        let addresses = kube.get_node_addresses(node).await.map_err(|e| {
-            Refusal::new(
-                RefusalReason::NodeLookup,
-                format!("cannot check the claims of agent {identity}: reading node {node:?}: {e}"),
-            )
+        let addresses = kube.get_node_addresses(node).await.map_err(|e| match e.code() {
+            Some(401 | 403) => NodeLookupError::Forbidden(e.to_string()),
+            _ => NodeLookupError::Failed(e.to_string()),
         })?;
         let addresses = addresses.map(Arc::new);
         let ttl = self.config.node_cache_ttl;
@@ -198,6 +221,14 @@ impl Admission {
         }
         Ok(addresses)
     }
+}
+
+/// Why a node's addresses could not be read.
+enum NodeLookupError {
+    /// kube-apiserver refused the server (no `get` on `nodes`).
+    Forbidden(String),
+    /// Anything else (kube-apiserver unreachable, throttled, ...).
+    Failed(String),
 }
 
 fn grant_missing(node: &str) -> String {
