@@ -165,10 +165,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut results = Results::new();
 
+    let started = std::time::Instant::now();
+    let total = runs * stacks.len();
     for round in 0..runs {
-        for spec in &stacks {
+        for (i, spec) in stacks.iter().enumerate() {
             let name = spec.name();
-            eprintln!("round {}/{runs}: {name}", round + 1);
+            let done = round * stacks.len() + i;
+            let elapsed = started.elapsed().as_secs_f64();
+            let eta = if done > 0 {
+                format!(", about {:.0} s left", elapsed / done as f64 * (total - done) as f64)
+            } else {
+                String::new()
+            };
+            eprintln!("{}/{total}: round {}/{runs}, {name} ({elapsed:.0} s elapsed{eta})", done + 1, round + 1);
             if let Err(e) = measure(spec, &bins, dir.path(), &pki, target, &sizes, &mut results).await {
                 eprintln!("  {name}: {e:#}");
                 record(&mut results, &name, "errors", 1.0);
