@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod chart;
 pub mod procs;
 pub mod scale;
 pub mod scenarios;

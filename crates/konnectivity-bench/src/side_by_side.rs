@@ -40,6 +40,9 @@ pub struct Args {
     /// Write the markdown table here (it is printed too).
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// With `--scale`: write a chart of the ratios (ours ÷ reference) here, as SVG.
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
     /// Idle-tunnel counts for the memory figure (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub idle: Vec<usize>,
@@ -157,6 +160,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let scale = crate::scale::ScaleArgs {
             agents: args.scale.clone(),
             ha: args.scale_ha.clone(),
+            svg: args.svg.clone(),
             runs,
             dials: args.scale_dials.unwrap_or(if args.quick { 50 } else { 500 }),
             markdown: args.markdown.clone(),

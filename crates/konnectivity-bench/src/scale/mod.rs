@@ -32,6 +32,8 @@ pub struct ScaleArgs {
     pub ha: Vec<usize>,
     /// Where to write the markdown table.
     pub markdown: Option<std::path::PathBuf>,
+    /// Where to write a chart of the ratios (SVG).
+    pub svg: Option<std::path::PathBuf>,
 }
 
 /// Servers in the HA scenario.
@@ -88,12 +90,37 @@ pub async fn run(
             }
         }
     }
-    let table = table(&args.agents, &args.ha, &figures);
+    let rows = rows(&args.agents, &args.ha, &figures);
+    let table = table(&rows);
     println!("{table}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &table)?;
     }
+    if let Some(path) = &args.svg {
+        let bars: Vec<_> = rows
+            .iter()
+            .filter_map(|r| match (r.ours, r.reference) {
+                (Some(a), Some(b)) if b > 0.0 => {
+                    Some(crate::chart::Bar { label: format!("{} agents: {}", r.agents, r.metric), ratio: a / b })
+                }
+                _ => None,
+            })
+            .collect();
+        let note = format!(
+            "konnectivity-bench --scale, median of {} round(s); left of 1× ours is smaller (better)",
+            args.runs
+        );
+        std::fs::write(path, crate::chart::ratio_chart("Scale: ours ÷ reference", &note, &bars))?;
+    }
     Ok(())
+}
+
+/// One figure's medians.
+struct Row {
+    agents: usize,
+    metric: &'static str,
+    ours: Option<f64>,
+    reference: Option<f64>,
 }
 
 fn agent_tls(pki: &konnectivity_testkit::pki::Pki) -> anyhow::Result<rustls::ClientConfig> {
@@ -237,7 +264,7 @@ async fn high_availability(
     Ok(vec![(HA_FIGURE, elapsed)])
 }
 
-fn table(agents: &[usize], ha: &[usize], figures: &Figures) -> String {
+fn rows(agents: &[usize], ha: &[usize], figures: &Figures) -> Vec<Row> {
     let metrics = [
         "connect all (s)",
         "server RSS (MiB)",
@@ -253,18 +280,28 @@ fn table(agents: &[usize], ha: &[usize], figures: &Figures) -> String {
         }
         Some(quantile(&mut v, 0.5))
     };
+    let scenarios = agents.iter().flat_map(|&n| metrics.iter().map(move |m| (n, *m)));
+    scenarios
+        .chain(ha.iter().map(|&n| (n, HA_FIGURE)))
+        .map(|(n, metric)| Row {
+            agents: n,
+            metric,
+            ours: median(figures.get(&(n, Impl::Rust.name(), metric))),
+            reference: median(figures.get(&(n, Impl::Go.name(), metric))),
+        })
+        .collect()
+}
+
+fn table(rows: &[Row]) -> String {
     let mut out =
         String::from("| agents | figure | ours | reference | ours ÷ reference |\n|---:|---|---:|---:|---:|\n");
-    let rows = agents.iter().flat_map(|&n| metrics.iter().map(move |m| (n, *m)));
-    for (n, metric) in rows.chain(ha.iter().map(|&n| (n, HA_FIGURE))) {
-        let ours = median(figures.get(&(n, Impl::Rust.name(), metric)));
-        let go = median(figures.get(&(n, Impl::Go.name(), metric)));
+    for r in rows {
         let fmt = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}"));
-        let ratio = match (ours, go) {
+        let ratio = match (r.ours, r.reference) {
             (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
             _ => "—".into(),
         };
-        out.push_str(&format!("| {n} | {metric} | {} | {} | {ratio} |\n", fmt(ours), fmt(go)));
+        out.push_str(&format!("| {} | {} | {} | {} | {ratio} |\n", r.agents, r.metric, fmt(r.ours), fmt(r.reference)));
     }
     out
 }
