@@ -49,9 +49,14 @@ impl RateLimiter {
             return Ok(Reservation { limiter: self.clone(), ready_at: now, used: true });
         };
         let tokens = self.refilled(*state, now) - 1.0;
-        let wait = if tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-tokens / self.qps) };
+        // A tiny rate makes the wait overflow a Duration: that is "not within any max_wait".
+        let wait = if tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::try_from_secs_f64(-tokens / self.qps).unwrap_or(Duration::MAX)
+        };
         if wait > max_wait {
-            return Err(Throttled { retry_after: wait - max_wait });
+            return Err(Throttled { retry_after: wait.saturating_sub(max_wait) });
         }
         *state = (tokens, now);
         Ok(Reservation { limiter: self.clone(), ready_at: now + wait, used: false })

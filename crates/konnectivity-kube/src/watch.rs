@@ -119,10 +119,7 @@ impl LeaseReflector {
             let rv = match version.take() {
                 Some(rv) => rv,
                 None => match self.list(observe).await {
-                    Some(rv) => {
-                        backoff.reset();
-                        rv
-                    }
+                    Some(rv) => rv,
                     None => {
                         tokio::time::sleep(backoff.next()).await;
                         continue;
@@ -130,19 +127,21 @@ impl LeaseReflector {
                 },
             };
             let opened = Instant::now();
-            match self.watch(&rv, observe).await {
+            let ended = self.watch(&rv, observe).await;
+            // A watch that ran for a while was healthy: the backoff starts over. Only that resets it (not a good
+            // LIST), so a server that ends every watch at once gets ever slower LISTs and WATCHes, not a loop.
+            let healthy = opened.elapsed() > Duration::from_secs(10);
+            if healthy {
+                backoff.reset();
+            }
+            match ended {
+                // Its end (usually the server's timeout) is no reason to wait.
+                Ok(WatchEnd::Resume(last)) if healthy => version = Some(last),
                 Ok(WatchEnd::Resume(last)) => {
-                    // A watch that ran for a while was healthy: its end (usually the server's timeout) is no
-                    // reason to wait. One that ends at once is, or the loop would hammer the server.
-                    if opened.elapsed() > Duration::from_secs(10) {
-                        backoff.reset();
-                    } else {
-                        tokio::time::sleep(backoff.next()).await;
-                    }
+                    tokio::time::sleep(backoff.next()).await;
                     version = Some(last);
                 }
-                Ok(WatchEnd::Relist) => {}
-                Err(()) => tokio::time::sleep(backoff.next()).await,
+                Ok(WatchEnd::Relist) | Err(()) => tokio::time::sleep(backoff.next()).await,
             }
         }
     }
@@ -232,10 +231,13 @@ impl LeaseReflector {
                 }
             };
             let Ok(data) = frame.into_data() else { continue };
+            // Only the new bytes are searched for the end of a line: what was searched before holds none.
+            let mut searched = buf.len();
             buf.extend_from_slice(&data);
-            while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-                let line = buf.split_to(end + 1);
-                if let Some(end) = apply(&self.snapshot, &line[..end], &mut last, observe) {
+            while let Some(at) = buf[searched..].iter().position(|b| *b == b'\n') {
+                let line = buf.split_to(searched + at + 1);
+                searched = 0;
+                if let Some(end) = apply(&self.snapshot, &line[..line.len() - 1], &mut last, observe) {
                     return Ok(end);
                 }
             }
@@ -295,7 +297,10 @@ fn apply(
             let gone = code == 410;
             let reason = format!("watch error {code}: {message}");
             observe(Observation::WatchEnded { gone, reason });
-            return Some(if gone { WatchEnd::Relist } else { WatchEnd::Resume(last.clone()) });
+            // Any error event ends with a fresh LIST, as client-go's reflector does: a version the server cannot
+            // serve (410, or a 504 "too large resource version" after a restore) would otherwise be asked for again
+            // and again while the cache stays stale.
+            return Some(WatchEnd::Relist);
         }
         other => tracing::debug!(kind = other, "ignoring a watch event of an unknown type"),
     }
@@ -377,7 +382,7 @@ mod tests {
         let gone = br#"{"type":"ERROR","object":{"kind":"Status","code":410,"message":"too old resource version"}}"#;
         assert!(matches!(apply(&cache, gone, &mut last, &mut observe), Some(WatchEnd::Relist)));
         let other = br#"{"type":"ERROR","object":{"kind":"Status","code":500,"message":"internal"}}"#;
-        assert!(matches!(apply(&cache, other, &mut last, &mut observe), Some(WatchEnd::Resume(v)) if v == "9"));
+        assert!(matches!(apply(&cache, other, &mut last, &mut observe), Some(WatchEnd::Relist)), "any error relists");
         assert!(matches!(apply(&cache, b"{not json", &mut last, &mut observe), Some(WatchEnd::Relist)));
         assert!(seen.iter().any(|s| s.contains("gone: true")), "{seen:?}");
     }

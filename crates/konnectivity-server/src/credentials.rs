@@ -6,8 +6,10 @@ use rustls::pki_types::CertificateDer;
 /// The names a certificate carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct CertNames {
-    /// The subject's common name.
+    /// The subject's (first) common name.
     pub(crate) common_name: Option<String>,
+    /// Every common name of the subject, in order (a subject may carry several).
+    pub(crate) common_names: Vec<String>,
     /// DNS subject alternative names.
     pub(crate) dns: Vec<String>,
     /// URI subject alternative names.
@@ -20,8 +22,9 @@ impl CertNames {
     pub(crate) fn of(der: &CertificateDer<'_>) -> Option<Self> {
         use x509_parser::extensions::GeneralName;
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-        let common_name = cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_string);
-        let mut names = Self { common_name, ..Self::default() };
+        let common_names: Vec<String> =
+            cert.subject().iter_common_name().filter_map(|cn| cn.as_str().ok()).map(str::to_string).collect();
+        let mut names = Self { common_name: common_names.first().cloned(), common_names, ..Self::default() };
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
                 match name {

@@ -24,6 +24,16 @@ use std::time::Instant;
 /// Nodes whose addresses are cached at most (past this, expired entries are dropped and new ones not kept).
 const MAX_CACHED_NODES: usize = 20_000;
 
+/// Node reads get a rate-limit budget of their own, apart from the Leases (`--kubeconfig-qps`) and the
+/// TokenReviews: thousands of node-bound agents reconnecting after a restart must not starve the server's Lease
+/// renewals. Each read waits at most 5 s for a slot; past that the agent is told to come back (`Unavailable`).
+const NODE_READS: konnectivity_kube::RequestLimits = konnectivity_kube::RequestLimits {
+    qps: 50.0,
+    burst: 100,
+    max_wait: std::time::Duration::from_secs(5),
+    timeout: std::time::Duration::from_secs(10),
+};
+
 /// Shared identities warned about at most (each once); past this, no more warnings.
 const MAX_WARNED: usize = 1_000;
 
@@ -64,7 +74,7 @@ impl Admission {
         }
         Self {
             config,
-            kube,
+            kube: kube.map(|k| k.with_limits(NODE_READS)),
             nodes: Mutex::new(HashMap::new()),
             warned: Mutex::new(HashSet::new()),
             node_read_forbidden: std::sync::atomic::AtomicBool::new(false),
@@ -142,7 +152,7 @@ impl Admission {
         let looked_up = match self.node_addresses(node).await {
             Ok(addresses) => addresses,
             Err(NodeLookupError::Forbidden(cause)) if self.config.mode == IdentityMode::Auto => {
-                // The reference's RBAC has no `get nodes`: in auto mode (the drop-in) the address claims of a
+                // 403: the reference's RBAC has no `get nodes`: in auto mode (the drop-in) the address claims of a
                 // bound agent are then taken on trust, as the reference takes them, rather than locking out every
                 // agent that claims its address; said loudly, once. Strict mode refuses (below).
                 if !self.node_read_forbidden.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -205,7 +215,9 @@ impl Admission {
             return Ok(addresses.clone());
         }
         let addresses = kube.get_node_addresses(node).await.map_err(|e| match e.code() {
-            Some(401 | 403) => NodeLookupError::Forbidden(e.to_string()),
+            // 401 is the server's own credential failing (mid-rotation, say), not missing RBAC: not a reason to
+            // trust anything.
+            Some(403) => NodeLookupError::Forbidden(e.to_string()),
             _ => NodeLookupError::Failed(e.to_string()),
         })?;
         let addresses = addresses.map(Arc::new);

@@ -64,21 +64,22 @@ impl AgentIdentity {
         Self { credential: Credential::None, name: String::new(), node: None }
     }
 
-    /// The identity a client certificate proves.
+    /// The identity a client certificate proves. As Kubernetes reads a client certificate, only the subject's
+    /// common name names the user (and so the node: `system:node:<name>`); subject alternative names never do,
+    /// so a certificate with CN=alice and a SAN `system:node:victim` is alice, not the victim's node. A subject
+    /// with several common names is refused when any names a node: Go (kube-apiserver, CSR approvers) reads the
+    /// last and other parsers the first, so no one can say which node it speaks for.
     pub(crate) fn of_certificate(names: &CertNames) -> Result<Self, AmbiguousNode> {
         let name = names.all().next().unwrap_or_default().to_string();
-        let mut nodes: Vec<String> = Vec::new();
-        for n in names.all() {
-            if let Some(node) = n.strip_prefix(NODE_PREFIX).filter(|n| !n.is_empty())
-                && !nodes.iter().any(|x| x == node)
-            {
-                nodes.push(node.to_string());
-            }
+        let nodes: Vec<String> = names
+            .common_names
+            .iter()
+            .filter_map(|cn| cn.strip_prefix(NODE_PREFIX).filter(|n| !n.is_empty()).map(str::to_string))
+            .collect();
+        if names.common_names.len() > 1 && !nodes.is_empty() {
+            return Err(AmbiguousNode(names.common_names.clone()));
         }
-        if nodes.len() > 1 {
-            return Err(AmbiguousNode(nodes));
-        }
-        Ok(Self { credential: Credential::Certificate, name, node: nodes.pop() })
+        Ok(Self { credential: Credential::Certificate, name, node: nodes.into_iter().next() })
     }
 
     /// The identity a reviewed ServiceAccount token proves: its user name, and the node it is bound to.
@@ -219,22 +220,33 @@ impl Refusal {
 mod tests {
     use super::*;
 
-    fn names(cn: &str, dns: &[&str]) -> CertNames {
-        CertNames { common_name: Some(cn.into()), dns: dns.iter().map(|s| s.to_string()).collect(), uris: Vec::new() }
+    fn names(cns: &[&str], dns: &[&str]) -> CertNames {
+        CertNames {
+            common_name: cns.first().map(|s| s.to_string()),
+            common_names: cns.iter().map(|s| s.to_string()).collect(),
+            dns: dns.iter().map(|s| s.to_string()).collect(),
+            uris: Vec::new(),
+        }
     }
 
     #[test]
     fn certificates_map_to_nodes() {
-        let id = AgentIdentity::of_certificate(&names("system:node:node-a", &["node-a"])).expect("one node");
+        let id = AgentIdentity::of_certificate(&names(&["system:node:node-a"], &["node-a"])).expect("one node");
         assert_eq!((id.node.as_deref(), id.name.as_str()), (Some("node-a"), "system:node:node-a"));
         assert_eq!(id.key(), "node:node-a");
-        let by_san = AgentIdentity::of_certificate(&names("agent", &["system:node:node-b"])).expect("san");
-        assert_eq!(by_san.node.as_deref(), Some("node-b"));
-        let shared = AgentIdentity::of_certificate(&names("proxy-agent", &["localhost"])).expect("shared");
+        // As Kubernetes: only the common name names the user; a SAN never makes a certificate a node's.
+        let by_san = AgentIdentity::of_certificate(&names(&["agent"], &["system:node:node-b"])).expect("san");
+        assert_eq!((by_san.node.clone(), by_san.key()), (None, "certificate:agent".to_string()));
+        let shared = AgentIdentity::of_certificate(&names(&["proxy-agent"], &["localhost"])).expect("shared");
         assert_eq!((shared.node.clone(), shared.key()), (None, "certificate:proxy-agent".to_string()));
-        let two = AgentIdentity::of_certificate(&names("system:node:a", &["system:node:b"]));
-        assert_eq!(two, Err(AmbiguousNode(vec!["a".into(), "b".into()])));
-        assert_eq!(AgentIdentity::of_certificate(&names("system:node:", &[])).expect("empty").node, None);
+        // Several common names, one of them a node's: Go reads the last, others the first; refused.
+        let two = AgentIdentity::of_certificate(&names(&["system:node:victim", "system:node:me"], &[]));
+        assert_eq!(two, Err(AmbiguousNode(vec!["system:node:victim".into(), "system:node:me".into()])));
+        let odd = AgentIdentity::of_certificate(&names(&["alice", "system:node:me"], &[]));
+        assert!(odd.is_err(), "{odd:?}");
+        let plain = AgentIdentity::of_certificate(&names(&["a", "b"], &[])).expect("no node named");
+        assert_eq!(plain.node, None);
+        assert_eq!(AgentIdentity::of_certificate(&names(&["system:node:"], &[])).expect("empty").node, None);
         let token = AgentIdentity::of_token("system:serviceaccount:kube-system:konnectivity-agent", Some("node-a"));
         assert_eq!(token.key(), id.key(), "a node's certificate and its bound token are one identity");
         assert_eq!(AgentIdentity::anonymous().key(), "anonymous");
