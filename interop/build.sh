@@ -2,10 +2,11 @@
 # Builds the Go side of the interop kit into interop/bin/:
 #   proxy-server, proxy-agent, proxy-test-client  reference ANP v0.36.0 commands
 #   grpc-client, egress-client                    our small Go clients (cmd/)
-#   anp-tests                                     the test binary of the reference's own
-#                                                 integration suite (package tests, go test -c),
-#                                                 which crates/konnectivity-it runs against our
-#                                                 agent in a network namespace of its own
+#   anp-tests                                     the reference's own integration suite (package
+#                                                 tests): a guard that runs the test binary
+#                                                 (go test -c, bin/anp-tests.bin) only inside a
+#                                                 named network namespace, where crates/konnectivity-it
+#                                                 runs it against our agent
 # Versions come from interop/go.mod (+ go.sum), so the reference binaries are
 # built from the module proxy copies pinned there, never from a checkout.
 #
@@ -65,6 +66,25 @@ build proxy-agent       "$anp/cmd/agent"
 build proxy-test-client "$anp/cmd/test-client"
 build grpc-client       ./cmd/grpc-client   cmd/grpc-client
 build egress-client     ./cmd/egress-client cmd/egress-client
-build_test anp-tests    "$anp/tests"
+build_test anp-tests.bin "$anp/tests"
+
+# The suite dials 198.18.0.254 and resolves a name that must not exist: on the host network those would leave
+# the machine. bin/anp-tests starts the suite only inside a named network namespace (`ip netns identify`); the
+# reference_suite test runs it with `ip netns exec` in one it builds (docs/interop.md).
+cat >bin/anp-tests.new <<'GUARD'
+#!/bin/sh
+# Written by interop/build.sh: runs the reference's suite (anp-tests.bin) only inside a named network namespace
+# (`ip netns exec <name> ...`), never on the host network, because it dials 198.18.0.254 and resolves a name that
+# must not exist.
+ns=$(ip netns identify "$$" 2>/dev/null)
+if [ -z "$ns" ]; then
+  echo "anp-tests: refusing to run outside a network namespace of its own (it dials 198.18.0.254 and resolves" >&2
+  echo "anp-tests: a bogus name); cargo test -p konnectivity-it --test it reference_suite:: builds one (docs/interop.md)" >&2
+  exit 2
+fi
+exec "$(dirname "$0")/anp-tests.bin" "$@"
+GUARD
+chmod 755 bin/anp-tests.new
+mv -f bin/anp-tests.new bin/anp-tests
 
 echo "build.sh: all binaries in $(pwd)/bin are up to date"

@@ -292,6 +292,20 @@ fn report(
 mod tests {
     use super::*;
 
+    /// Run by hand on the host network, the suite's binary does nothing: it would dial 198.18.0.254 and resolve a
+    /// name that must not exist there. (`-test.list` only lists, so even a broken guard sends nothing.)
+    #[test]
+    fn the_suite_refuses_to_start_on_the_host_network() {
+        let guard = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop/bin/anp-tests");
+        let out = std::process::Command::new(&guard)
+            .arg("-test.list=.")
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e} (interop/build.sh builds it)", guard.display()));
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(out.stdout.is_empty(), "listed tests: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to run"), "{out:?}");
+    }
+
     fn outcome(name: &str, verdict: Verdict, log: &str) -> Outcome {
         Outcome { name: name.into(), verdict, seconds: 0.1, log: vec![format!("x_test.go:1: {log}")] }
     }
