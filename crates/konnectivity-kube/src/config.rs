@@ -37,6 +37,24 @@ impl Token {
             Token::Exec(plugin) => plugin.token(),
         }
     }
+
+    /// The current token without blocking the async runtime: an exec plugin that has to run again runs on a
+    /// blocking thread.
+    pub async fn current(&self) -> Result<String, KubeError> {
+        match self {
+            Token::Exec(plugin) => match plugin.cached() {
+                Some(token) => Ok(token),
+                None => {
+                    let plugin = plugin.clone();
+                    tokio::task::spawn_blocking(move || plugin.token())
+                        .await
+                        .map_err(|e| KubeError::Config(format!("exec credential plugin: {e}")))?
+                }
+            },
+            // A file read of a few hundred bytes, as often as requests are made.
+            other => other.read(),
+        }
+    }
 }
 
 /// A resolved client configuration.
@@ -375,6 +393,15 @@ mod tests {
         assert_eq!(token.read().expect("read"), "tok-b");
         assert_eq!(token.read().expect("read"), "tok-b");
         assert_eq!(runs(), 3, "a token within the renewal margin is fetched again");
+        // From async code the plugin runs on a blocking thread; a valid token is not fetched again.
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        assert_eq!(rt.block_on(token.current()).expect("current"), "tok-b");
+        assert_eq!(runs(), 4, "fetched again, off the runtime");
+        let c = Config::from_kubeconfig(&kubeconfig("d", &later)).expect("load");
+        let token = c.token.as_ref().expect("token");
+        assert_eq!(rt.block_on(token.current()).expect("current"), "tok-d");
+        assert_eq!(rt.block_on(token.current()).expect("current"), "tok-d");
+        assert_eq!(runs(), 5, "a valid token is reused from async code too");
 
         let c = Config::from_kubeconfig(&kubeconfig("c", "not a time")).expect("load");
         let e = c.token.as_ref().expect("token").read().expect_err("bad expiry").to_string();

@@ -87,14 +87,18 @@ impl ExecPlugin {
         })
     }
 
-    /// The current token: the cached one while valid, else a fresh one from the plugin.
+    /// The cached token, while it is valid.
+    pub fn cached(&self) -> Option<String> {
+        let cached = self.cached.lock().ok()?;
+        let (token, until) = cached.as_ref()?;
+        (*until > SystemTime::now()).then(|| token.clone())
+    }
+
+    /// The current token: the cached one while valid, else a fresh one from the plugin (which blocks while the
+    /// plugin runs, up to 30 s: async callers use [`crate::Token::current`]).
     pub fn token(&self) -> Result<String, KubeError> {
-        let now = SystemTime::now();
-        if let Ok(cached) = self.cached.lock()
-            && let Some((token, until)) = cached.as_ref()
-            && *until > now
-        {
-            return Ok(token.clone());
+        if let Some(token) = self.cached() {
+            return Ok(token);
         }
         let (token, until) = self.run()?;
         if let Ok(mut cached) = self.cached.lock() {

@@ -262,7 +262,7 @@ impl Client {
     }
 
     /// A request with the client's headers and credentials.
-    fn build_request(
+    async fn build_request(
         &self,
         method: Method,
         path: &str,
@@ -279,7 +279,7 @@ impl Client {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
         if let Some(token) = &inner.config.token {
-            req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", token.read()?));
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", token.current().await?));
         }
         req.body(Full::new(body.map(|b| Bytes::from(b.to_string())).unwrap_or_default()))
             .map_err(|e| KubeError::Config(format!("{method} {path}: {e}")))
@@ -287,7 +287,7 @@ impl Client {
 
     async fn send(&self, method: Method, path: &str, body: Option<&serde_json::Value>) -> Result<Response, KubeError> {
         let inner = &self.inner;
-        let req = self.build_request(method.clone(), path, body)?;
+        let req = self.build_request(method.clone(), path, body).await?;
         let mut sender = match self.take_idle() {
             Some(s) => s,
             None => self.connect().await?,

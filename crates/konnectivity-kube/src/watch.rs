@@ -332,7 +332,7 @@ impl Client {
     /// Opens a long-lived GET on a connection of its own (never pooled: it is busy until the stream ends).
     /// Returns the status and the body to read.
     pub(crate) async fn open_stream(&self, path: &str) -> Result<(u16, hyper::body::Incoming), KubeError> {
-        let req = self.build_request(Method::GET, path, None)?;
+        let req = self.build_request(Method::GET, path, None).await?;
         let max_wait = self.limits.max_wait.min(self.limits.timeout);
         self.limiter
             .reserve(max_wait)
