@@ -505,8 +505,9 @@ async fn lease_counting_costs_kube_apiserver_one_watch_and_no_periodic_list_ours
             cp.agent_metric("konnectivity_network_proxy_agent_open_server_connections").await.unwrap_or(0.0) == 1.0
         })
         .await;
-        // Past the first LIST and the WATCH it opens.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Past the first LIST: the WATCH that follows it is open.
+        wait_for("the agent's lease WATCH", Duration::from_secs(20), async || lease_watches(&cp).await > baseline)
+            .await;
         let (kas_before, server_before) = lease_lists(&cp).await;
         tokio::time::sleep(window).await;
         let (kas_after, server_after) = lease_lists(&cp).await;
